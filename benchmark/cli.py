@@ -1,0 +1,355 @@
+"""`python -m benchmark <command>`: methods, tasks, params, synth, run, bench, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from benchmark.errors import UserError
+from tasks import UnknownTaskError, parse_tasks
+
+DEFAULT_DATA_ROOT = "~/.cache/peft-bench/vtab-1k"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong, and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return list(dict.fromkeys(values))
+
+
+def float_list(parse: Callable[[str], float]) -> Callable[[str], tuple[float, ...]]:
+    def parse_list(text: str) -> tuple[float, ...]:
+        return tuple(parse(x) for x in text.split(",") if x.strip())
+
+    return parse_list
+
+
+def _method(name: str):
+    import methods
+
+    try:
+        return methods.get_method(name)
+    except methods.UnknownMethodError as e:
+        raise UserError(str(e)) from None
+
+
+def _tasks(spec: str):
+    try:
+        return parse_tasks(spec)
+    except UnknownTaskError as e:
+        raise UserError(str(e)) from None
+
+
+# -- shared option groups ---------------------------------------------------------------------------------
+def _backbone_options(p: argparse.ArgumentParser) -> None:
+    from benchmark.backbone import DEFAULT_BACKBONE, NORMALIZATIONS
+
+    g = p.add_argument_group("backbone and preprocessing")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm ViT name (default: %(default)s)")
+    g.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
+    g.add_argument("--weights", metavar="FILE", help="local checkpoint (.safetensors, .pth, or Google's .npz)")
+    g.add_argument("--image-size", type=positive_int, help="input side in pixels (default: the backbone's)")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    g.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
+    g.add_argument("--precision", choices=("32", "bf16"), default="32", help="fp32, or bf16 autocast (GPUs)")
+    g.add_argument("--no-feature-cache", action="store_true",
+                   help="train frozen-feature methods (linear) end to end instead of on features computed once")
+    g.add_argument("--eval-batch-size", type=positive_int, default=256)
+    g.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached "
+                   "(default: $PEFT_BENCH_CACHE/arrays or ~/.cache/peft-bench/arrays)")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the method's recipe)")
+    g.add_argument("--protocol", choices=("final", "tune", "grid"), default="final",
+                   help="final: train800val200 -> test; tune: train800 -> val200; grid: tune the recipe's "
+                   "lr x wd grid on val200, then final with the best pair (default: %(default)s)")
+    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int)
+    g.add_argument("--lr", type=positive_float, help="learning rate (used as given)")
+    g.add_argument("--weight-decay", type=nonnegative_float)
+    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--lr-grid", type=float_list(positive_float), metavar="X,Y,..", help="lrs for --protocol grid")
+    g.add_argument("--wd-grid", type=float_list(nonnegative_float), metavar="X,Y,..",
+                   help="weight decays for --protocol grid")
+
+
+def _settings(args: argparse.Namespace):
+    from benchmark.backbone import default_image_size
+    from benchmark.runner import Settings
+
+    return Settings(
+        backbone=args.backbone,
+        pretrained=not args.no_pretrained,
+        weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None,
+        image_size=args.image_size or default_image_size(args.backbone),
+        interpolation=args.interpolation,
+        normalization=args.normalization,
+        precision=args.precision,
+        cache_features=not args.no_feature_cache,
+        eval_batch_size=args.eval_batch_size,
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.protocol == "grid" and (args.lr is not None or args.weight_decay is not None):
+        raise UserError("--protocol grid selects lr and weight decay itself; pass --lr-grid/--wd-grid instead")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be non-negative, got {args.warmup_epochs}")
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "warmup_epochs": args.warmup_epochs, "lr_grid": args.lr_grid, "wd_grid": args.wd_grid}
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    import methods
+
+    print("\n".join(methods.list_methods()))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks import TASKS
+
+    rows = [{"task": t.id, "group": t.group, "classes": t.num_classes, "train800": 800, "val200": 200,
+             "train800val200": 1000, "test": t.test_size, "folder": t.folder, "aliases": ", ".join(t.aliases)}
+            for t in TASKS]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from benchmark.backbone import create_backbone
+
+    names = args.methods.split(",") if args.methods else None
+    import methods
+
+    configs = [_method(n.strip()) for n in (names or methods.list_methods())]
+    tasks = _tasks(args.tasks)
+    out = []
+    for cls in configs:
+        base = cls()
+        # The meta device gives every tensor its shape without allocating or initialising it.
+        backbone = create_backbone(args.backbone, pretrained=False, image_size=args.image_size, device="meta",
+                                   **base.backbone_kwargs())
+        for task in tasks:
+            model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        import pandas as pd
+
+        print(pd.DataFrame(out).to_string(index=False))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import SynthConfig, write_task
+
+    tasks = _tasks(args.tasks)
+    try:
+        config = SynthConfig(per_class=args.per_class, image_size=args.image_size, seed=args.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = Path(args.out).expanduser()
+    from benchmark.results import check_writable
+
+    check_writable(out)
+    for task in tasks:
+        path = write_task(out, task, config)
+        logging.getLogger("peft_bench").info("wrote %s", path)
+    print(f"{len(tasks)} synthetic task(s) in {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.runner import sweep
+
+    cls = _method(args.method)
+    tasks = _tasks(args.tasks)
+    settings = _settings(args)
+    results = Path(args.results).expanduser()
+    executed = sweep(cls(), tasks, args.seeds, protocol=args.protocol, settings=settings,
+                     data_root=Path(args.data_root).expanduser(), results=results,
+                     recipe_overrides=_overrides(args), cache_dir=args.cache_dir, retry_failed=args.retry_failed,
+                     progress=not args.quiet, run_progress=args.run_progress)
+    write_leaderboard(results)
+    failed = sum(r["status"] != "ok" for r in executed)
+    print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.backbone import create_backbone
+    from benchmark.results import check_writable, run_path, write_json
+    from benchmark.runner import execute, prepare_data, RunSpec
+
+    cls = _method(args.method)
+    task = _tasks(args.task)
+    if len(task) != 1:
+        raise UserError(f"`run` takes one task, got {len(task)}; use `bench` for several")
+    task = task[0]
+    if args.protocol == "grid":
+        raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
+    settings = _settings(args)
+    try:
+        config = cls().for_task(task.id).with_recipe(**_overrides(args))
+    except ValueError as e:
+        raise UserError(f"{cls.name}: {e}") from None
+    data = prepare_data(Path(args.data_root).expanduser(), [task], args.protocol, settings, args.cache_dir)
+    out = Path(args.out).expanduser() if args.out else run_path(Path(args.results), cls.name, task.id,
+                                                                    args.protocol, args.seed)
+    check_writable(out.parent)
+    backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
+                               image_size=settings.image_size, **config.backbone_kwargs())
+    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
+    record = execute(spec, backbone, data, progress=not args.quiet)
+    write_json(out, record)
+    acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]
+    if record["status"] != "ok":
+        print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
+        return 1
+    print(f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else 'val200'} "
+          f"accuracy {acc:.2f}% -> {out}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.leaderboard import markdown, write_leaderboard
+
+    results = Path(args.results).expanduser()
+    if not (results / "runs").is_dir():
+        raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first")
+    board = write_leaderboard(results)
+    print(markdown(board))
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m benchmark", description="peft-bench: PEFT methods for ViTs on VTAB-1k.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    sub.add_parser("methods", help="list the registered methods, one per line").set_defaults(func=cmd_methods)
+    sub.add_parser("tasks", help="the 19 VTAB-1k tasks as a table").set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("params", help="parameter counts per (method, task), without downloading weights",
+                       description="Builds each model on the meta device and reports tunable (method), head, "
+                       "backbone and nonzero_tunable parameters. Example: python -m benchmark params "
+                       "--backbone vit_base_patch16_224 --json")
+    p.add_argument("--backbone", default="vit_base_patch16_224")
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("synth", help="write synthetic tasks in the VTAB-1k folder layout",
+                       description="Example: python -m benchmark synth --out /tmp/synth --tasks cifar100,eurosat "
+                       "--per-class 8 --image-size 32")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tasks", default="all")
+    p.add_argument("--per-class", type=positive_int, default=8, help="train images per class (val: a quarter)")
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    def data_and_results(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
+                       help="VTAB-1k folder (one sub-folder per task; default: %(default)s)")
+        p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("run", help="one (method, task, seed, hyperparameters) -> one result JSON",
+                       description="Example: python -m benchmark run --method linear --task dtd --seed 42 "
+                       "--data-root ~/vtab-1k --lr 0.1")
+    p.add_argument("--method", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", metavar="FILE", help="result path (default: the results directory's layout)")
+    data_and_results(p)
+    _backbone_options(p)
+    _training_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="the sweep: every (task, seed), resumable, then the leaderboard",
+                       description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
+                       "--data-root ~/vtab-1k --seeds 42,44 --results results/bench")
+    p.add_argument("--method", required=True)
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--seeds", type=int_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
+    data_and_results(p)
+    _backbone_options(p)
+    _training_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("leaderboard", help="regenerate the tables and plot from the result JSONs",
+                       description="Example: python -m benchmark leaderboard --results results/bench")
+    p.add_argument("--results", default="results/bench", metavar="DIR")
+    p.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are saved, and the same command resumes", file=sys.stderr)
+        return 130

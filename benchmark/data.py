@@ -1,0 +1,185 @@
+"""Splits as arrays: decoded and resized once into a uint8 cache, served by one LightningDataModule.
+
+An epoch never decodes an image: each split is decoded once per (files, size, interpolation) into a
+`.npy` array [N, 3, S, S] that later runs memory-map. Batches leave the loader as uint8 and are
+normalised on the device by the LightningModule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from tasks import DataError, SplitFile, Task, decode_image, find_task_dir, read_split
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """`$PEFT_BENCH_CACHE/arrays`, or `~/.cache/peft-bench/arrays`."""
+    base = os.environ.get("PEFT_BENCH_CACHE") or Path.home() / ".cache" / "peft-bench"
+    return Path(base).expanduser() / "arrays"
+
+
+@dataclass
+class SplitArrays:
+    """A split held as arrays: uint8 images [N, 3, S, S] (or float features [N, D]) and int64 labels [N]."""
+
+    name: str
+    inputs: np.ndarray
+    labels: np.ndarray
+    sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    """A validated task folder and its parsed split files."""
+
+    task: Task
+    dir: Path
+    splits: dict[str, SplitFile]
+
+
+def scan_task(root: Path, task: Task, splits: tuple[str, ...]) -> TaskData:
+    """Find the task's folder and parse and validate each requested split (raises `DataError`)."""
+    task_dir = find_task_dir(root, task)
+    return TaskData(task, task_dir, {s: read_split(task_dir, task, s) for s in splits})
+
+
+def _cache_key(split: SplitFile, image_size: int, interpolation: str) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION}|{split.path.resolve()}|{split.sha256}|{image_size}|{interpolation}".encode())
+    # File sizes and modification times: a replaced image invalidates the cache without hashing every byte.
+    for image in split.images:
+        st = image.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def load_split_images(
+    split: SplitFile, image_size: int, interpolation: str = "bicubic", cache_dir: Path | None = None, workers: int = 0
+) -> SplitArrays:
+    """The split's images as a memory-mapped uint8 array, decoded on the first call and cached on disk.
+
+    The array is written to a temporary file and renamed into place, so an interrupted decode never
+    leaves a cache entry that later loads as complete. Pillow releases the GIL while decoding and
+    resizing, so a thread pool uses every core.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(split, image_size, interpolation)
+    path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px-{interpolation}-{key}.npy"
+    labels = np.asarray(split.labels, dtype=np.int64)
+    if not path.is_file():
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.stem}-", suffix=".npy")
+        os.close(fd)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size))
+            workers = workers or min(8, os.cpu_count() or 1)
+            with ThreadPoolExecutor(workers) as pool:
+                decoded = pool.map(lambda p: decode_image(p, image_size, interpolation), split.images, chunksize=16)
+                for i, image in enumerate(decoded):
+                    out[i] = image
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    images = np.load(path, mmap_mode="r")
+    if images.shape[0] != len(labels):
+        raise DataError(f"cache {path} holds {images.shape[0]} images, {split.path} lists {len(labels)}; delete it")
+    return SplitArrays(split.split, images, labels, split.sha256)
+
+
+class ArrayDataset(Dataset):
+    """Batches straight out of arrays: `__getitems__` fetches a whole batch with one fancy index."""
+
+    def __init__(self, arrays: SplitArrays) -> None:
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        idx = np.asarray(indices)
+        return torch.from_numpy(np.ascontiguousarray(self.arrays.inputs[idx])), torch.from_numpy(self.arrays.labels[idx])
+
+
+def _already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch
+
+
+class VTABDataModule(pl.LightningDataModule):
+    """One task's training split and evaluation split, as arrays (images or cached features).
+
+    `train_dataloader` shuffles with a generator seeded by `seed`; `test_dataloader` serves the
+    evaluation split (val200 when tuning, test for final runs) in order. uint8 image batches are
+    normalised after they reach the device (`on_after_batch_transfer`), so the host only moves bytes.
+    """
+
+    def __init__(
+        self,
+        train: SplitArrays,
+        eval: SplitArrays,
+        *,
+        batch_size: int,
+        eval_batch_size: int = 256,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.train, self.eval = train, eval
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            ArrayDataset(self.train),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.drop_last and len(self.train) > self.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=_already_batched,
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(
+            ArrayDataset(self.eval),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=_already_batched,
+            num_workers=self.num_workers,
+        )
+
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        if x.dtype == torch.uint8:
+            x = normalize(x, self.mean.to(x.device), self.std.to(x.device))
+        return x, y
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 [B, 3, H, W] -> float, scaled to [0, 1] and standardised per channel (on the images' device)."""
+    return (images.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

@@ -1,0 +1,106 @@
+"""One LightningModule for every method: cross-entropy training of a `PeftModel`, top-1 evaluation.
+
+Batches arrive normalised (the DataModule normalises uint8 images on the device) or as cached features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from methods import PeftModel, Recipe
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class ClassificationModule(pl.LightningModule):
+    """Trains the tunable parameters and head of `model` with `recipe`; evaluates top-1 accuracy.
+
+    Args:
+        model: the adapted model (built by a method config).
+        num_classes: number of classes of the task.
+        recipe: optimiser, schedule (stepped per epoch) and weight decay.
+        inputs: `images` (uint8 batches through the whole model) or `features` (cached pooled
+            features through the head only, for methods whose features are frozen).
+        eval_split: name of the evaluated split (`val200` or `test`), used for logging.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        *,
+        num_classes: int,
+        recipe: Recipe,
+        inputs: str = "images",
+        eval_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if inputs not in ("images", "features"):
+            raise ValueError(f"inputs must be `images` or `features`, got {inputs!r}")
+        self.model = model
+        self.recipe = recipe
+        self.inputs = inputs
+        self.eval_split = eval_split
+        self.eval_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.epoch_losses: list[float] = []
+        self.eval_accuracy: float | None = None
+        self._loss_sum: Tensor | None = None
+        self._seen = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(x) if self.inputs == "features" else self.model(x)
+
+    # -- training --------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._seen = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x).float(), y)
+        # Accumulated on the device: reading the loss every step would synchronise with the host.
+        self._loss_sum += loss.detach() * y.shape[0]
+        self._seen += y.shape[0]
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        loss = (self._loss_sum / max(1, self._seen)).item()
+        self.epoch_losses.append(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss} in epoch {self.current_epoch}")
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.eval_acc.update(self(x), y)
+
+    def on_test_epoch_end(self) -> None:
+        self.eval_accuracy = 100.0 * self.eval_acc.compute().item()
+        self.log(f"{self.eval_split}/acc", self.eval_accuracy)
+        self.eval_acc.reset()
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        r = self.recipe
+        no_decay = {id(p) for p in self.model.no_weight_decay_parameters()}
+        params = [p for p in self.model.trainable_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": r.weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if r.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=r.lr)
+        scheduler = LambdaLR(optimizer, lambda epoch: r.lr_at(epoch) / r.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,311 @@
+"""The method contract: a typed config that builds a `PeftModel` around a frozen timm ViT.
+
+A method is one file in `methods/` holding a `@register_method`-decorated `MethodConfig` subclass
+(the paper's defaults, its recipe and its parameter formula) and the modules it adds. Its model:
+
+- maps a batch of normalised images [B, 3, H, W] to logits [B, C] (`forward`), in two halves:
+  `forward_features` (everything up to the pooled pre-logits feature) and `forward_head`;
+- owns its tunable parameters structurally: they live in `TunableModule` instances (or in the
+  modules `tunable_modules()` returns), never found by matching parameter names;
+- leaves every other backbone weight frozen (`requires_grad=False`); the head is always trained;
+- reports its parameters (`param_report`) and saves/loads only its tunable state plus the head.
+
+The backbone is timm's `VisionTransformer`, unmodified; methods attach to it through shared helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+HEAD_INITS = ("vpt", "torch")
+# VPT's head bias: -log((1 - p) / p) with prior probability p = 0.01.
+VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+@dataclass
+class Recipe:
+    """How a method is trained: optimiser, learning-rate schedule (stepped per epoch), batch and epochs.
+
+    Attributes:
+        optimizer: `sgd` (with `momentum`) or `adamw`.
+        lr: peak learning rate, used as given (no batch-size scaling is applied on top).
+        weight_decay: applied to every trainable tensor except those the model lists in
+            `no_weight_decay_parameters()`.
+        momentum: SGD momentum.
+        batch_size: images per optimisation step.
+        epochs: training epochs.
+        warmup_epochs: linear warm-up from `warmup_start_lr` (epoch 0 runs at `warmup_start_lr`).
+        warmup_start_lr: learning rate at epoch 0 when warming up.
+        min_lr: the cosine schedule's floor.
+        schedule: `cosine` (after warm-up) or `constant`.
+        drop_last: drop the last incomplete batch of each training epoch.
+        lr_grid: learning rates searched by the `grid` protocol.
+        wd_grid: weight decays searched by the `grid` protocol.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 100
+    warmup_epochs: int = 10
+    warmup_start_lr: float = 0.0
+    min_lr: float = 0.0
+    schedule: str = "cosine"
+    drop_last: bool = False
+    lr_grid: tuple[float, ...] = ()
+    wd_grid: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.lr_grid = tuple(float(x) for x in self.lr_grid)
+        self.wd_grid = tuple(float(x) for x in self.wd_grid)
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
+            (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.warmup_epochs >= 0, f"warm-up epochs must be non-negative, got {self.warmup_epochs}"),
+            (all(x > 0 for x in self.lr_grid), f"every grid learning rate must be positive, got {self.lr_grid}"),
+            (all(x >= 0 for x in self.wd_grid), f"every grid weight decay must be >= 0, got {self.wd_grid}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of `epoch` (0-based): linear warm-up, then cosine from `lr` to `min_lr`."""
+        warmup = min(self.warmup_epochs, self.epochs - 1)
+        if epoch < warmup:
+            return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * epoch / warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = (epoch - warmup) / max(1, self.epochs - warmup)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """Parameter counts of an adapted model.
+
+    Attributes:
+        tunable: parameters the method trains, head excluded.
+        head: parameters of the classification head.
+        backbone: parameters of the pretrained backbone (whether frozen or not), method modules excluded.
+        nonzero_tunable: tunable parameters left after pruning (equal to `tunable` for unpruned methods).
+    """
+
+    tunable: int
+    head: int
+    backbone: int
+    nonzero_tunable: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class TunableModule(nn.Module):
+    """Marker base class: every module a method adds to the model derives from it, and is trained."""
+
+
+def init_head(head: nn.Linear, how: str) -> None:
+    """Initialise the linear head: `vpt` (kaiming-normal fan_out weight, bias -4.5951) or `torch` (default)."""
+    if how == "vpt":
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+        nn.init.constant_(head.bias, VPT_HEAD_BIAS)
+    elif how == "torch":
+        head.reset_parameters()
+    else:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {how!r}")
+
+
+class PeftModel(nn.Module):
+    """A frozen timm ViT plus what a method adds, plus a linear head on the pooled feature.
+
+    Subclasses add their modules (as `TunableModule`s) and override `forward_features` where the
+    method changes the token path. The backbone must be created with `num_classes=0`.
+    """
+
+    # True when everything before the head is frozen and deterministic, so that the runner may compute
+    # features once per split and train the head alone on them.
+    features_frozen: ClassVar[bool] = False
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, *, head_init: str = "vpt") -> None:
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"backbone must be a timm VisionTransformer, got {type(backbone).__name__}")
+        if not isinstance(backbone.head, nn.Identity):
+            raise ValueError("create the backbone with num_classes=0: the model owns its head")
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        init_head(self.head, head_init)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised images [B, 3, H, W] -> pooled pre-logits feature [B, D]."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Pooled feature [B, D] -> logits [B, C]."""
+        return self.head(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- what is trained ---------------------------------------------------------------------------
+    def tunable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the method trains (head excluded): by default every `TunableModule`."""
+        return [m for m in self.modules() if isinstance(m, TunableModule)]
+
+    def tunable_parameters(self) -> list[nn.Parameter]:
+        return _unique_parameters(self.tunable_modules())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Tunable parameters plus the head's."""
+        return _unique_parameters([*self.tunable_modules(), self.head])
+
+    def no_weight_decay_parameters(self) -> list[nn.Parameter]:
+        """Trainable tensors excluded from weight decay (VPT convention: the head bias)."""
+        return [self.head.bias]
+
+    def mark_trainable(self) -> None:
+        """Freeze everything, then let gradients reach the tunable parameters and the head."""
+        self.requires_grad_(False)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+
+    # -- parameter report --------------------------------------------------------------------------
+    def nonzero_tunable(self) -> int:
+        """Tunable parameters that survive pruning; methods with masks override this."""
+        return sum(p.numel() for p in self.tunable_parameters())
+
+    def param_report(self) -> ParamReport:
+        added = {id(p) for m in self.backbone.modules() if isinstance(m, TunableModule) for p in m.parameters()}
+        return ParamReport(
+            tunable=sum(p.numel() for p in self.tunable_parameters()),
+            head=sum(p.numel() for p in self.head.parameters()),
+            backbone=sum(p.numel() for p in self.backbone.parameters() if id(p) not in added),
+            nonzero_tunable=self.nonzero_tunable(),
+        )
+
+    # -- tunable state -------------------------------------------------------------------------------
+    def tunable_state_dict(self) -> dict[str, Tensor]:
+        """State (parameters and persistent buffers) of the tunable modules and the head, keyed by path."""
+        paths = {id(m): name for name, m in self.named_modules()}
+        state: dict[str, Tensor] = {}
+        for module in [*self.tunable_modules(), self.head]:
+            prefix = paths[id(module)]
+            for key, value in module.state_dict().items():
+                state[f"{prefix}.{key}" if prefix else key] = value
+        return state
+
+    def load_tunable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a `tunable_state_dict`; the keys must match exactly."""
+        expected = self.tunable_state_dict()
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"tunable state does not match the model: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                if target.shape != state[key].shape:
+                    raise ValueError(f"tunable state {key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
+                target.copy_(state[key])
+
+    def save_tunable(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the tunable state (plus head) to a safetensors file."""
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.tunable_state_dict().items()}
+        save_file(state, str(path), metadata=metadata)
+
+    def load_tunable(self, path: str | Path) -> None:
+        self.load_tunable_state_dict(load_file(str(path)))
+
+
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's config: its fields are the method's hyperparameters (paper defaults).
+
+    Subclasses implement `create` (build the model), `expected_params` (the parameter formula the
+    contract tests check the built model against) and give `recipe` a default.
+
+    Attributes:
+        recipe: the training recipe (the paper's, or the suite's choice where the paper gives none).
+    """
+
+    name: ClassVar[str] = ""
+    # Whether logits at initialisation equal those of the frozen backbone plus the same head.
+    identity_at_init: ClassVar[bool] = False
+
+    recipe: Recipe = field(default_factory=Recipe)
+
+    # -- to override ---------------------------------------------------------------------------------
+    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+        """Wrap `backbone` (created with `num_classes=0`) into this method's model."""
+        raise NotImplementedError
+
+    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+        """The method's parameter formula, evaluated for this backbone and class count."""
+        raise NotImplementedError
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for `timm.create_model` (e.g. a drop-path rate the method specifies)."""
+        return {}
+
+    def for_task(self, task_id: str) -> Self:
+        """This config with the method's per-task settings applied (by default: unchanged)."""
+        return self
+
+    @classmethod
+    def tiny(cls) -> Self:
+        """A config that fits tiny test backbones (by default: the paper defaults)."""
+        return cls()
+
+    # -- provided ------------------------------------------------------------------------------------
+    def build(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+        """Create the model and freeze everything but the tunable parameters and the head."""
+        model = self.create(backbone, num_classes)
+        model.mark_trainable()
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown config keys {unknown}; known: {sorted(names)}")
+        data = dict(data)
+        if isinstance(data.get("recipe"), dict):
+            data["recipe"] = Recipe(**data["recipe"])
+        return cls(**data)
+
+    def with_recipe(self, **overrides: Any) -> Self:
+        """A copy whose recipe has `overrides` (keys equal to `None` are ignored)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, recipe=dataclasses.replace(self.recipe, **overrides))

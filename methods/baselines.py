@@ -1,0 +1,97 @@
+"""The two reference points of every PEFT table: the linear probe and full fine-tuning.
+
+Both follow the VPT code that produced their reference numbers (Jia et al., "Visual Prompt Tuning",
+ECCV 2022, https://arxiv.org/abs/2203.12119): a Linear(D, C) head on the CLS token after the final
+norm, kaiming-normal (fan_out) weight and bias -4.5951, SGD with momentum, warm-up then cosine.
+The learning-rate grids are VPT's base grids scaled by batch/256 (the suite's choice: VPT's own
+grids for these baselines are unconfirmed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from methods._base import MethodConfig, ParamReport, PeftModel, Recipe
+from methods._registry import register_method
+from methods._vit import vit_param_count
+
+WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
+LINEAR_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
+FULL_BASE_LRS = (0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 5e-4, 1e-4)
+
+
+def _scaled(base_lrs: tuple[float, ...], batch_size: int) -> tuple[float, ...]:
+    return tuple(lr * batch_size / 256 for lr in base_lrs)
+
+
+class LinearProbe(PeftModel):
+    """Frozen backbone, trained head. Nothing before the head trains, so features can be cached."""
+
+    features_frozen = True
+
+    def tunable_modules(self) -> list[nn.Module]:
+        return []
+
+
+class FullFinetune(PeftModel):
+    """Every backbone weight and the head are trained."""
+
+    def tunable_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+
+def _head_params(backbone: VisionTransformer, num_classes: int) -> int:
+    return (backbone.num_features + 1) * num_classes
+
+
+@register_method("linear")
+@dataclass
+class LinearConfig(MethodConfig):
+    """Linear probe: a Linear(D, C) head on the frozen backbone's pooled feature.
+
+    Attributes:
+        head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch` (PyTorch default).
+    """
+
+    recipe: Recipe = field(
+        default_factory=lambda: Recipe(
+            optimizer="sgd", lr=0.25, weight_decay=0.0, batch_size=64, epochs=100, warmup_epochs=10,
+            lr_grid=_scaled(LINEAR_BASE_LRS, 64), wd_grid=WD_GRID,
+        )
+    )
+    head_init: str = "vpt"
+
+    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+        return LinearProbe(backbone, num_classes, head_init=self.head_init)
+
+    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+        return ParamReport(tunable=0, head=_head_params(backbone, num_classes), backbone=vit_param_count(backbone),
+                           nonzero_tunable=0)
+
+
+@register_method("full")
+@dataclass
+class FullConfig(MethodConfig):
+    """Full fine-tuning: every backbone weight plus a Linear(D, C) head.
+
+    Attributes:
+        head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch` (PyTorch default).
+    """
+
+    recipe: Recipe = field(
+        default_factory=lambda: Recipe(
+            optimizer="sgd", lr=0.0025, weight_decay=1e-4, batch_size=64, epochs=100, warmup_epochs=10,
+            lr_grid=_scaled(FULL_BASE_LRS, 64), wd_grid=WD_GRID,
+        )
+    )
+    head_init: str = "vpt"
+
+    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+        return FullFinetune(backbone, num_classes, head_init=self.head_init)
+
+    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+        n = vit_param_count(backbone)
+        return ParamReport(tunable=n, head=_head_params(backbone, num_classes), backbone=n, nonzero_tunable=n)

@@ -1,0 +1,101 @@
+"""The community VTAB-1k folder layout: `<root>/<task folder>/<split>.txt`, lines `relative/path.jpg label`.
+
+Every problem is raised as a `DataError` whose message names the file (and line) and says what to do,
+so callers can report it in one line before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.vtab import SPLITS, Task
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+HOW_TO_GET_DATA = (
+    "get VTAB-1k with `python -m benchmark data` (or `python -m benchmark synth --out DIR` for synthetic data)"
+)
+
+
+class DataError(ValueError):
+    """A problem with the data on disk: missing folder, malformed split file, bad label, unreadable image."""
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One parsed split file: image paths (absolute) and labels, with the file's sha256 for provenance."""
+
+    task: Task
+    split: str
+    path: Path
+    images: tuple[Path, ...]
+    labels: tuple[int, ...]
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def find_task_dir(root: Path, task: Task) -> Path:
+    """The folder of `task` under `root`, found under its canonical id or any alias (case-insensitive)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; {HOW_TO_GET_DATA}")
+    wanted = {n.lower() for n in task.names}
+    matches = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in wanted)
+    if not matches:
+        tried = ", ".join(task.names)
+        raise DataError(f"no folder for task {task.id} in {root} (looked for: {tried}); {HOW_TO_GET_DATA}")
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches)
+        raise DataError(f"task {task.id} has several folders in {root} ({names}); keep one")
+    return matches[0]
+
+
+def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = True) -> SplitFile:
+    """Parse and validate `<task_dir>/<split>.txt`: line format, labels in [0, C), (optionally) files exist."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    path = Path(task_dir) / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: task {task.id} needs split {split}; {HOW_TO_GET_DATA}")
+    raw = path.read_bytes()
+    images: list[Path] = []
+    labels: list[int] = []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected `relative/path.jpg label`, got {line.strip()!r}")
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: label {label_text!r} is not an integer") from None
+        if not 0 <= label < task.num_classes:
+            raise DataError(
+                f"{path}:{lineno}: label {label} is outside task {task.id}'s classes 0..{task.num_classes - 1}"
+            )
+        image = Path(task_dir) / rel
+        if check_files and not image.is_file():
+            raise DataError(f"{path}:{lineno}: image {image} does not exist")
+        images.append(image)
+        labels.append(label)
+    if not labels:
+        raise DataError(f"{path} lists no images")
+    return SplitFile(task, split, path, tuple(images), tuple(labels), hashlib.sha256(raw).hexdigest())
+
+
+def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((size, size), INTERPOLATIONS[interpolation])
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
