@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def create_backbone(
         kwargs: forwarded to `timm.create_model` (e.g. `drop_path_rate`).
     """
     _check_name(name)
-    args: dict[str, Any] = dict(num_classes=0, drop_rate=0.0, attn_drop_rate=0.0, proj_drop_rate=0.0, drop_path_rate=0.0)
+    args: dict[str, Any] = dict(
+        num_classes=0, drop_rate=0.0, attn_drop_rate=0.0, proj_drop_rate=0.0, drop_path_rate=0.0
+    )
     args.update(kwargs)
     if image_size is not None:
         args["img_size"] = image_size
@@ -68,7 +71,9 @@ def create_backbone(
         with torch.device(device) if device is not None else _nullcontext():
             model = timm.create_model(name, **args)
     except (OSError, RuntimeError, ValueError) as e:
-        what = f"weights {weights}" if weights is not None else f"pretrained weights of {name} from the Hugging Face Hub"
+        what = (
+            f"weights {weights}" if weights is not None else f"pretrained weights of {name} from the Hugging Face Hub"
+        )
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"could not load {what} ({reason[:200]}); pass --weights FILE for a local checkpoint "
@@ -98,8 +103,11 @@ def hub_weights(name: str) -> Path:
         if isinstance(cached, str):
             return Path(cached)
     advice = f"download {repo} elsewhere and pass --weights FILE, or use --no-pretrained for random weights"
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f"weights of {name} ({repo}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; {advice}")
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or offline_env:
+        raise UserError(
+            f"weights of {name} ({repo}) are not in the Hugging Face cache and HF_HUB_OFFLINE is set; {advice}"
+        )
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=5).close()

@@ -99,26 +99,37 @@ def _backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
     g.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
     g.add_argument("--precision", choices=("32", "bf16"), default="32", help="fp32, or bf16 autocast (GPUs)")
-    g.add_argument("--no-feature-cache", action="store_true",
-                   help="train frozen-feature methods (linear) end to end instead of on features computed once")
+    g.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="train frozen-feature methods (linear) end to end instead of on features computed once",
+    )
     g.add_argument("--eval-batch-size", type=positive_int, default=256)
-    g.add_argument("--cache-dir", metavar="DIR", help="where decoded images are cached "
-                   "(default: $PEFT_BENCH_CACHE/arrays or ~/.cache/peft-bench/arrays)")
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where decoded images are cached (default: $PEFT_BENCH_CACHE/arrays or ~/.cache/peft-bench/arrays)",
+    )
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the method's recipe)")
-    g.add_argument("--protocol", choices=("final", "tune", "grid"), default="final",
-                   help="final: train800val200 -> test; tune: train800 -> val200; grid: tune the recipe's "
-                   "lr x wd grid on val200, then final with the best pair (default: %(default)s)")
+    g.add_argument(
+        "--protocol",
+        choices=("final", "tune", "grid"),
+        default="final",
+        help="final: train800val200 -> test; tune: train800 -> val200; grid: tune the recipe's "
+        "lr x wd grid on val200, then final with the best pair (default: %(default)s)",
+    )
     g.add_argument("--epochs", type=positive_int)
     g.add_argument("--batch-size", type=positive_int)
     g.add_argument("--lr", type=positive_float, help="learning rate (used as given)")
     g.add_argument("--weight-decay", type=nonnegative_float)
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--lr-grid", type=float_list(positive_float), metavar="X,Y,..", help="lrs for --protocol grid")
-    g.add_argument("--wd-grid", type=float_list(nonnegative_float), metavar="X,Y,..",
-                   help="weight decays for --protocol grid")
+    g.add_argument(
+        "--wd-grid", type=float_list(nonnegative_float), metavar="X,Y,..", help="weight decays for --protocol grid"
+    )
 
 
 def _settings(args: argparse.Namespace):
@@ -143,8 +154,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--protocol grid selects lr and weight decay itself; pass --lr-grid/--wd-grid instead")
     if args.warmup_epochs is not None and args.warmup_epochs < 0:
         raise UserError(f"--warmup-epochs must be non-negative, got {args.warmup_epochs}")
-    return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "warmup_epochs": args.warmup_epochs, "lr_grid": args.lr_grid, "wd_grid": args.wd_grid}
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "lr_grid": args.lr_grid,
+        "wd_grid": args.wd_grid,
+    }
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -160,9 +178,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     from tasks import TASKS
 
-    rows = [{"task": t.id, "group": t.group, "classes": t.num_classes, "train800": 800, "val200": 200,
-             "train800val200": 1000, "test": t.test_size, "folder": t.folder, "aliases": ", ".join(t.aliases)}
-            for t in TASKS]
+    rows = [
+        {
+            "task": t.id,
+            "group": t.group,
+            "classes": t.num_classes,
+            "train800": 800,
+            "val200": 200,
+            "train800val200": 1000,
+            "test": t.test_size,
+            "folder": t.folder,
+            "aliases": ", ".join(t.aliases),
+        }
+        for t in TASKS
+    ]
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
@@ -179,8 +208,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     for cls in configs:
         base = cls()
         # The meta device gives every tensor its shape without allocating or initialising it.
-        backbone = create_backbone(args.backbone, pretrained=False, image_size=args.image_size, device="meta",
-                                   **base.backbone_kwargs())
+        backbone = create_backbone(
+            args.backbone, pretrained=False, image_size=args.image_size, device="meta", **base.backbone_kwargs()
+        )
         for task in tasks:
             model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
             out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})
@@ -220,10 +250,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks)
     settings = _settings(args)
     results = Path(args.results).expanduser()
-    executed = sweep(cls(), tasks, args.seeds, protocol=args.protocol, settings=settings,
-                     data_root=Path(args.data_root).expanduser(), results=results,
-                     recipe_overrides=_overrides(args), cache_dir=args.cache_dir, retry_failed=args.retry_failed,
-                     progress=not args.quiet, run_progress=args.run_progress)
+    executed = sweep(
+        cls(),
+        tasks,
+        args.seeds,
+        protocol=args.protocol,
+        settings=settings,
+        data_root=Path(args.data_root).expanduser(),
+        results=results,
+        recipe_overrides=_overrides(args),
+        cache_dir=args.cache_dir,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+        run_progress=args.run_progress,
+    )
     write_leaderboard(results)
     failed = sum(r["status"] != "ok" for r in executed)
     print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
@@ -233,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.backbone import create_backbone
     from benchmark.results import check_writable, run_path, write_json
-    from benchmark.runner import execute, prepare_data, RunSpec
+    from benchmark.runner import RunSpec, execute, prepare_data
 
     cls = _method(args.method)
     task = _tasks(args.task)
@@ -248,11 +288,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"{cls.name}: {e}") from None
     data = prepare_data(Path(args.data_root).expanduser(), [task], args.protocol, settings, args.cache_dir)
-    out = Path(args.out).expanduser() if args.out else run_path(Path(args.results), cls.name, task.id,
-                                                                    args.protocol, args.seed)
+    out = (
+        Path(args.out).expanduser()
+        if args.out
+        else run_path(Path(args.results), cls.name, task.id, args.protocol, args.seed)
+    )
     check_writable(out.parent)
-    backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
-                               image_size=settings.image_size, **config.backbone_kwargs())
+    backbone = create_backbone(
+        settings.backbone,
+        pretrained=settings.pretrained,
+        weights=settings.weights,
+        image_size=settings.image_size,
+        **config.backbone_kwargs(),
+    )
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
     record = execute(spec, backbone, data, progress=not args.quiet)
     write_json(out, record)
@@ -260,8 +308,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if record["status"] != "ok":
         print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
         return 1
-    print(f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else 'val200'} "
-          f"accuracy {acc:.2f}% -> {out}")
+    print(
+        f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else 'val200'} "
+        f"accuracy {acc:.2f}% -> {out}"
+    )
     return 0
 
 
@@ -270,7 +320,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     results = Path(args.results).expanduser()
     if not (results / "runs").is_dir():
-        raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first")
+        raise UserError(
+            f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
+        )
     board = write_leaderboard(results)
     print(markdown(board))
     return 0
@@ -283,10 +335,13 @@ def build_parser() -> Parser:
     sub.add_parser("methods", help="list the registered methods, one per line").set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="the 19 VTAB-1k tasks as a table").set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("params", help="parameter counts per (method, task), without downloading weights",
-                       description="Builds each model on the meta device and reports tunable (method), head, "
-                       "backbone and nonzero_tunable parameters. Example: python -m benchmark params "
-                       "--backbone vit_base_patch16_224 --json")
+    p = sub.add_parser(
+        "params",
+        help="parameter counts per (method, task), without downloading weights",
+        description="Builds each model on the meta device and reports tunable (method), head, "
+        "backbone and nonzero_tunable parameters. Example: python -m benchmark params "
+        "--backbone vit_base_patch16_224 --json",
+    )
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
@@ -294,9 +349,12 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("synth", help="write synthetic tasks in the VTAB-1k folder layout",
-                       description="Example: python -m benchmark synth --out /tmp/synth --tasks cifar100,eurosat "
-                       "--per-class 8 --image-size 32")
+    p = sub.add_parser(
+        "synth",
+        help="write synthetic tasks in the VTAB-1k folder layout",
+        description="Example: python -m benchmark synth --out /tmp/synth --tasks cifar100,eurosat "
+        "--per-class 8 --image-size 32",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--tasks", default="all")
     p.add_argument("--per-class", type=positive_int, default=8, help="train images per class (val: a quarter)")
@@ -305,14 +363,21 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_synth)
 
     def data_and_results(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, metavar="DIR",
-                       help="VTAB-1k folder (one sub-folder per task; default: %(default)s)")
+        p.add_argument(
+            "--data-root",
+            default=DEFAULT_DATA_ROOT,
+            metavar="DIR",
+            help="VTAB-1k folder (one sub-folder per task; default: %(default)s)",
+        )
         p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("run", help="one (method, task, seed, hyperparameters) -> one result JSON",
-                       description="Example: python -m benchmark run --method linear --task dtd --seed 42 "
-                       "--data-root ~/vtab-1k --lr 0.1")
+    p = sub.add_parser(
+        "run",
+        help="one (method, task, seed, hyperparameters) -> one result JSON",
+        description="Example: python -m benchmark run --method linear --task dtd --seed 42 "
+        "--data-root ~/vtab-1k --lr 0.1",
+    )
     p.add_argument("--method", required=True)
     p.add_argument("--task", required=True)
     p.add_argument("--seed", type=int, default=42)
@@ -322,9 +387,12 @@ def build_parser() -> Parser:
     _training_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="the sweep: every (task, seed), resumable, then the leaderboard",
-                       description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
-                       "--data-root ~/vtab-1k --seeds 42,44 --results results/bench")
+    p = sub.add_parser(
+        "bench",
+        help="the sweep: every (task, seed), resumable, then the leaderboard",
+        description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
+        "--data-root ~/vtab-1k --seeds 42,44 --results results/bench",
+    )
     p.add_argument("--method", required=True)
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--seeds", type=int_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
@@ -335,8 +403,11 @@ def build_parser() -> Parser:
     _training_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("leaderboard", help="regenerate the tables and plot from the result JSONs",
-                       description="Example: python -m benchmark leaderboard --results results/bench")
+    p = sub.add_parser(
+        "leaderboard",
+        help="regenerate the tables and plot from the result JSONs",
+        description="Example: python -m benchmark leaderboard --results results/bench",
+    )
     p.add_argument("--results", default="results/bench", metavar="DIR")
     p.set_defaults(func=cmd_leaderboard)
     return parser

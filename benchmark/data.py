@@ -86,7 +86,9 @@ def load_split_images(
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.stem}-", suffix=".npy")
         os.close(fd)
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size))
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size)
+            )
             workers = workers or min(8, os.cpu_count() or 1)
             with ThreadPoolExecutor(workers) as pool:
                 decoded = pool.map(lambda p: decode_image(p, image_size, interpolation), split.images, chunksize=16)
@@ -118,7 +120,9 @@ class ArrayDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         idx = np.asarray(indices)
-        return torch.from_numpy(np.ascontiguousarray(self.arrays.inputs[idx])), torch.from_numpy(self.arrays.labels[idx])
+        return torch.from_numpy(np.ascontiguousarray(self.arrays.inputs[idx])), torch.from_numpy(
+            self.arrays.labels[idx]
+        )
 
 
 def _already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -171,7 +175,6 @@ class VTABDataModule(pl.LightningDataModule):
             collate_fn=_already_batched,
             num_workers=self.num_workers,
         )
-
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         x, y = batch

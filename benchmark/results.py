@@ -89,18 +89,23 @@ def check_writable(results: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"cannot create results directory {results}: {probe} is not a directory; pick another --results")
+        raise UserError(
+            f"cannot create results directory {results}: {probe} is not a directory; pick another --results"
+        )
     try:
         fd, tmp = tempfile.mkstemp(dir=probe, prefix=".peft-bench-write-check-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UserError(f"cannot write to results directory {results} ({e.strerror}); pick another --results") from None
+        raise UserError(
+            f"cannot write to results directory {results} ({e.strerror}); pick another --results"
+        ) from None
 
 
 @functools.cache
 def provenance() -> dict[str, Any]:
     """Git commit (and whether the tree had uncommitted changes), package versions, device."""
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)

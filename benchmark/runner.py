@@ -14,8 +14,10 @@ No code path evaluates the test split before training has ended, or selects anyt
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import resource
+import sys
 import time
 import traceback
 import warnings
@@ -52,8 +54,11 @@ log = logging.getLogger("peft_bench")
 PROTOCOLS = ("final", "tune", "grid")
 # Which split trains and which is evaluated, per run mode.
 MODE_SPLITS = {"final": ("train800val200", "test"), "tune": ("train800", "val200")}
-PROTOCOL_SPLITS = {"final": ("train800val200", "test"), "tune": ("train800", "val200"),
-                   "grid": ("train800", "val200", "train800val200", "test")}
+PROTOCOL_SPLITS = {
+    "final": ("train800val200", "test"),
+    "tune": ("train800", "val200"),
+    "grid": ("train800", "val200", "train800val200", "test"),
+}
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 TUNING_SEED = 42
 
@@ -149,8 +154,10 @@ def prepare_data(
     try:
         scanned = {t.id: scan_task(Path(root), t, splits) for t in tasks}
         arrays = {
-            tid: {s: load_split_images(td.splits[s], settings.image_size, settings.interpolation, cache_dir)
-                  for s in splits}
+            tid: {
+                s: load_split_images(td.splits[s], settings.image_size, settings.interpolation, cache_dir)
+                for s in splits
+            }
             for tid, td in scanned.items()
         }
     except DataError as e:
@@ -229,7 +236,11 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         "selection": spec.selection,
         "data": {
             "root": str(data.tasks[spec.task.id].dir.parent),
-            "train_split": {"name": train_split, "size": len(arrays[train_split]), "sha256": arrays[train_split].sha256},
+            "train_split": {
+                "name": train_split,
+                "size": len(arrays[train_split]),
+                "sha256": arrays[train_split].sha256,
+            },
             "eval_split": {"name": eval_split, "size": len(arrays[eval_split]), "sha256": arrays[eval_split].sha256},
         },
     }
@@ -252,11 +263,19 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             inputs = "features"
         recipe = spec.config.recipe
         mean, std = NORMALIZATIONS[spec.settings.normalization]
-        module = ClassificationModule(model, num_classes=spec.task.num_classes, recipe=recipe, inputs=inputs,
-                                      eval_split=eval_split)
-        datamodule = VTABDataModule(train, evaluate, batch_size=recipe.batch_size,
-                                    eval_batch_size=spec.settings.eval_batch_size, drop_last=recipe.drop_last,
-                                    seed=spec.seed, mean=mean, std=std)
+        module = ClassificationModule(
+            model, num_classes=spec.task.num_classes, recipe=recipe, inputs=inputs, eval_split=eval_split
+        )
+        datamodule = VTABDataModule(
+            train,
+            evaluate,
+            batch_size=recipe.batch_size,
+            eval_batch_size=spec.settings.eval_batch_size,
+            drop_last=recipe.drop_last,
+            seed=spec.seed,
+            mean=mean,
+            std=std,
+        )
         timer = _TrainTimer()
         trainer = pl.Trainer(
             max_epochs=recipe.epochs,
@@ -298,13 +317,30 @@ def select_grid_point(tune_records: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in tune_records if r["status"] == "ok" and r["val_acc"] is not None]
     if not ok:
         raise RuntimeError("every grid point failed, so no setting could be selected")
-    best = min(ok, key=lambda r: (-r["val_acc"], r["config"]["method_config"]["recipe"]["lr"],
-                                  r["config"]["method_config"]["recipe"]["weight_decay"]))
+    best = min(
+        ok,
+        key=lambda r: (
+            -r["val_acc"],
+            r["config"]["method_config"]["recipe"]["lr"],
+            r["config"]["method_config"]["recipe"]["weight_decay"],
+        ),
+    )
     recipe = best["config"]["method_config"]["recipe"]
-    grid = [[r["config"]["method_config"]["recipe"]["lr"], r["config"]["method_config"]["recipe"]["weight_decay"],
-             r["val_acc"] if r["status"] == "ok" else None] for r in tune_records]
-    return {"lr": recipe["lr"], "weight_decay": recipe["weight_decay"], "val_acc": best["val_acc"],
-            "tuning_seed": best["seed"], "grid": grid}
+    grid = [
+        [
+            r["config"]["method_config"]["recipe"]["lr"],
+            r["config"]["method_config"]["recipe"]["weight_decay"],
+            r["val_acc"] if r["status"] == "ok" else None,
+        ]
+        for r in tune_records
+    ]
+    return {
+        "lr": recipe["lr"],
+        "weight_decay": recipe["weight_decay"],
+        "val_acc": best["val_acc"],
+        "tuning_seed": best["seed"],
+        "grid": grid,
+    }
 
 
 @dataclass
@@ -320,7 +356,8 @@ def _conflict(path: Path, spec: RunSpec) -> str | None:
     record = read_json(path)
     if record is None:
         return None
-    old, new = record.get("config", {}), spec.config_dict()
+    # Through JSON, as stored: tuples become lists.
+    old, new = record.get("config", {}), json.loads(json.dumps(spec.config_dict()))
     if spec.protocol == "grid" and spec.mode == "final":
         old = {k: v for k, v in old.items() if k != "selection"}
         new = {k: v for k, v in new.items() if k != "selection"}
@@ -380,8 +417,13 @@ def sweep(
                 raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
     data = prepare_data(data_root, tasks, protocol, settings, cache_dir)
     check_writable(results)
-    backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
-                               image_size=settings.image_size, **config.backbone_kwargs())
+    backbone = create_backbone(
+        settings.backbone,
+        pretrained=settings.pretrained,
+        weights=settings.weights,
+        image_size=settings.image_size,
+        **config.backbone_kwargs(),
+    )
 
     def needs_run(plan: Plan) -> bool:
         record = read_json(plan.path)
@@ -393,15 +435,24 @@ def sweep(
         cfg = configs[task.id]
         if protocol == "grid":
             tune_plans[task.id] = [
-                Plan(RunSpec(cfg.with_recipe(lr=lr, weight_decay=wd), task, TUNING_SEED, "tune", "grid", settings),
-                     grid_tune_path(results, config.name, task.id, lr, wd))
-                for lr in cfg.recipe.lr_grid for wd in cfg.recipe.wd_grid
+                Plan(
+                    RunSpec(cfg.with_recipe(lr=lr, weight_decay=wd), task, TUNING_SEED, "tune", "grid", settings),
+                    grid_tune_path(results, config.name, task.id, lr, wd),
+                )
+                for lr in cfg.recipe.lr_grid
+                for wd in cfg.recipe.wd_grid
             ]
         mode = "tune" if protocol == "tune" else "final"
-        final_plans[task.id] = [Plan(RunSpec(cfg, task, seed, mode, protocol, settings),
-                                     run_path(results, config.name, task.id, protocol, seed)) for seed in seeds]
-    conflicts = [c for plans in (*tune_plans.values(), *final_plans.values()) for p in plans
-                 if (c := _conflict(p.path, p.spec))]
+        final_plans[task.id] = [
+            Plan(
+                RunSpec(cfg, task, seed, mode, protocol, settings),
+                run_path(results, config.name, task.id, protocol, seed),
+            )
+            for seed in seeds
+        ]
+    conflicts = [
+        c for plans in (*tune_plans.values(), *final_plans.values()) for p in plans if (c := _conflict(p.path, p.spec))
+    ]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
 
@@ -413,11 +464,14 @@ def sweep(
 
     def do(plan: Plan) -> dict[str, Any]:
         spec = plan.spec
-        bar.set_postfix_str(f"{spec.task.id} s{spec.seed}" + (f" lr={spec.config.recipe.lr:g}" if spec.mode == "tune" and protocol == "grid" else ""))
+        bar.set_postfix_str(
+            f"{spec.task.id} s{spec.seed}"
+            + (f" lr={spec.config.recipe.lr:g}" if spec.mode == "tune" and protocol == "grid" else "")
+        )
         record = execute(spec, backbone, data, progress=run_progress)
         write_json(plan.path, record)
         if record["status"] != "ok":
-            tqdm.write(f"run {config.name}/{spec.task.id}/s{spec.seed} failed: {record['error']}")
+            tqdm.write(f"run {config.name}/{spec.task.id}/s{spec.seed} failed: {record['error']}", file=sys.stderr)
         executed.append(record)
         bar.update(1)
         return record
@@ -432,12 +486,14 @@ def sweep(
             for plan in final_plans[task.id]:
                 if "error" in selection:
                     continue
-                plan.spec.config = plan.spec.config.with_recipe(lr=selection["lr"], weight_decay=selection["weight_decay"])
+                plan.spec.config = plan.spec.config.with_recipe(
+                    lr=selection["lr"], weight_decay=selection["weight_decay"]
+                )
                 plan.spec.selection = selection
                 if needs_run(plan):
                     do(plan)
             if "error" in selection:
-                tqdm.write(f"{config.name}/{task.id}: {selection['error']}; no final runs")
+                tqdm.write(f"{config.name}/{task.id}: {selection['error']}; no final runs", file=sys.stderr)
         else:
             for plan in final_plans[task.id]:
                 if needs_run(plan):

@@ -58,8 +58,14 @@ class LinearConfig(MethodConfig):
 
     recipe: Recipe = field(
         default_factory=lambda: Recipe(
-            optimizer="sgd", lr=0.25, weight_decay=0.0, batch_size=64, epochs=100, warmup_epochs=10,
-            lr_grid=_scaled(LINEAR_BASE_LRS, 64), wd_grid=WD_GRID,
+            optimizer="sgd",
+            lr=0.25,
+            weight_decay=0.0,
+            batch_size=64,
+            epochs=100,
+            warmup_epochs=10,
+            lr_grid=_scaled(LINEAR_BASE_LRS, 64),
+            wd_grid=WD_GRID,
         )
     )
     head_init: str = "vpt"
@@ -68,8 +74,9 @@ class LinearConfig(MethodConfig):
         return LinearProbe(backbone, num_classes, head_init=self.head_init)
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return ParamReport(tunable=0, head=_head_params(backbone, num_classes), backbone=vit_param_count(backbone),
-                           nonzero_tunable=0)
+        return ParamReport(
+            tunable=0, head=_head_params(backbone, num_classes), backbone=vit_param_count(backbone), nonzero_tunable=0
+        )
 
 
 @register_method("full")
@@ -83,8 +90,14 @@ class FullConfig(MethodConfig):
 
     recipe: Recipe = field(
         default_factory=lambda: Recipe(
-            optimizer="sgd", lr=0.0025, weight_decay=1e-4, batch_size=64, epochs=100, warmup_epochs=10,
-            lr_grid=_scaled(FULL_BASE_LRS, 64), wd_grid=WD_GRID,
+            optimizer="sgd",
+            lr=0.0025,
+            weight_decay=1e-4,
+            batch_size=64,
+            epochs=100,
+            warmup_epochs=10,
+            lr_grid=_scaled(FULL_BASE_LRS, 64),
+            wd_grid=WD_GRID,
         )
     )
     head_init: str = "vpt"

@@ -20,8 +20,9 @@ TINY_ARGS = ["--backbone", "test_vit", "--no-pretrained", "--image-size", "32"]
 def tiny_vit(seed: int = 0) -> VisionTransformer:
     """A 3-block ViT on 32-px images with an 4×4 patch grid: small enough for many CPU builds per test."""
     torch.manual_seed(seed)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0,
-                             num_classes=0)
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=0
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -34,7 +34,7 @@ def images(batch: int = 4, seed: int = 1) -> torch.Tensor:
 
 def test_registry_holds_the_foundation_methods():
     assert {"linear", "full"} <= set(ALL)
-    assert ALL == sorted(ALL)
+    assert sorted(ALL) == ALL
     with pytest.raises(KeyError, match="known methods: .*full.*linear"):
         get_method("nope")
 
@@ -185,8 +185,11 @@ def test_recipe_is_valid_and_has_a_grid(name):
 
 def test_linear_cached_features_match_end_to_end_logits():
     _, model = build("linear")
-    arrays = SplitArrays("test", np.random.default_rng(0).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8),
-                         np.zeros(10, dtype=np.int64))
+    arrays = SplitArrays(
+        "test",
+        np.random.default_rng(0).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8),
+        np.zeros(10, dtype=np.int64),
+    )
     settings = Settings(backbone="test_vit", image_size=32, eval_batch_size=4)
     features = extract_features(model, arrays, settings)
     from benchmark.data import normalize
