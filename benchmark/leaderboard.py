@@ -196,6 +196,7 @@ def plot(board: pd.DataFrame) -> bytes:
             fontsize=8,
         )
     ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
     ax.set_xlabel("trained parameters per task (method + head, log scale)")
     ax.set_ylabel("mean top-1 accuracy over tasks (%)")
     ax.set_title("Accuracy vs. trained parameters")
