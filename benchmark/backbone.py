@@ -38,6 +38,7 @@ def create_backbone(
     weights: str | Path | None = None,
     image_size: int | None = None,
     device: str | torch.device | None = None,
+    init_seed: int = 0,
     **kwargs: Any,
 ) -> VisionTransformer:
     """Create a headless timm ViT (`num_classes=0`) with all stochastic rates 0 unless `kwargs` say otherwise.
@@ -48,6 +49,8 @@ def create_backbone(
         weights: a local checkpoint instead (`.safetensors`, `.pth`/`.bin`, or Google's `.npz`).
         image_size: input size; position embeddings of pretrained weights are resampled to it.
         device: where to build the model; `meta` builds the structure without allocating weights.
+        init_seed: seed of the random initialisation (what remains random without pretrained weights),
+            so a random backbone is the same in every process; the global RNG is left as it was.
         kwargs: forwarded to `timm.create_model` (e.g. `drop_path_rate`).
     """
     _check_name(name)
@@ -68,7 +71,8 @@ def create_backbone(
     else:
         args["pretrained"] = False
     try:
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.random.fork_rng(devices=[]), torch.device(device) if device is not None else _nullcontext():
+            torch.manual_seed(init_seed)
             model = timm.create_model(name, **args)
     except (OSError, RuntimeError, ValueError) as e:
         what = (
