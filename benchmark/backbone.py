@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -71,7 +72,10 @@ def create_backbone(
     else:
         args["pretrained"] = False
     try:
-        with torch.random.fork_rng(devices=[]), torch.device(device) if device is not None else _nullcontext():
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.device(device) if device is not None else contextlib.nullcontext(),
+        ):
             torch.manual_seed(init_seed)
             model = timm.create_model(name, **args)
     except (OSError, RuntimeError, ValueError) as e:
@@ -124,14 +128,6 @@ def hub_weights(name: str) -> Path:
         except Exception as e:  # the Hub raises many types (HTTP, not found, gated); report the last one
             errors.append(f"{filename}: {e}")
     raise UserError(f"could not download weights of {name} from {repo} ({errors[-1][:200]}); {advice}")
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def default_image_size(name: str) -> int:

@@ -234,6 +234,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         "train_loss": [],
         "config": spec.config_dict(),
         "selection": spec.selection,
+        "feature_extraction_s": None,
         "data": {
             "root": str(data.tasks[spec.task.id].dir.parent),
             "train_split": {
@@ -255,10 +256,12 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         inputs = "images"
         if model.features_frozen and spec.settings.cache_features:
             # The features do not depend on the seed or the head, so a sweep computes them once per split.
+            t_features = time.perf_counter()
             for split in (train_split, eval_split):
                 key = (spec.task.id, split)
                 if key not in data.features:
                     data.features[key] = extract_features(model, arrays[split], spec.settings)
+            record["feature_extraction_s"] = time.perf_counter() - t_features
             train, evaluate = data.features[(spec.task.id, train_split)], data.features[(spec.task.id, eval_split)]
             inputs = "features"
         recipe = spec.config.recipe
@@ -351,24 +354,30 @@ class Plan:
     path: Path
 
 
+def _identity(config: dict[str, Any], grid_final: bool) -> dict[str, Any]:
+    """A stored or planned run config as compared for resuming (through JSON, as stored: tuples become lists).
+
+    A grid protocol's final run is planned before its lr and weight decay are selected, so those
+    (and the selection) are left out of its identity; the tuning runs pin them down.
+    """
+    config = json.loads(json.dumps(config))
+    if grid_final:
+        config.pop("selection", None)
+        for key in ("lr", "weight_decay"):
+            config.get("method_config", {}).get("recipe", {}).pop(key, None)
+    return config
+
+
 def _conflict(path: Path, spec: RunSpec) -> str | None:
     """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
     record = read_json(path)
     if record is None:
         return None
-    # Through JSON, as stored: tuples become lists.
-    old, new = record.get("config", {}), json.loads(json.dumps(spec.config_dict()))
-    if spec.protocol == "grid" and spec.mode == "final":
-        old = {k: v for k, v in old.items() if k != "selection"}
-        new = {k: v for k, v in new.items() if k != "selection"}
-        old.get("method_config", {}).get("recipe", {}).pop("lr", None)
-        old.get("method_config", {}).get("recipe", {}).pop("weight_decay", None)
-        new["method_config"]["recipe"].pop("lr", None)
-        new["method_config"]["recipe"].pop("weight_decay", None)
+    grid_final = spec.protocol == "grid" and spec.mode == "final"
+    old, new = _identity(record.get("config", {}), grid_final), _identity(spec.config_dict(), grid_final)
     if old == new:
         return None
-    diffs = _diff(old, new)
-    return f"{path} was produced with a different configuration ({'; '.join(diffs[:3])})"
+    return f"{path} was produced with a different configuration ({'; '.join(_diff(old, new)[:3])})"
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -10,6 +10,7 @@ grids for these baselines are unconfirmed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -47,63 +48,54 @@ def _head_params(backbone: VisionTransformer, num_classes: int) -> int:
     return (backbone.num_features + 1) * num_classes
 
 
-@register_method("linear")
 @dataclass
-class LinearConfig(MethodConfig):
-    """Linear probe: a Linear(D, C) head on the frozen backbone's pooled feature.
+class _BaselineConfig(MethodConfig):
+    """What the two baselines share: a VPT-style head on a model class that decides what trains.
 
     Attributes:
         head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch` (PyTorch default).
     """
 
-    recipe: Recipe = field(
-        default_factory=lambda: Recipe(
-            optimizer="sgd",
-            lr=0.25,
-            weight_decay=0.0,
-            batch_size=64,
-            epochs=100,
-            warmup_epochs=10,
-            lr_grid=_scaled(LINEAR_BASE_LRS, 64),
-            wd_grid=WD_GRID,
-        )
-    )
+    model_cls: ClassVar[type[PeftModel]]
     head_init: str = "vpt"
 
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
-        return LinearProbe(backbone, num_classes, head_init=self.head_init)
+        return self.model_cls(backbone, num_classes, head_init=self.head_init)
+
+
+def _sgd_recipe(lr: float, weight_decay: float, base_lrs: tuple[float, ...]) -> Recipe:
+    return Recipe(
+        optimizer="sgd",
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=64,
+        epochs=100,
+        warmup_epochs=10,
+        lr_grid=_scaled(base_lrs, 64),
+        wd_grid=WD_GRID,
+    )
+
+
+@register_method("linear")
+@dataclass
+class LinearConfig(_BaselineConfig):
+    """Linear probe: a Linear(D, C) head on the frozen backbone's pooled feature."""
+
+    model_cls = LinearProbe
+    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return ParamReport(
-            tunable=0, head=_head_params(backbone, num_classes), backbone=vit_param_count(backbone), nonzero_tunable=0
-        )
+        head = _head_params(backbone, num_classes)
+        return ParamReport(tunable=0, head=head, backbone=vit_param_count(backbone), nonzero_tunable=0)
 
 
 @register_method("full")
 @dataclass
-class FullConfig(MethodConfig):
-    """Full fine-tuning: every backbone weight plus a Linear(D, C) head.
+class FullConfig(_BaselineConfig):
+    """Full fine-tuning: every backbone weight plus a Linear(D, C) head."""
 
-    Attributes:
-        head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch` (PyTorch default).
-    """
-
-    recipe: Recipe = field(
-        default_factory=lambda: Recipe(
-            optimizer="sgd",
-            lr=0.0025,
-            weight_decay=1e-4,
-            batch_size=64,
-            epochs=100,
-            warmup_epochs=10,
-            lr_grid=_scaled(FULL_BASE_LRS, 64),
-            wd_grid=WD_GRID,
-        )
-    )
-    head_init: str = "vpt"
-
-    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
-        return FullFinetune(backbone, num_classes, head_init=self.head_init)
+    model_cls = FullFinetune
+    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         n = vit_param_count(backbone)

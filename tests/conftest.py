@@ -14,7 +14,12 @@ from tasks.synth import SynthConfig, write_task
 
 # The synthetic tasks the end-to-end tests train on: 2 and 10 classes.
 E2E_TASKS = ("camelyon", "eurosat")
-TINY_ARGS = ["--backbone", "test_vit", "--no-pretrained", "--image-size", "32"]
+TINY_ARGS = ["--backbone", "test_vit", "--no-pretrained", "--image-size", "32", "--quiet"]
+
+
+def argv(command: str, *extra: str) -> list[str]:
+    """CLI arguments: `command` split on spaces, then the tiny offline backbone, then `extra` (later wins)."""
+    return [*command.split(), *TINY_ARGS, *extra]
 
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:

@@ -14,7 +14,7 @@ from benchmark.cli import main
 from benchmark.data import ArrayDataset, SplitArrays, VTABDataModule, load_split_images, scan_task
 from benchmark.results import atomic_write_bytes
 from tasks import get_task
-from tests.conftest import TINY_ARGS
+from tests.conftest import argv
 
 
 def test_local_weights_are_loaded_exactly(tmp_path):
@@ -90,24 +90,10 @@ def test_linear_on_cached_features_trains_like_end_to_end(synth_root, tmp_path):
     for name, extra in (("cached", []), ("e2e", ["--no-feature-cache"])):
         out = tmp_path / f"{name}.json"
         code = main(
-            [
-                "run",
-                "--method",
-                "linear",
-                "--task",
-                "eurosat",
-                "--data-root",
-                str(synth_root),
-                "--out",
-                str(out),
-                *TINY_ARGS,
-                "--epochs",
-                "3",
-                "--batch-size",
-                "16",
-                "--quiet",
+            argv(
+                f"run --method linear --task eurosat --data-root {synth_root} --out {out} --epochs 3 --batch-size 16",
                 *extra,
-            ]
+            )
         )
         assert code == 0
         runs[name] = json.loads(out.read_text())
