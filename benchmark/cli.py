@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from benchmark.errors import UserError
 from tasks import UnknownTaskError, parse_tasks
 
-DEFAULT_DATA_ROOT = "~/.cache/peft-bench/vtab-1k"
+DEFAULT_DATA_ROOT = os.environ.get("VTAB_ROOT") or "~/.cache/peft-bench/vtab-1k"
 
 
 class Parser(argparse.ArgumentParser):
@@ -370,8 +371,8 @@ def build_parser() -> Parser:
         description="Example: python -m benchmark run --method linear --task dtd --seed 42 "
         "--data-root ~/vtab-1k --lr 0.1",
     )
-    p.add_argument("--method", required=True)
-    p.add_argument("--task", required=True)
+    p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
+    p.add_argument("--task", required=True, help="a task id or alias (`python -m benchmark tasks`)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", metavar="FILE", help="result path (default: the results directory's layout)")
     data_and_results(p)
@@ -385,7 +386,7 @@ def build_parser() -> Parser:
         description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
         "--data-root ~/vtab-1k --seeds 42,44 --results results/bench",
     )
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--seeds", type=int_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
