@@ -3,8 +3,8 @@
 Adding a method takes two touches: its file in `methods/` and one import line below.
 """
 
-from methods import baselines  # noqa: F401  (registers linear, full)
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import baselines, e2vpt, vpt  # noqa: F401  (registers linear, full, e2vpt, vpt_deep, vpt_shallow)
+from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
 from methods._registry import UnknownMethodError, get_method, list_methods, register_method
 from methods._vit import vit_param_count
 
@@ -12,6 +12,7 @@ __all__ = [
     "MethodConfig",
     "ParamReport",
     "PeftModel",
+    "PruneCandidate",
     "Recipe",
     "TunableModule",
     "UnknownMethodError",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -173,9 +174,19 @@ class PeftModel(nn.Module):
     def tunable_parameters(self) -> list[nn.Parameter]:
         return _unique_parameters(self.tunable_modules())
 
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained in the current stage but not counted as tunable (e.g. E2VPT's soft masks)."""
+        return []
+
+    def state_modules(self) -> list[nn.Module]:
+        """Modules whose state a checkpoint holds besides the tunable modules and head (e.g. pruning masks)."""
+        return []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Tunable parameters plus the head's."""
-        return _unique_parameters([*self.tunable_modules(), self.head])
+        """Tunable parameters, the head's, and the auxiliary ones."""
+        params = _unique_parameters([*self.tunable_modules(), self.head])
+        seen = {id(p) for p in params}
+        return params + [p for p in self.auxiliary_parameters() if id(p) not in seen]
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         """Trainable tensors excluded from weight decay (VPT convention: the head bias)."""
@@ -203,23 +214,25 @@ class PeftModel(nn.Module):
 
     # -- tunable state -------------------------------------------------------------------------------
     def tunable_state_dict(self) -> dict[str, Tensor]:
-        """State (parameters and persistent buffers) of the tunable modules and the head, keyed by path."""
+        """State (parameters and persistent buffers) of the tunable modules, the head and `state_modules`."""
         paths = {id(m): name for name, m in self.named_modules()}
         state: dict[str, Tensor] = {}
-        for module in [*self.tunable_modules(), self.head]:
+        for module in [*self.tunable_modules(), self.head, *self.state_modules()]:
             prefix = paths[id(module)]
             for key, value in module.state_dict().items():
                 state[f"{prefix}.{key}" if prefix else key] = value
         return state
 
-    def load_tunable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a `tunable_state_dict`; the keys must match exactly."""
+    def load_tunable_state_dict(self, state: dict[str, Tensor], *, partial: bool = False) -> None:
+        """Load a `tunable_state_dict`; the keys must match exactly (or, with `partial`, be a subset)."""
         expected = self.tunable_state_dict()
         missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        if missing or unexpected:
+        if (missing and not partial) or unexpected:
             raise ValueError(f"tunable state does not match the model: missing {missing}, unexpected {unexpected}")
         with torch.no_grad():
             for key, target in expected.items():
+                if key not in state:
+                    continue
                 if target.shape != state[key].shape:
                     raise ValueError(f"tunable state {key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
                 target.copy_(state[key])
@@ -231,6 +244,27 @@ class PeftModel(nn.Module):
 
     def load_tunable(self, path: str | Path) -> None:
         self.load_tunable_state_dict(load_file(str(path)))
+
+    def apply_pruning(self, state: dict[str, Tensor]) -> None:
+        """Fix the outcome of a pruning stage (masks, and values to rewind to) for the next training run."""
+        raise NotImplementedError(f"{type(self).__name__} has no pruning stage")
+
+
+@dataclass(frozen=True)
+class PruneCandidate:
+    """One outcome of a pruning decision, to be trained from scratch and compared on the validation split.
+
+    Attributes:
+        key: a short file-name-safe id, e.g. `tok3-seg4`.
+        state: tensors for `PeftModel.apply_pruning` on a freshly built model (keys of its tunable state).
+        info: what the result files record about it (levels, counts of surviving weights, ...).
+        preference: among equal validation accuracies, the larger preference wins.
+    """
+
+    key: str
+    state: dict[str, Tensor]
+    info: dict[str, Any]
+    preference: tuple[float, ...] = ()
 
 
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -269,6 +303,23 @@ class MethodConfig:
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         """The method's parameter formula, evaluated for this backbone and class count."""
         raise NotImplementedError
+
+    @property
+    def prunes(self) -> bool:
+        """Whether this config runs a pruning stage (the runner then calls `prune_candidates`)."""
+        return False
+
+    def prune_candidates(
+        self, model: PeftModel, initial_state: dict[str, Tensor], batches: Iterable[tuple[Tensor, Tensor]]
+    ) -> list[PruneCandidate]:
+        """Decide what to prune from a model trained in the dense stage.
+
+        Args:
+            model: the dense-stage model, trained on the selection split (train800).
+            initial_state: its tunable state before that training (for rewinding).
+            batches: normalised (images, labels) batches of the selection split's training data.
+        """
+        raise NotImplementedError(f"{self.name} has no pruning stage")
 
     def backbone_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for `timm.create_model` (e.g. a drop-path rate the method specifies)."""
