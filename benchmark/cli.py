@@ -123,6 +123,11 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--wd-grid", type=float_list(nonnegative_float), metavar="X,Y,..", help="weight decays for --protocol grid"
     )
+    p.add_argument_group("method").add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+        help="a method option, e.g. --set num_tokens=50 or --set pruned_tokens=drop (repeatable; "
+        "the options are the fields of the method's config)",
+    )  # fmt: skip
 
 
 def _settings(args: argparse.Namespace):
@@ -140,6 +145,16 @@ def _settings(args: argparse.Namespace):
         cache_features=not args.no_feature_cache,
         eval_batch_size=args.eval_batch_size,
     )
+
+
+def _options(args: argparse.Namespace) -> dict[str, str]:
+    options = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,6 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings=settings,
         data_root=Path(args.data_root).expanduser(),
         results=results,
+        options=_options(args),
         recipe_overrides=_overrides(args),
         cache_dir=args.cache_dir,
         retry_failed=args.retry_failed,
@@ -266,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.backbone import create_backbone
     from benchmark.results import check_writable, run_path, write_json
-    from benchmark.runner import RunSpec, execute, prepare_data
+    from benchmark.runner import PROTOCOL_SPLITS, RunSpec, execute, prepare_data
 
     cls = _method(args.method)
     task = _tasks(args.task)
@@ -277,10 +293,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
     settings = _settings(args)
     try:
-        config = cls().for_task(task.id).with_recipe(**_overrides(args))
+        config = cls().for_task(task.id).with_options(_options(args)).with_recipe(**_overrides(args))
     except ValueError as e:
         raise UserError(f"{cls.name}: {e}") from None
-    data = prepare_data(Path(args.data_root).expanduser(), [task], args.protocol, settings, args.cache_dir)
+    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
+                        args.cache_dir)  # fmt: skip
     out = (
         Path(args.out).expanduser()
         if args.out

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import typing
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -238,9 +240,15 @@ class PeftModel(nn.Module):
                 target.copy_(state[key])
 
     def save_tunable(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """Write the tunable state (plus head) to a safetensors file."""
+        """Write the tunable state (plus head) to a safetensors file, atomically (temporary file, then rename)."""
+        path = Path(path)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.tunable_state_dict().items()}
-        save_file(state, str(path), metadata=metadata)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_tunable(self, path: str | Path) -> None:
         self.load_tunable_state_dict(load_file(str(path)))
@@ -265,6 +273,26 @@ class PruneCandidate:
     state: dict[str, Tensor]
     info: dict[str, Any]
     preference: tuple[float, ...] = ()
+
+
+def _parse_option(key: str, text: str, hint: Any) -> Any:
+    """Convert `text` to a config field's type (bool, int, float, str, or one of them or None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and text.lower() == "none":
+        return None
+    target = args[0] if args else hint
+    if target is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"option {key} takes true or false, got {text!r}")
+    if target in (int, float, str):
+        try:
+            return target(text)
+        except ValueError:
+            raise ValueError(f"option {key} takes a {target.__name__}, got {text!r}") from None
+    raise ValueError(f"option {key} cannot be set from the command line")
 
 
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -355,6 +383,17 @@ class MethodConfig:
         if isinstance(data.get("recipe"), dict):
             data["recipe"] = Recipe(**data["recipe"])
         return cls(**data)
+
+    def with_options(self, options: dict[str, str]) -> Self:
+        """A copy with fields set from text (`--set key=value`), each converted to the field's type."""
+        hints = typing.get_type_hints(type(self))
+        changes: dict[str, Any] = {}
+        for key, text in options.items():
+            if key not in hints or key == "recipe" or key not in {f.name for f in fields(self)}:
+                known = sorted(f.name for f in fields(self) if f.name != "recipe")
+                raise ValueError(f"{self.name} has no option {key!r}; options: {', '.join(known)}")
+            changes[key] = _parse_option(key, text, hints[key])
+        return dataclasses.replace(self, **changes)
 
     def with_recipe(self, **overrides: Any) -> Self:
         """A copy whose recipe has `overrides` (keys equal to `None` are ignored)."""

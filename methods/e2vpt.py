@@ -133,7 +133,7 @@ class E2VPTModel(PromptedViT):
         self.masks = PromptMasks(config.num_tokens, config.num_segments, backbone.embed_dim, config.segment_layout)
         self.pruned_tokens = config.pruned_tokens
         self.num_kv_tokens = config.num_kv_tokens
-        for block in backbone.blocks:
+        for block in backbone.blocks if config.num_kv_tokens else ():
             attn = block.attn
             kv = KVPrompts(attn.num_heads, config.num_kv_tokens, attn.head_dim, share_kv=config.share_kv,
                            init=config.kv_init, dropout=config.kv_dropout)  # fmt: skip
