@@ -201,7 +201,7 @@ def test_pruning_zeroes_or_drops_tokens_and_counts_survivors():
         assert not model.masks.token.requires_grad and model.auxiliary_parameters() == []
         lengths = []
         for block in model.backbone.blocks:
-            block.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+            block.register_forward_pre_hook(lambda m, args, seen=lengths: seen.append(args[0].shape[1]))
         model(images())
         assert set(lengths) == {length}
         if mode == "zero":
