@@ -15,7 +15,7 @@ ARGS ?=
 DEMO_DATA ?= $(HOME)/.cache/peft-bench/demo-data
 DEMO_RESULTS ?= results/demo
 DEMO_TASKS := cifar100,camelyon,eurosat,clevr_count
-DEMO_ARGS := --backbone test_vit --no-pretrained --image-size 64 --epochs 20 --batch-size 32 --seeds 42,44,82
+DEMO_ARGS := --backbone test_vit --no-pretrained --image-size 64 --epochs 15 --batch-size 32 --seeds 42,44
 
 .PHONY: install test demo bench leaderboard lint format clean
 
@@ -34,6 +34,9 @@ demo: $(STAMP)
 	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 16 --image-size 64 --seed 0
 	$(PY) -m benchmark bench --method linear --lr 0.05 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 	$(PY) -m benchmark bench --method full --lr 0.01 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
+	$(PY) -m benchmark bench --method vpt_shallow --set num_tokens=8 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
+	$(PY) -m benchmark bench --method vpt_deep --set num_tokens=8 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
+	$(PY) -m benchmark bench --method e2vpt --set max_token_levels=2 --set max_segment_levels=2 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmark bench --method $(METHOD) --tasks $(TASKS) --seeds $(SEEDS) --data-root $(DATA) --results $(RESULTS) $(ARGS)
