@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "timm-cosine")
 HEAD_INITS = ("vpt", "torch")
 # VPT's head bias: -log((1 - p) / p) with prior probability p = 0.01.
 VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
@@ -51,7 +51,10 @@ class Recipe:
         warmup_epochs: linear warm-up from `warmup_start_lr` (epoch 0 runs at `warmup_start_lr`).
         warmup_start_lr: learning rate at epoch 0 when warming up.
         min_lr: the cosine schedule's floor.
-        schedule: `cosine` (after warm-up) or `constant`.
+        schedule: `cosine` (after warm-up), `constant`, or `timm-cosine`: timm's `CosineLRScheduler` stepped
+            once per epoch after the epoch, as the official Convpass trainer does (epoch 0 at
+            `warmup_start_lr`, epoch e ≥ 1 at the scheduler's value for e − 1, a cosine over all epochs that
+            the warm-up does not shift).
         drop_last: drop the last incomplete batch of each training epoch.
         lr_grid: learning rates searched by the `grid` protocol.
         wd_grid: weight decays searched by the `grid` protocol.
@@ -91,6 +94,13 @@ class Recipe:
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of `epoch` (0-based): linear warm-up, then cosine from `lr` to `min_lr`."""
+        if self.schedule == "timm-cosine":
+            if epoch == 0:
+                return self.warmup_start_lr
+            t = epoch - 1
+            if t < self.warmup_epochs:
+                return self.warmup_start_lr + t * (self.lr - self.warmup_start_lr) / self.warmup_epochs
+            return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t / self.epochs))
         warmup = min(self.warmup_epochs, self.epochs - 1)
         if epoch < warmup:
             return self.warmup_start_lr + (self.lr - self.warmup_start_lr) * epoch / warmup

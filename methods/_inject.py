@@ -96,3 +96,39 @@ class KVExtendedAttention(nn.Module):
         if gate is not None:
             x = x * gate
         return a.proj_drop(a.proj(x))
+
+
+class ParallelBranches(nn.Module):
+    """A timm `Block` with scaled branches beside its attention and/or MLP sub-blocks.
+
+        x ← x + drop_path1(ls1(attn(norm1(x)))) + scale · drop_path1(attn_branch(norm1(x)))
+        x ← x + drop_path2(ls2(mlp(norm2(x))))  + scale · drop_path2(mlp_branch(norm2(x)))
+
+    Each branch reads the same normalised input as its sub-block. The block's own norms, layer-scale,
+    drop-path and sub-blocks do the work (each drop-path call draws its own mask); only the two
+    residual sums are written here, because timm's `Block.forward` has no place for a second summand.
+    """
+
+    def __init__(
+        self, block: nn.Module, *, attn_branch: nn.Module | None, mlp_branch: nn.Module | None, scale: float
+    ) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            if not hasattr(block, name):
+                raise TypeError(f"expected a timm ViT Block, {type(block).__name__} has no `{name}`")
+        self.block = block
+        self.attn_branch = attn_branch
+        self.mlp_branch = mlp_branch
+        self.scale = scale
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b = self.block
+        y = b.norm1(x)
+        out = x + b.drop_path1(b.ls1(b.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
+        if self.attn_branch is not None:
+            out = out + self.scale * b.drop_path1(self.attn_branch(y))
+        y = b.norm2(out)
+        out = out + b.drop_path2(b.ls2(b.mlp(y)))
+        if self.mlp_branch is not None:
+            out = out + self.scale * b.drop_path2(self.mlp_branch(y))
+        return out
