@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+if TYPE_CHECKING:
+    from methods._base import ParamReport
 
 
 def _norm(module: nn.Module, dim: int) -> int:
@@ -49,3 +54,12 @@ def vit_param_count(vit: VisionTransformer) -> int:
     if vit.attn_pool is not None:
         raise NotImplementedError("no parameter formula for attention pooling")
     return total
+
+
+def vit_report(backbone: VisionTransformer, num_classes: int, tunable: int, nonzero: int | None = None) -> ParamReport:
+    """The parameter formula's report for a method on a ViT: its `tunable` count, a Linear(D, C) head
+    ((D + 1)·C, 769·C on ViT-B/16) and the backbone by `vit_param_count`; `nonzero` defaults to `tunable`."""
+    from methods._base import ParamReport
+
+    return ParamReport(tunable=tunable, head=(backbone.num_features + 1) * num_classes,
+                       backbone=vit_param_count(backbone), nonzero_tunable=tunable if nonzero is None else nonzero)  # fmt: skip

@@ -17,7 +17,7 @@ from torch import nn
 
 from methods._base import MethodConfig, ParamReport, PeftModel, Recipe
 from methods._registry import register_method
-from methods._vit import vit_param_count
+from methods._vit import vit_param_count, vit_report
 
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 LINEAR_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
@@ -42,10 +42,6 @@ class FullFinetune(PeftModel):
 
     def tunable_modules(self) -> list[nn.Module]:
         return [self.backbone]
-
-
-def _head_params(backbone: VisionTransformer, num_classes: int) -> int:
-    return (backbone.num_features + 1) * num_classes
 
 
 @dataclass
@@ -85,8 +81,7 @@ class LinearConfig(_BaselineConfig):
     recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        head = _head_params(backbone, num_classes)
-        return ParamReport(tunable=0, head=head, backbone=vit_param_count(backbone), nonzero_tunable=0)
+        return vit_report(backbone, num_classes, 0)
 
 
 @register_method("full")
@@ -98,5 +93,4 @@ class FullConfig(_BaselineConfig):
     recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        n = vit_param_count(backbone)
-        return ParamReport(tunable=n, head=_head_params(backbone, num_classes), backbone=n, nonzero_tunable=n)
+        return vit_report(backbone, num_classes, vit_param_count(backbone))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import ParallelBranches
 from methods._registry import register_method
-from methods._vit import vit_param_count
+from methods._vit import vit_report
 
 # (s, xavier conv init) per task for convpass and convpass_attn (official configs).
 CONVPASS_TASKS = {
@@ -166,8 +166,7 @@ class _ConvpassConfig(MethodConfig):
         d, h = backbone.embed_dim, self.hidden
         per_module = (2 * h + 1) * d + 9 * h * h + 2 * h  # 13,648 at D = 768, h = 8
         tunable = len(backbone.blocks) * (2 if self.mlp_side else 1) * per_module
-        head = (backbone.num_features + 1) * num_classes
-        return ParamReport(tunable=tunable, head=head, backbone=vit_param_count(backbone), nonzero_tunable=tunable)
+        return vit_report(backbone, num_classes, tunable)
 
 
 @register_method("convpass")

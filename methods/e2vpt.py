@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
 from methods._inject import KVExtendedAttention
 from methods._registry import register_method
-from methods._vit import vit_param_count
+from methods._vit import vit_report
 from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe
 
 # Pre-pruning (P, N_kv) per task, from the official `command.txt` ("Documented Version").
@@ -284,8 +284,7 @@ class E2VPTConfig(MethodConfig):
         depth, dim = len(backbone.blocks), backbone.embed_dim
         # 9,216·(P + N_kv) on ViT-B/16 with shared K=V (heads·head_dim = D per KV token and layer).
         tunable = depth * dim * (self.num_tokens + self.num_kv_tokens * (1 if self.share_kv else 2))
-        head = (backbone.num_features + 1) * num_classes
-        return ParamReport(tunable=tunable, head=head, backbone=vit_param_count(backbone), nonzero_tunable=tunable)
+        return vit_report(backbone, num_classes, tunable)
 
     def pruned_nonzero(self, backbone: VisionTransformer, n_tok: int, n_seg: int) -> int:
         """Surviving tunable weights: depth·(D/S)·(P − n_tok)·(S − n_seg) + the KV prompts (576·… on ViT-B/16)."""
