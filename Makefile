@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 16 --image-size 64 --seed 0
+	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 8 --image-size 64 --seed 0
 	$(PY) -m benchmark bench --method linear --lr 0.05 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 	$(PY) -m benchmark bench --method full --lr 0.01 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 	$(PY) -m benchmark bench --method vpt_shallow --set num_tokens=8 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
@@ -39,6 +39,7 @@ demo: $(STAMP)
 	$(PY) -m benchmark bench --method convpass --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 	$(PY) -m benchmark bench --method convpass_attn --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 	$(PY) -m benchmark bench --method pgn --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
+	$(PY) -m benchmark bench --method lion --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS) --seeds 42 --set lipschitz=kernel
 	$(PY) -m benchmark bench --method e2vpt --set max_token_levels=2 --set max_segment_levels=2 --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
 bench: $(STAMP)

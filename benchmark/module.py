@@ -52,6 +52,8 @@ class ClassificationModule(pl.LightningModule):
         self.eval_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.epoch_losses: list[float] = []
         self.eval_accuracy: float | None = None
+        # Per-epoch method statistics (e.g. equilibrium-solver iterations and residuals), for the result file.
+        self.diagnostics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         self._loss_sum: Tensor | None = None
         self._seen = 0
 
@@ -69,7 +71,8 @@ class ClassificationModule(pl.LightningModule):
         # Accumulated on the device: reading the loss every step would synchronise with the host.
         self._loss_sum += loss.detach() * y.shape[0]
         self._seen += y.shape[0]
-        return loss
+        extra = self.model.regularization()
+        return loss if extra is None else loss + extra
 
     def on_train_epoch_end(self) -> None:
         loss = (self._loss_sum / max(1, self._seen)).item()
@@ -77,6 +80,18 @@ class ClassificationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"training loss is {loss} in epoch {self.current_epoch}")
+        self._record_diagnostics("train")
+
+    def _record_diagnostics(self, phase: str) -> None:
+        stats = self.model.pop_diagnostics()
+        if not stats:
+            return
+        self.diagnostics[phase].append(stats)
+        for key, value in stats.items():
+            self.log(f"{phase}/{key}", value, prog_bar=key.endswith("iters"))
+        bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+        if bad:
+            raise NonFiniteLossError(f"non-finite {', '.join(bad)} in {phase}")
 
     # -- evaluation ------------------------------------------------------------------------------------
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -87,6 +102,7 @@ class ClassificationModule(pl.LightningModule):
         self.eval_accuracy = 100.0 * self.eval_acc.compute().item()
         self.log(f"{self.eval_split}/acc", self.eval_accuracy)
         self.eval_acc.reset()
+        self._record_diagnostics("eval")
 
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -312,6 +312,8 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         if spec.save_state is not None:
             model.save_tunable(spec.save_state.with_name(spec.save_state.name + ".safetensors"))
         record["train_loss"] = module.epoch_losses
+        if module.diagnostics["train"] or module.diagnostics["eval"]:
+            record["diagnostics"] = module.diagnostics
         record["train_images_per_s"] = len(train) * recipe.epochs / timer.seconds if timer.seconds else None
         record["status"] = "ok"
     except Exception as e:  # a crashing or diverging run is recorded, and the sweep goes on
@@ -319,6 +321,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         record["traceback"] = traceback.format_exc(limit=-8)
         if module is not None:
             record["train_loss"] = module.epoch_losses
+            record["diagnostics"] = module.diagnostics
     peak, kind = _peak_memory()
     record.update(
         wall_time_s=time.perf_counter() - t0,
@@ -390,11 +393,15 @@ def _identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str
     return config
 
 
-def _conflict(path: Path, spec: RunSpec, *, deferred: bool = False) -> str | None:
+def _conflict(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
     """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
     record = read_json(path)
     if record is None:
         return None
+    splits = data.arrays[spec.task.id]
+    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
+        if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
+            return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
     grid = spec.protocol == "grid"
     old = _identity(record.get("config", {}), deferred=deferred, grid=grid)
     new = _identity(spec.config_dict(), deferred=deferred, grid=grid)
@@ -432,7 +439,7 @@ class _Sweep:
 
     def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
         """The plan's result: the stored one when it exists, else a new run, written atomically."""
-        if conflict := _conflict(plan.path, plan.spec, deferred=deferred):
+        if conflict := _conflict(plan.path, plan.spec, self.data, deferred=deferred):
             raise UserError(f"{conflict}; use another --results directory or delete the old results")
         if not self.needs_run(plan.path):
             return read_json(plan.path)
@@ -592,7 +599,7 @@ def sweep(
         elif cfg.prunes:
             known.append((state.dense_plan(cfg, task, None), False))
         known += [(p, True) for p in state.final_plans(cfg, task, seeds)]
-    conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, deferred=deferred))]
+    conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, data, deferred=deferred))]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
 

@@ -178,6 +178,18 @@ class PeftModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def regularization(self) -> Tensor | None:
+        """An extra term the training loss adds (e.g. LION's robust-training L1 penalty); None for none."""
+        return None
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Method statistics accumulated since the last call, averaged (e.g. solver iterations and residuals).
+
+        The training loop calls it once per epoch (training and evaluation separately), so methods can
+        accumulate on the device without synchronising with the host at every step.
+        """
+        return {}
+
     # -- what is trained ---------------------------------------------------------------------------
     def tunable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the method trains (head excluded): by default every `TunableModule`."""

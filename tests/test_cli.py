@@ -329,9 +329,16 @@ def test_bad_input_through_the_real_entry_point(tmp_path):
     assert out.stderr.splitlines() == [f"error: unknown method 'nope'; known methods: {', '.join(list_methods())}"]
 
 
-def test_results_from_another_configuration_are_refused_not_mixed(synth_root, tmp_path):
+def test_results_from_another_configuration_or_other_data_are_refused_not_mixed(synth_root, tmp_path, capsys):
     results = tmp_path / "results"
     assert bench(synth_root, results, "--epochs", "1", "--seeds", "42", tasks="camelyon") == 0
     before = snapshot(results)
     assert bench(synth_root, results, "--epochs", "2", "--seeds", "42", tasks="camelyon") == 2
+    assert "different configuration (method_config.recipe.epochs: 1 -> 2)" in capsys.readouterr().err
+    other = tmp_path / "data"
+    shutil.copytree(synth_root, other)
+    split = other / "patch_camelyon" / "test.txt"
+    split.write_text("\n".join(split.read_text().splitlines()[:-1]) + "\n")  # one test image fewer
+    assert bench(other, results, "--epochs", "1", "--seeds", "42", tasks="camelyon") == 2
+    assert "from a different test.txt of camelyon" in capsys.readouterr().err
     assert snapshot(results) == before
