@@ -231,3 +231,12 @@ def test_lion_bench_trains_above_chance_with_solver_statistics_and_pruned_counts
         assert dense["params"]["nonzero_tunable"] == dense["params"]["tunable"]
     assert finals["eurosat"]["test_acc"] > 30  # chance: 10
     assert "lion" in (results / "leaderboard.md").read_text()
+
+
+def test_params_on_vit_b16_for_every_task(capsys):
+    from tasks import TASKS
+
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--methods", "lion", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in rows] == [t.id for t in TASKS]
+    assert all(r["tunable"] == r["nonzero_tunable"] == 103_307 for r in rows)
