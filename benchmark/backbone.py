@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
 from benchmark.errors import UserError
 
@@ -24,6 +25,21 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+
+# The demo's backbone, a timm ViT variant registered the way timm registers its own, so `--backbone
+# peft_bench_demo_vit` works everywhere. `python -m benchmark pretrain-demo` trains its weights.
+DEMO_BACKBONE = "peft_bench_demo_vit"
+DEMO_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+default_cfgs = generate_default_cfgs({
+    f"{DEMO_BACKBONE}.procedural": {"input_size": (3, 32, 32), "num_classes": 0, "interpolation": "bicubic"},
+})  # fmt: skip
+
+
+@register_model
+def peft_bench_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The demo's tiny ViT: 32 px input, 8 px patches (a 4×4 grid), width 64, 4 blocks, 4 heads."""
+    return _create_vision_transformer(DEMO_BACKBONE, pretrained=pretrained, **dict(DEMO_VIT_ARGS, **kwargs))
 
 
 def _check_name(name: str) -> None:

@@ -325,6 +325,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_demo(args: argparse.Namespace) -> int:
+    from benchmark.demo import pretrain
+    from benchmark.results import check_writable
+
+    out = Path(args.out).expanduser()
+    if out.is_file() and not args.force:
+        print(f"{out} exists; pass --force to pretrain again")
+        return 0
+    check_writable(out.parent)
+    report = pretrain(out, images=args.images, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    accuracy = ", ".join(
+        f"{k} {v:.1f}% (chance {report['chance'][k]:.1f}%)" for k, v in report["upstream_val_accuracy"].items()
+    )
+    print(f"pretrained {report['backbone']} in {report['total_s']:.0f} s: upstream val accuracy {accuracy} -> {out}")
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.leaderboard import markdown, write_leaderboard
 
@@ -336,6 +353,48 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     board = write_leaderboard(results)
     print(markdown(board))
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from benchmark import vtab_data
+
+    return vtab_data.run(
+        _tasks(args.tasks),
+        out=Path(args.out) if args.out else None,
+        source=Path(args.source) if args.source else None,
+        revision=args.revision,
+        image_size=args.image_size,
+        interpolation=args.interpolation,
+        cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
+        cache=not args.no_cache,
+        hf=args.hf,
+        workers=args.workers or 0,
+    )
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from benchmark import perf
+
+    if args.data:
+        rows = perf.data_perf(
+            _tasks(args.tasks),
+            data_root=Path(args.data_root).expanduser() if args.data_root else None,
+            split=args.split,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            workers=args.workers,
+            interpolation=args.interpolation,
+            cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else None,
+        )
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            if not args.data_root:
+                print("data: a synthetic task in a temporary folder (pass --data-root for real data)")
+            print(perf.format_rows(rows))
+        return 0
+    raise UserError("choose what to measure: --data (see `python -m benchmark perf --help`)")
 
 
 def build_parser() -> Parser:
@@ -414,12 +473,105 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
+        "pretrain-demo",
+        help="pretrain the demo's tiny ViT on a procedural upstream task (CPU, about half a minute)",
+        description="Trains peft_bench_demo_vit from scratch on procedurally generated images (name the "
+        "background texture, the object's shape and its hue) and writes its weights as safetensors, with a "
+        "JSON report beside them. Example: python -m benchmark pretrain-demo --out "
+        "~/.cache/peft-bench/demo/peft_bench_demo_vit.safetensors",
+    )
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument(
+        "--images", type=positive_int, default=20_000, help="upstream training images (default: %(default)s)"
+    )
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="pretrain again even if FILE exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain_demo)
+
+    p = sub.add_parser(
         "leaderboard",
         help="regenerate the tables and plot from the result JSONs",
         description="Example: python -m benchmark leaderboard --results results/bench",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser(
+        "data",
+        help="fetch, validate, install and cache the real VTAB-1k splits",
+        description="Fetches the community VTAB-1k archive (vtab-1k.zip from the Hugging Face dataset repo "
+        "XiN0919/VTAB-1k) or takes a local copy (--from), validates every requested task (the four split files, "
+        "800/200/1000/test-size lines, labels in range, every image decoded), installs each under its canonical "
+        "id in --out, prints a report, and decodes every split once into the uint8 image cache. A task that "
+        "fails validation is reported and not installed (exit code 2). Running it again skips what is done. "
+        "Example: python -m benchmark data --from ~/Downloads/vtab-1k.zip --tasks natural --image-size 224 --hf",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the task folders go; use it as --data-root (default: $VTAB_ROOT, else ~/.cache/peft-bench/vtab-1k)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="DIR|ARCHIVE",
+        help="a downloaded vtab-1k.zip (or .tar, .tar.gz), or an unpacked folder (its files are hard-linked "
+        "when on the same file system), instead of downloading from the Hugging Face Hub",
+    )
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument(
+        "--image-size", type=positive_int, default=224, help="side of the cached images (default: %(default)s)"
+    )
+    p.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where decoded images are cached (default: $PEFT_BENCH_CACHE/arrays or ~/.cache/peft-bench/arrays)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="only fetch, validate and install; build no image cache")
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="also write each task as a Hugging Face datasets.DatasetDict (splits train800, val200, "
+        "train800val200, test; features image=Image(), label=ClassLabel) under OUT/hf/<task>, loadable with "
+        "datasets.load_from_disk; it holds a copy of the image bytes",
+    )
+    p.add_argument("--revision", help="revision of the Hub dataset repo to download (default: main)")
+    p.add_argument("--workers", type=positive_int, help="decoding threads (default: up to 8, one per core)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "perf",
+        help="throughput measurements (--data: the cached data loader against decoding every epoch)",
+        description="--data: images/s of the cached uint8 loader (VTABDataModule, normalised on the device) "
+        "against decoding and resizing every image file each epoch, measured side by side, and their ratio. "
+        "Without --data-root it runs on a synthetic task in a temporary folder. "
+        "Example: python -m benchmark perf --data --data-root ~/vtab-1k --tasks dtd --image-size 224 "
+        "--batch-size 64 --epochs 3",
+    )
+    mode = p.add_argument_group("what to measure").add_mutually_exclusive_group(required=True)
+    mode.add_argument("--data", action="store_true", help="data loading: cached arrays vs decoding image files")
+    g = p.add_argument_group("--data options")
+    g.add_argument(
+        "--data-root", metavar="DIR", help="VTAB-1k folder (default: a synthetic task in a temporary folder)"
+    )
+    g.add_argument("--tasks", default="eurosat", help="comma-separated task ids (default: %(default)s)")
+    g.add_argument("--split", choices=("train800", "val200", "train800val200", "test"), default="train800val200")
+    g.add_argument("--image-size", type=positive_int, default=224, help="default: %(default)s")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
+    g.add_argument("--epochs", type=positive_int, default=3, help="epochs of each loader (default: %(default)s)")
+    g.add_argument(
+        "--workers",
+        type=_number(int, lambda v: v >= 0, "a non-negative integer"),
+        default=0,
+        help="DataLoader worker processes, both loaders (default: 0)",
+    )
+    g.add_argument("--cache-dir", metavar="DIR", help="image cache for --data-root (default: the usual one)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_perf)
     return parser
 
 

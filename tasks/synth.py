@@ -1,11 +1,19 @@
-"""Synthetic VTAB-1k look-alikes in the community on-disk layout, for tests and the demo.
+"""A procedural mini-VTAB in the community on-disk layout, for tests and the demo.
 
-Each task keeps its real class count. A class is a fixed recipe drawn from a per-task random
-generator: a base colour, a stripe orientation and a stripe frequency. Each image draws a random
-stripe phase, brightness jitter, pixel noise and a distractor square, so the label is learnable from
-the pixels while no two images are identical. Images are written as JPEG files at
-`<out>/<folder>/images/<split>/<NNNNNN>.jpg` with split files `<split>.txt` (`path label` lines),
-exactly like the real archive, `train800val200` being written again as the union of the other two.
+Each task keeps its real class count and its group's kind of label:
+
+- natural: a class is a colour and a stripe texture (orientation, frequency) drawn per task;
+- specialized: a class is a texture type and scale (stripes, checks, dots, rings) in random colours,
+  so colour says nothing and the pattern everything;
+- structured: the label is geometry, as in VTAB's structured tasks: the number of objects
+  (clevr_count), the size of the largest object (clevr_dist, kitti; with its colour for dmlab), a
+  shape's horizontal or vertical position (dsprites_loc, smallnorb_ele) or orientation (dsprites_ori,
+  smallnorb_azi).
+
+Every image adds random nuisance (positions, colours, noise), so the label is learnable but no two
+images are identical. Images are JPEG files at `<out>/<folder>/images/<split>/<NNNNNN>.jpg` with split
+files `<split>.txt` (`path label` lines), exactly like the real archive, `train800val200` being written
+again as the union of the other two.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from PIL import Image
 
 from tasks.vtab import Task
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ def class_recipes(task: Task, seed: int) -> np.ndarray:
 
 
 def render(recipe: np.ndarray, size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """One image of the class described by `recipe`, uint8 [S, S, 3]."""
+    """A natural-group image of the class described by `recipe`, uint8 [S, S, 3]."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     angle, freq = recipe[3], recipe[4]
     phase = rng.uniform(0, 2 * math.pi)
@@ -77,8 +85,115 @@ def render(recipe: np.ndarray, size: int, rng: np.random.Generator, noise: float
     side = max(2, size // 6)
     y0, x0 = rng.integers(0, size - side, size=2)
     img[y0 : y0 + side, x0 : x0 + side] = rng.uniform(0, 1, size=3)
+    return _finish(img, rng, noise)
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     img = img + rng.normal(0.0, noise, size=img.shape)
     return (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    return yy / size, xx / size
+
+
+def texture(label: int, size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """A specialized-group image: texture type label % 4 at scale label // 4, in two random colours."""
+    yy, xx = _grid(size)
+    kind, scale = label % 4, label // 4
+    freq = 2.0 + 1.5 * scale
+    dy, dx = rng.uniform(0, 1, size=2)
+    if kind == 0:  # stripes at a random orientation
+        a = rng.uniform(0, math.pi)
+        field = np.sin(2 * math.pi * freq * ((xx + dx) * math.cos(a) + (yy + dy) * math.sin(a))) > 0
+    elif kind == 1:  # checks
+        field = (np.floor((xx + dx) * freq) + np.floor((yy + dy) * freq)) % 2 == 0
+    elif kind == 2:  # dots
+        fx, fy = ((xx + dx) * freq) % 1 - 0.5, ((yy + dy) * freq) % 1 - 0.5
+        field = fx**2 + fy**2 < 0.09
+    else:  # rings around a random centre
+        cy, cx = rng.uniform(0.2, 0.8, size=2)
+        field = np.sin(2 * math.pi * freq * np.hypot(xx - cx, yy - cy)) > 0
+    fg, bg = rng.uniform(0, 1, size=(2, 3))
+    img = np.where(field[..., None], fg, bg)
+    return _finish(img, rng, noise)
+
+
+def _shape(img: np.ndarray, cy: float, cx: float, radius: float, colour: np.ndarray, kind: str, angle: float = 0.0):
+    """Paint a disc, square or oriented bar (with a head marking its direction) into `img` in place."""
+    yy, xx = _grid(img.shape[0])
+    if kind == "disc":
+        mask = np.hypot(xx - cx, yy - cy) <= radius
+    elif kind == "square":
+        mask = (np.abs(xx - cx) <= radius) & (np.abs(yy - cy) <= radius)
+    else:  # a bar of length 2·radius along `angle`, with a head at its leading end
+        u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+        v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+        mask = (np.abs(u) <= radius) & (np.abs(v) <= radius * 0.22)
+        head = np.hypot(xx - cx - radius * math.cos(angle), yy - cy - radius * math.sin(angle)) <= radius * 0.35
+        mask |= head
+    img[mask] = colour
+
+
+def _scene(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A dim background with a faint gradient: the canvas of the structured tasks."""
+    yy, xx = _grid(size)
+    base = rng.uniform(0.05, 0.3, size=3)
+    return base + 0.1 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+
+
+def _bright(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.55, 1.0, size=3)
+
+
+def geometry(task: Task, label: int, size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """A structured-group image whose label is the task's geometric quantity."""
+    img = _scene(size, rng)
+    c = task.num_classes
+    rule = STRUCTURED_RULES.get(task.id, "count")
+    if rule == "count":  # label + 3 objects (clevr_count: 3-10)
+        n = label + 3
+        cells = rng.permutation(16)[:n]  # one object per cell of a 4×4 grid, jittered: countable
+        for cell in cells:
+            cy = (cell // 4 + 0.5 + rng.uniform(-0.15, 0.15)) / 4
+            cx = (cell % 4 + 0.5 + rng.uniform(-0.15, 0.15)) / 4
+            _shape(img, cy, cx, rng.uniform(0.05, 0.08), _bright(rng), str(rng.choice(["disc", "square"])))
+    elif rule in ("size", "size_colour"):  # the largest of a few objects; its size bin is the label
+        bins = c // 2 if rule == "size_colour" else c
+        level = label % bins
+        big = 0.08 + 0.17 * (level + rng.uniform(0.1, 0.9)) / bins
+        for _ in range(rng.integers(0, 3)):
+            _shape(img, *rng.uniform(0.15, 0.85, size=2), rng.uniform(0.03, 0.07), _bright(rng), "disc")
+        colour = _bright(rng)
+        if rule == "size_colour":  # dmlab: the reward colour (reddish or bluish) doubles the classes
+            colour = np.array([0.95, 0.25, 0.2]) if label // bins == 0 else np.array([0.2, 0.35, 0.95])
+        _shape(img, *rng.uniform(0.3, 0.7, size=2), big, colour, str(rng.choice(["disc", "square"])))
+    elif rule in ("x", "y"):  # position bin along one axis, the other axis random
+        pos = (label + rng.uniform(0.15, 0.85)) / c
+        other = rng.uniform(0.2, 0.8)
+        cy, cx = (other, pos) if rule == "x" else (pos, other)
+        _shape(img, cy, cx, 0.09, _bright(rng), str(rng.choice(["disc", "square"])))
+    else:  # orientation bin over 180° (ori) or 360° (azi)
+        full = 2 * math.pi if rule == "azimuth" else math.pi
+        angle = (label + rng.uniform(0.2, 0.8)) / c * full
+        _shape(img, *rng.uniform(0.4, 0.6, size=2), 0.32, _bright(rng), "bar", angle)
+    return _finish(img, rng, noise)
+
+
+STRUCTURED_RULES = {
+    "clevr_count": "count", "clevr_dist": "size", "kitti": "size", "dmlab": "size_colour",
+    "dsprites_loc": "x", "smallnorb_ele": "y", "dsprites_ori": "orientation", "smallnorb_azi": "azimuth",
+}  # fmt: skip
+
+
+def synthesize(task: Task, label: int, size: int, rng: np.random.Generator, noise: float, recipes: np.ndarray):
+    """One image of class `label` of `task`, by its group's generator."""
+    if task.group == "natural":
+        return render(recipes[label], size, rng, noise)
+    if task.group == "specialized":
+        return texture(label, size, rng, noise)
+    return geometry(task, label, size, rng, noise)
 
 
 def write_task(out: Path, task: Task, config: SynthConfig) -> Path:
@@ -105,7 +220,8 @@ def write_task(out: Path, task: Task, config: SynthConfig) -> Path:
         lines[split] = []
         for i, label in enumerate(labels):
             rel = f"images/{split}/{i:06d}.jpg"
-            Image.fromarray(render(recipes[label], config.image_size, rng, config.noise)).save(tmp / rel, quality=90)
+            image = synthesize(task, int(label), config.image_size, rng, config.noise, recipes)
+            Image.fromarray(image).save(tmp / rel, quality=90)
             lines[split].append(f"{rel} {label}")
     # As in the real archive, train800val200's images are written again under their own split folder.
     (tmp / "images" / "train800val200").mkdir()

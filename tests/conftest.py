@@ -13,7 +13,7 @@ from tasks import get_task
 from tasks.synth import SynthConfig, write_task
 
 # The synthetic tasks the end-to-end tests train on: 2 and 10 classes.
-E2E_TASKS = ("camelyon", "eurosat")
+E2E_TASKS = ("camelyon", "svhn")
 TINY_ARGS = ["--backbone", "test_vit", "--no-pretrained", "--image-size", "32", "--quiet"]
 
 
@@ -38,7 +38,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic camelyon and eurosat in the community layout (16 train images per class)."""
+    """Synthetic camelyon and svhn in the community layout (16 train images per class)."""
     root = tmp_path_factory.mktemp("synth")
     for task in E2E_TASKS:
         write_task(root, get_task(task), SynthConfig(per_class=16, image_size=32, seed=0))

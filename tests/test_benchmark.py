@@ -91,7 +91,7 @@ def test_linear_on_cached_features_trains_like_end_to_end(synth_root, tmp_path):
         out = tmp_path / f"{name}.json"
         code = main(
             argv(
-                f"run --method linear --task eurosat --data-root {synth_root} --out {out} --epochs 3 --batch-size 16",
+                f"run --method linear --task svhn --data-root {synth_root} --out {out} --epochs 3 --batch-size 16",
                 *extra,
             )
         )

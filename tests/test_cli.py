@@ -75,8 +75,9 @@ def test_bench_end_to_end_then_resume_changes_nothing(synth_root, tmp_path, caps
         assert {"git_commit", "versions", "device"} <= r["provenance"].keys()
         assert r["provenance"]["versions"]["torch"]
     linear = {(r["task"], r["seed"]): r["test_acc"] for r in records if r["method"] == "linear"}
-    assert min(v for (t, _), v in linear.items() if t == "camelyon") > 75  # chance: 50
-    assert min(v for (t, _), v in linear.items() if t == "eurosat") > 50  # chance: 10
+    # svhn's classes are colours and stripes, which even random features separate linearly; camelyon's are
+    # textures, which need pretrained features (the demo's backbone) and are not asserted here.
+    assert min(v for (t, _), v in linear.items() if t == "svhn") > 50  # chance: 10
     board = (results / "leaderboard.md").read_text()
     assert "| linear" in board and "| full" in board and "fixed-hparams-last-epoch-2seeds" in board
     assert (results / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
@@ -143,7 +144,7 @@ def test_run_command_and_tune_protocol(synth_root, tmp_path, capsys):
     out = tmp_path / "one.json"
     code = main(
         argv(
-            f"run --method linear --task eurosat --seed 3 --protocol tune --data-root {synth_root} --out {out} --epochs 3"
+            f"run --method linear --task svhn --seed 3 --protocol tune --data-root {synth_root} --out {out} --epochs 3"
         )
     )
     assert code == 0, capsys.readouterr().err
@@ -181,15 +182,15 @@ def test_a_crash_in_one_task_does_not_stop_the_others(synth_root, tmp_path, monk
     results = tmp_path / "results"
     assert bench(synth_root, results, "--seeds", "42") == 0
     status = {p.parent.name: json.loads(p.read_text())["status"] for p in (results / "runs").rglob("*.json")}
-    assert status == {"camelyon": "ok", "eurosat": "failed"}
-    failed = json.loads((results / "runs/linear/eurosat/final-s42.json").read_text())
+    assert status == {"camelyon": "ok", "svhn": "failed"}
+    failed = json.loads((results / "runs/linear/svhn/final-s42.json").read_text())
     assert failed["error"] == "RuntimeError: simulated crash" and "Traceback" in failed["traceback"]
     # Resuming skips the recorded failure unless asked to retry it.
     monkeypatch.setattr(LinearProbe, "forward_head", original)
     assert bench(synth_root, results, "--seeds", "42") == 0
-    assert json.loads((results / "runs/linear/eurosat/final-s42.json").read_text())["status"] == "failed"
+    assert json.loads((results / "runs/linear/svhn/final-s42.json").read_text())["status"] == "failed"
     assert bench(synth_root, results, "--seeds", "42", "--retry-failed") == 0
-    assert json.loads((results / "runs/linear/eurosat/final-s42.json").read_text())["status"] == "ok"
+    assert json.loads((results / "runs/linear/svhn/final-s42.json").read_text())["status"] == "ok"
 
 
 def test_leaderboard_command_and_group_means(tmp_path, capsys):
@@ -240,16 +241,16 @@ def _bad_data(tmp_path: Path, synth_root: Path, how: str) -> Path:
     root = tmp_path / "data"
     shutil.copytree(synth_root, root)
     if how == "no-task":
-        shutil.rmtree(root / "eurosat")
+        shutil.rmtree(root / "svhn")
         return root
-    split = root / "eurosat" / "train800val200.txt"
+    split = root / "svhn" / "train800val200.txt"
     lines = split.read_text().splitlines()
     if how == "malformed":
         lines[2] = "images/train800val200/000002.jpg"
     elif how == "label":
         lines[2] = lines[2].split()[0] + " 10"
     elif how == "image":
-        (root / "eurosat" / lines[2].split()[0]).write_bytes(b"garbage")
+        (root / "svhn" / lines[2].split()[0]).write_bytes(b"garbage")
     split.write_text("\n".join(lines) + "\n")
     return root
 
@@ -260,10 +261,10 @@ def _bad_data(tmp_path: Path, synth_root: Path, how: str) -> Path:
         ("method", r"unknown method 'nope'; known methods: " + ", ".join(list_methods())),
         ("task", r"unknown task 'nope'; known tasks: cifar100, caltech101"),
         ("root", r"data root .*nowhere does not exist; get VTAB-1k with `python -m benchmark data`"),
-        ("no-task", r"no folder for task eurosat in .*data \(looked for: eurosat.*\); get VTAB-1k"),
-        ("malformed", r"eurosat/train800val200.txt:3: expected `relative/path.jpg label`"),
-        ("label", r"eurosat/train800val200.txt:3: label 10 is outside task eurosat's classes 0..9"),
-        ("image", r"cannot read image .*eurosat/images/train800val200/000002.jpg"),
+        ("no-task", r"no folder for task svhn in .*data \(looked for: svhn.*\); get VTAB-1k"),
+        ("malformed", r"svhn/train800val200.txt:3: expected `relative/path.jpg label`"),
+        ("label", r"svhn/train800val200.txt:3: label 10 is outside task svhn's classes 0..9"),
+        ("image", r"cannot read image .*svhn/images/train800val200/000002.jpg"),
         ("epochs", r"argument --epochs: must be a positive integer, got 0"),
         ("batch", r"argument --batch-size: must be a positive integer, got -4"),
         ("results", r"cannot create results directory .*: .*not a directory"),

@@ -231,7 +231,7 @@ def test_params_on_vit_b16_for_every_task(capsys):
 @pytest.mark.parametrize("method", ["convpass", "convpass_attn", "pgn"])
 def test_bench_on_two_synthetic_tasks(method, synth_root, tmp_path):
     results = tmp_path / "results"
-    assert main(argv(f"bench --method {method} --tasks camelyon,eurosat --data-root {synth_root} --results {results}",
+    assert main(argv(f"bench --method {method} --tasks camelyon,svhn --data-root {synth_root} --results {results}",
                      "--epochs", "3", "--batch-size", "16", "--seeds", "42")) == 0  # fmt: skip
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
     assert [r["status"] for r in records] == ["ok", "ok"], [r["error"] for r in records]

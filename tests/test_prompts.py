@@ -299,7 +299,7 @@ def test_e2vpt_pipeline_end_to_end(synth_root, tmp_path):
 @pytest.mark.parametrize("method", ["vpt_deep", "vpt_shallow"])
 def test_vpt_bench_on_two_tasks(method, synth_root, tmp_path):
     results = tmp_path / "results"
-    assert main(argv(f"bench --method {method} --tasks camelyon,eurosat --data-root {synth_root} --results {results}",
+    assert main(argv(f"bench --method {method} --tasks camelyon,svhn --data-root {synth_root} --results {results}",
                      "--epochs", "3", "--batch-size", "32", "--seeds", "42", "--set", "num_tokens=4")) == 0  # fmt: skip
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
     assert [r["status"] for r in records] == ["ok", "ok"]

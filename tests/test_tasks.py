@@ -127,7 +127,7 @@ def test_synth_writes_the_community_layout(tmp_path):
 
 def test_synth_classes_are_learnable_from_pixels(tmp_path):
     """Nearest class-mean colour already beats chance by far: the label is in the pixels."""
-    task = get_task("eurosat")
+    task = get_task("svhn")
     d = write_task(tmp_path, task, SynthConfig(per_class=8, image_size=16, seed=0))
     recipes = class_recipes(task, 0)
     test = read_split(d, task, "test")
