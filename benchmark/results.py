@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmark.errors import UserError
+from tasks.atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,28 +34,6 @@ def run_path(results: Path, method: str, task: str, protocol: str, seed: int) ->
 
 def grid_tune_path(results: Path, method: str, task: str, lr: float, weight_decay: float) -> Path:
     return Path(results) / "runs" / method / task / "grid-tune" / f"lr{lr:g}-wd{weight_decay:g}.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> bool:
-    """Write `data` to `path` through a temporary file and a rename; leave an identical file untouched.
-
-    Returns whether the file was written.
-    """
-    path = Path(path)
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return True
 
 
 def write_json(path: Path, obj: Any) -> bool:

@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tasks.atomic import atomic_write_bytes
 from tasks.folder import DataError, decode_image, read_split
 from tasks.vtab import SPLITS, Task, UnknownTaskError, get_task
 
@@ -71,19 +71,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _count_lines(raw: bytes) -> int:
     return sum(1 for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- reports -----------------------------------------------------------------------------------------------
@@ -169,7 +156,7 @@ def write_marker(task_dir: Path, report: TaskReport, source: dict[str, str]) -> 
         "source": source,
         "splits": {s: {"sha256": report.sha256[s], "lines": report.lines[s]} for s in SPLITS},
     }
-    _write_atomic(Path(task_dir) / MARKER, json.dumps(payload, indent=1) + "\n")
+    atomic_write_bytes(Path(task_dir) / MARKER, (json.dumps(payload, indent=1) + "\n").encode())
 
 
 def installed_report(out: Path, task: Task) -> TaskReport | None:
