@@ -41,7 +41,8 @@ pretrain-demo: $(STAMP)
 	$(PY) -m benchmark pretrain-demo --out $(DEMO_WEIGHTS) --force
 
 # Settings for the demo's synthetic tasks (the methods' per-task VTAB settings do not apply to them):
-# Convpass with s = 10, prompt lengths of 16, E2VPT's search reduced to 2 × 2 levels, LION's cheaper bound.
+# Convpass with s = 10, prompt lengths of 16, E2VPT's search reduced to 2 × 2 levels, LION's cheaper bound
+# and lr 0.01, PGN's warm-up 5 epochs (its paper recipe warms up for 50 of 100 epochs; the demo trains 30).
 demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 24 --image-size 32 --seed 0
 	$(DEMO_BENCH) --method linear --lr 0.05
@@ -50,8 +51,8 @@ demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(DEMO_BENCH) --method vpt_deep --set num_tokens=16 --lr 0.1
 	$(DEMO_BENCH) --method convpass --set per_task=false --set scale=10
 	$(DEMO_BENCH) --method convpass_attn --set per_task=false --set scale=10
-	$(DEMO_BENCH) --method pgn
-	$(DEMO_BENCH) --method lion --set lipschitz=kernel
+	$(DEMO_BENCH) --method pgn --warmup-epochs 5
+	$(DEMO_BENCH) --method lion --set lipschitz=kernel --lr 0.01
 	$(DEMO_BENCH) --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
 
 data: $(STAMP)
