@@ -242,7 +242,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     from benchmark.results import check_writable
 
-    check_writable(out)
+    check_writable(out, option="--out", what="output directory")
     for task in tasks:
         path = write_task(out, task, config)
         logging.getLogger("peft_bench").info("wrote %s", path)
@@ -303,7 +303,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.out
         else run_path(Path(args.results), cls.name, task.id, args.protocol, args.seed)
     )
-    check_writable(out.parent)
+    if args.out:
+        check_writable(out.parent, option="--out", what="output directory")
+    else:
+        check_writable(out.parent)
     backbone = create_backbone(
         settings.backbone,
         pretrained=settings.pretrained,
@@ -333,7 +336,7 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     if out.is_file() and not args.force:
         print(f"{out} exists; pass --force to pretrain again")
         return 0
-    check_writable(out.parent)
+    check_writable(out.parent, option="--out", what="output directory")
     report = pretrain(out, images=args.images, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     accuracy = ", ".join(
         f"{k} {v:.1f}% (chance {report['chance'][k]:.1f}%)" for k, v in report["upstream_val_accuracy"].items()

@@ -59,26 +59,25 @@ def load_results(results: Path) -> list[dict[str, Any]]:
     return out
 
 
-def check_writable(results: Path) -> None:
-    """Raise `UserError` unless files can be created in `results` (nothing is left behind by the check)."""
-    results = Path(results).expanduser()
-    if results.exists() and not results.is_dir():
-        raise UserError(f"results directory {results} is a file; pass a directory to --results")
-    probe = results
+def check_writable(path: Path, *, option: str = "--results", what: str = "results directory") -> None:
+    """Raise `UserError` unless files can be created in the directory `path` (the check leaves nothing behind).
+
+    `option` and `what` name the command-line option and the directory in the message.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file; pass a directory to {option}")
+    probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(
-            f"cannot create results directory {results}: {probe} is not a directory; pick another --results"
-        )
+        raise UserError(f"cannot create {what} {path}: {probe} is not a directory; pick another {option}")
     try:
         fd, tmp = tempfile.mkstemp(dir=probe, prefix=".peft-bench-write-check-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UserError(
-            f"cannot write to results directory {results} ({e.strerror}); pick another --results"
-        ) from None
+        raise UserError(f"cannot write to {what} {path} ({e.strerror or e}); pick another {option}") from None
 
 
 @functools.cache

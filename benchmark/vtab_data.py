@@ -13,12 +13,12 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from benchmark.errors import UserError
+from benchmark.results import check_writable
 from tasks import SPLITS, DataError, SplitFile, Task, read_split
 from tasks import archive as arc
 
@@ -165,23 +165,6 @@ def export_hf(out: Path, task: Task, splits: dict[str, SplitFile]) -> tuple[Path
 
 
 # -- the command -------------------------------------------------------------------------------------------
-def _writable_dir(out: Path) -> None:
-    """Raise `UserError` unless `out` can be created and written (the check itself creates nothing)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"cannot create --out {out}: {probe} is not a directory; pick another --out")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".peft-bench-write-check-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"cannot write to {probe} ({e.strerror or e}); pick another --out") from None
-
-
 def run(
     tasks: list[Task],
     *,
@@ -202,7 +185,7 @@ def run(
         source = Path(source).expanduser()
         if not source.exists():
             raise UserError(f"--from {source} does not exist; pass the downloaded {FILENAME} or an unpacked folder")
-    _writable_dir(out)
+    check_writable(out, option="--out", what="data directory")
 
     def get_source() -> arc.Source:
         path = source if source is not None else download(revision)
