@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmark.backbone import DEMO_BACKBONE, DEMO_VIT_ARGS, NORMALIZATIONS
 from benchmark.data import normalize
-from tasks.synth import _finish, _grid, _shape
+from tasks.synth import finish_image, paint_shape, unit_grid
 
 HEADS = {"texture": 4, "shape": 3, "hue": 6}
 
@@ -37,7 +37,7 @@ def _hue(h: float) -> np.ndarray:
 
 def upstream_image(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One upstream image, uint8 [S, S, 3], and its (texture, shape, hue) labels."""
-    yy, xx = _grid(size)
+    yy, xx = unit_grid(size)
     texture, shape, hue = int(rng.integers(4)), int(rng.integers(3)), int(rng.integers(6))
     freq, (dy, dx) = rng.uniform(2, 5), rng.uniform(0, 1, size=2)
     if texture == 0:
@@ -53,8 +53,8 @@ def upstream_image(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray
     colour = _hue((hue + rng.uniform(0.15, 0.85)) / 6)
     kind = ("disc", "square", "bar")[shape]
     cy, cx = rng.uniform(0.3, 0.7, size=2)
-    _shape(img, cy, cx, rng.uniform(0.15, 0.3), colour, kind, rng.uniform(0, 2 * math.pi))
-    return _finish(img, rng, 0.04), (texture, shape, hue)
+    paint_shape(img, cy, cx, rng.uniform(0.15, 0.3), colour, kind, rng.uniform(0, 2 * math.pi))
+    return finish_image(img, rng, 0.04), (texture, shape, hue)
 
 
 def upstream_data(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
@@ -67,11 +67,11 @@ def upstream_data(n: int, seed: int, size: int = 32) -> tuple[Tensor, Tensor]:
 class UpstreamModule(pl.LightningModule):
     """The backbone plus one linear head per upstream attribute, trained with the sum of their losses."""
 
-    def __init__(self, backbone: VisionTransformer, lr: float, epochs: int) -> None:
+    def __init__(self, backbone: VisionTransformer, lr: float) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = torch.nn.ModuleList(torch.nn.Linear(backbone.num_features, n) for n in HEADS.values())
-        self.lr, self.epochs = lr, epochs
+        self.lr = lr
         mean, std = NORMALIZATIONS["imagenet"]
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
@@ -111,7 +111,7 @@ def pretrain(out: Path, *, images: int = 20_000, epochs: int = 6, batch_size: in
     val_x, val_y = upstream_data(2_000, seed + 1)
     generate_s = time.perf_counter() - started
     backbone = _create_vision_transformer(DEMO_BACKBONE, pretrained=False, num_classes=0, **DEMO_VIT_ARGS)
-    module = UpstreamModule(backbone, lr, epochs)
+    module = UpstreamModule(backbone, lr)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                          check_val_every_n_epoch=epochs)  # fmt: skip

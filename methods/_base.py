@@ -406,6 +406,12 @@ class MethodConfig:
             data["recipe"] = Recipe(**data["recipe"])
         return cls(**data)
 
+    def check_choices(self, choices: dict[str, tuple[Any, ...]]) -> None:
+        """Raise `ValueError` unless each named field holds one of its allowed values."""
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
     def with_options(self, options: dict[str, str]) -> Self:
         """A copy with fields set from text (`--set key=value`), each converted to the field's type."""
         hints = typing.get_type_hints(type(self))

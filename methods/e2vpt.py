@@ -256,9 +256,7 @@ class E2VPTConfig(MethodConfig):
             "rewind_init": ("fresh", "initial"), "segment_layout": ("strided", "contiguous"),
             "kv_init": ("kaiming", "trunc_normal"),
         }  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.check_choices(choices)
         if self.num_tokens < 1 or self.num_kv_tokens < 0:
             raise ValueError(
                 f"need num_tokens >= 1 and num_kv_tokens >= 0, got {self.num_tokens}, {self.num_kv_tokens}"

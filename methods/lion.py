@@ -338,9 +338,7 @@ class LIONConfig(MethodConfig):
             "prune_scope": ("per_tensor", "global"), "robust_threshold_mode": ("quantile", "absolute"),
             "robust_phases": ("dense", "both"),
         }  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.check_choices(choices)
         if self.in_channels % self.in_groups:
             raise ValueError(f"in_groups {self.in_groups} must divide in_channels {self.in_channels}")
         if not 0 < self.gamma < 1:

@@ -85,22 +85,22 @@ def render(recipe: np.ndarray, size: int, rng: np.random.Generator, noise: float
     side = max(2, size // 6)
     y0, x0 = rng.integers(0, size - side, size=2)
     img[y0 : y0 + side, x0 : x0 + side] = rng.uniform(0, 1, size=3)
-    return _finish(img, rng, noise)
+    return finish_image(img, rng, noise)
 
 
-def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+def finish_image(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     img = img + rng.normal(0.0, noise, size=img.shape)
     return (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     return yy / size, xx / size
 
 
 def texture(label: int, size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
     """A specialized-group image: texture type label % 4 at scale label // 4, in two random colours."""
-    yy, xx = _grid(size)
+    yy, xx = unit_grid(size)
     kind, scale = label % 4, label // 4
     freq = 2.0 + 1.5 * scale
     dy, dx = rng.uniform(0, 1, size=2)
@@ -117,12 +117,14 @@ def texture(label: int, size: int, rng: np.random.Generator, noise: float) -> np
         field = np.sin(2 * math.pi * freq * np.hypot(xx - cx, yy - cy)) > 0
     fg, bg = rng.uniform(0, 1, size=(2, 3))
     img = np.where(field[..., None], fg, bg)
-    return _finish(img, rng, noise)
+    return finish_image(img, rng, noise)
 
 
-def _shape(img: np.ndarray, cy: float, cx: float, radius: float, colour: np.ndarray, kind: str, angle: float = 0.0):
+def paint_shape(
+    img: np.ndarray, cy: float, cx: float, radius: float, colour: np.ndarray, kind: str, angle: float = 0.0
+):
     """Paint a disc, square or oriented bar (with a head marking its direction) into `img` in place."""
-    yy, xx = _grid(img.shape[0])
+    yy, xx = unit_grid(img.shape[0])
     if kind == "disc":
         mask = np.hypot(xx - cx, yy - cy) <= radius
     elif kind == "square":
@@ -138,7 +140,7 @@ def _shape(img: np.ndarray, cy: float, cx: float, radius: float, colour: np.ndar
 
 def _scene(size: int, rng: np.random.Generator) -> np.ndarray:
     """A dim background with a faint gradient: the canvas of the structured tasks."""
-    yy, xx = _grid(size)
+    yy, xx = unit_grid(size)
     base = rng.uniform(0.05, 0.3, size=3)
     return base + 0.1 * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
 
@@ -158,27 +160,27 @@ def geometry(task: Task, label: int, size: int, rng: np.random.Generator, noise:
         for cell in cells:
             cy = (cell // 4 + 0.5 + rng.uniform(-0.15, 0.15)) / 4
             cx = (cell % 4 + 0.5 + rng.uniform(-0.15, 0.15)) / 4
-            _shape(img, cy, cx, rng.uniform(0.05, 0.08), _bright(rng), str(rng.choice(["disc", "square"])))
+            paint_shape(img, cy, cx, rng.uniform(0.05, 0.08), _bright(rng), str(rng.choice(["disc", "square"])))
     elif rule in ("size", "size_colour"):  # the largest of a few objects; its size bin is the label
         bins = c // 2 if rule == "size_colour" else c
         level = label % bins
         big = 0.08 + 0.17 * (level + rng.uniform(0.1, 0.9)) / bins
         for _ in range(rng.integers(0, 3)):
-            _shape(img, *rng.uniform(0.15, 0.85, size=2), rng.uniform(0.03, 0.07), _bright(rng), "disc")
+            paint_shape(img, *rng.uniform(0.15, 0.85, size=2), rng.uniform(0.03, 0.07), _bright(rng), "disc")
         colour = _bright(rng)
         if rule == "size_colour":  # dmlab: the reward colour (reddish or bluish) doubles the classes
             colour = np.array([0.95, 0.25, 0.2]) if label // bins == 0 else np.array([0.2, 0.35, 0.95])
-        _shape(img, *rng.uniform(0.3, 0.7, size=2), big, colour, str(rng.choice(["disc", "square"])))
+        paint_shape(img, *rng.uniform(0.3, 0.7, size=2), big, colour, str(rng.choice(["disc", "square"])))
     elif rule in ("x", "y"):  # position bin along one axis, the other axis random
         pos = (label + rng.uniform(0.15, 0.85)) / c
         other = rng.uniform(0.2, 0.8)
         cy, cx = (other, pos) if rule == "x" else (pos, other)
-        _shape(img, cy, cx, 0.09, _bright(rng), str(rng.choice(["disc", "square"])))
+        paint_shape(img, cy, cx, 0.09, _bright(rng), str(rng.choice(["disc", "square"])))
     else:  # orientation bin over 180° (ori) or 360° (azi)
         full = 2 * math.pi if rule == "azimuth" else math.pi
         angle = (label + rng.uniform(0.2, 0.8)) / c * full
-        _shape(img, *rng.uniform(0.4, 0.6, size=2), 0.32, _bright(rng), "bar", angle)
-    return _finish(img, rng, noise)
+        paint_shape(img, *rng.uniform(0.4, 0.6, size=2), 0.32, _bright(rng), "bar", angle)
+    return finish_image(img, rng, noise)
 
 
 STRUCTURED_RULES = {
