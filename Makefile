@@ -20,7 +20,7 @@ DEMO_TASKS := svhn,eurosat,clevr_count,dsprites_ori
 DEMO_ARGS := --backbone peft_bench_demo_vit --weights $(DEMO_WEIGHTS) --epochs 30 --batch-size 32 --seeds 42,44
 DEMO_BENCH = $(PY) -m benchmark bench --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
-.PHONY: install test demo pretrain-demo data bench leaderboard lint format clean
+.PHONY: install test demo pretrain-demo data bench leaderboard perf lint format clean
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ bench: $(STAMP)
 
 leaderboard: $(STAMP)
 	$(PY) -m benchmark leaderboard --results $(RESULTS)
+
+# Every method's training step against the floor, and the predicted 19-task sweep, into results/perf/.
+perf: $(STAMP)
+	$(PY) -m benchmark perf --sweep $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

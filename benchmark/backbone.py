@@ -94,6 +94,10 @@ def create_backbone(
         ):
             torch.manual_seed(init_seed)
             model = timm.create_model(name, **args)
+    except TypeError as e:  # a non-ViT architecture rejects the ViT arguments above
+        raise UserError(
+            f"backbone {name!r} is not a timm VisionTransformer ({e}); pick e.g. {DEFAULT_BACKBONE}"
+        ) from None
     except (OSError, RuntimeError, ValueError) as e:
         what = (
             f"weights {weights}" if weights is not None else f"pretrained weights of {name} from the Hugging Face Hub"

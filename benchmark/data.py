@@ -125,6 +125,22 @@ class ArrayDataset(Dataset):
         )
 
 
+class IndexDataset(Dataset):
+    """Batches of indices, for splits already on the device (`VTABDataModule(on_device=...)`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        return torch.as_tensor(indices, dtype=torch.long)
+
+
 def _already_batched(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
@@ -135,6 +151,10 @@ class VTABDataModule(pl.LightningDataModule):
     `train_dataloader` shuffles with a generator seeded by `seed`; `test_dataloader` serves the
     evaluation split (val200 when tuning, test for final runs) in order. uint8 image batches are
     normalised after they reach the device (`on_after_batch_transfer`), so the host only moves bytes.
+
+    `on_device`: with `auto` (on a GPU, when both splits fit in a quarter of its free memory) or `on`, both
+    splits are copied to the device once in `setup`; the loaders then serve index batches (the same
+    sampler and generator, so the same batches) and `on_after_batch_transfer` gathers the images there.
     """
 
     def __init__(
@@ -149,34 +169,58 @@ class VTABDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
         std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        on_device: str = "off",
     ) -> None:
         super().__init__()
+        if on_device not in ("auto", "on", "off"):
+            raise ValueError(f"on_device must be auto, on or off, got {on_device!r}")
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.train, self.eval = train, eval
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
+        self.on_device = on_device
+        self.resident: dict[str, tuple[Tensor, Tensor]] = {}  # split role -> (inputs, labels) on the device
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self.resident = self.move_to(device) if self._fits(device) else {}
+
+    def _fits(self, device: torch.device) -> bool:
+        if self.on_device == "on":
+            return True
+        if self.on_device == "off" or device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.train.inputs.nbytes + self.eval.inputs.nbytes <= free // 4
+
+    def move_to(self, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+        """Both splits as tensors on `device` (one copy each)."""
+        return {
+            role: (torch.from_numpy(np.asarray(a.inputs)).to(device), torch.from_numpy(a.labels).to(device))
+            for role, a in (("train", self.train), ("eval", self.eval))
+        }
+
+    def _loader(self, role: str, arrays: SplitArrays, **kwargs) -> DataLoader:
+        dataset = IndexDataset(len(arrays)) if role in self.resident else ArrayDataset(arrays)
+        return DataLoader(dataset, collate_fn=_already_batched, num_workers=self.num_workers, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            ArrayDataset(self.train),
+        return self._loader(
+            "train",
+            self.train,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=self.drop_last and len(self.train) > self.batch_size,
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=_already_batched,
-            num_workers=self.num_workers,
         )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(
-            ArrayDataset(self.eval),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-            collate_fn=_already_batched,
-            num_workers=self.num_workers,
-        )
+        return self._loader("eval", self.eval, batch_size=self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, Tensor):  # indices into the resident splits
+            inputs, labels = self.resident["train" if self.trainer.training else "eval"]
+            batch = (inputs[batch], labels[batch])
         x, y = batch
         if x.dtype == torch.uint8:
             x = normalize(x, self.mean.to(x.device), self.std.to(x.device))

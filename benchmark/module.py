@@ -56,6 +56,9 @@ class ClassificationModule(pl.LightningModule):
         self.diagnostics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         self._loss_sum: Tensor | None = None
         self._seen = 0
+        # Fused optimiser kernels keep the whole update on the device (the default implementations read
+        # their step counters on the host); None: fused on a GPU.
+        self.fused_optimizer: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.forward_head(x) if self.inputs == "features" else self.model(x)
@@ -114,9 +117,10 @@ class ClassificationModule(pl.LightningModule):
             {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
+        fused = self.device.type == "cuda" if self.fused_optimizer is None else self.fused_optimizer
         if r.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum)
+            optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, fused=fused or None)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=r.lr)
+            optimizer = torch.optim.AdamW(groups, lr=r.lr, fused=fused or None)
         scheduler = LambdaLR(optimizer, lambda epoch: r.lr_at(epoch) / r.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -62,6 +62,9 @@ PROTOCOL_SPLITS = {
     "grid": ("train800", "val200", "train800val200", "test"),
 }
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
+DATA_ON_DEVICE = ("auto", "on", "off")
+# Settings that change a run's speed, not its outcome: recorded, but not compared when resuming.
+SPEED_ONLY = ("eval_batch_size", "compile", "data_on_device")
 TUNING_SEED = 42
 
 
@@ -79,6 +82,13 @@ class Settings:
         precision: `32` or `bf16` (autocast).
         cache_features: train frozen-feature methods (the linear probe) on features computed once.
         eval_batch_size: batch size of evaluation and feature extraction.
+        compile: run the model through `torch.compile`.
+        data_on_device: `auto` keeps a task's uint8 images on the GPU when they fit in a quarter of its
+            free memory (batches are then gathered there: no host-to-device copy per step); `on` always
+            (also on a CPU, where it only changes how batches are gathered); `off` never.
+
+    `eval_batch_size`, `compile` and `data_on_device` change how fast a run goes, not what it computes,
+    so they are recorded with each result but are not part of its identity (`SPEED_ONLY`).
     """
 
     backbone: str
@@ -90,12 +100,16 @@ class Settings:
     precision: str = "32"
     cache_features: bool = True
     eval_batch_size: int = 256
+    compile: bool = False
+    data_on_device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"unknown normalization {self.normalization!r}; pick one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; pick one of {', '.join(PRECISIONS)}")
+        if self.data_on_device not in DATA_ON_DEVICE:
+            raise UserError(f"unknown data_on_device {self.data_on_device!r}; pick one of {', '.join(DATA_ON_DEVICE)}")
 
 
 @dataclass
@@ -262,6 +276,8 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         model = spec.config.build(copy.deepcopy(backbone), spec.task.num_classes)
         if spec.prune_state is not None:
             model.apply_pruning(spec.prune_state)
+        if spec.settings.compile:
+            model.compile()  # in place: forward goes through torch.compile; the state dict keeps its keys
         if spec.save_state is not None:
             spec.save_state.parent.mkdir(parents=True, exist_ok=True)
             model.save_tunable(spec.save_state.with_name(spec.save_state.name + "-init.safetensors"))
@@ -292,6 +308,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             seed=spec.seed,
             mean=mean,
             std=std,
+            on_device=spec.settings.data_on_device if inputs == "images" else "off",
         )
         timer = _TrainTimer()
         trainer = pl.Trainer(
@@ -304,6 +321,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             enable_model_summary=False,
             enable_progress_bar=progress,
             num_sanity_val_steps=0,
+            inference_mode=True,  # evaluation under torch.inference_mode
             callbacks=[timer],
         )
         trainer.fit(module, datamodule=datamodule)
@@ -384,6 +402,8 @@ def _identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str
     pruning stage's candidate) is compared without those parts: the earlier stage's own results pin them.
     """
     config = json.loads(json.dumps(config))
+    for key in SPEED_ONLY:
+        config.pop(key, None)
     if deferred:
         config.pop("selection", None)
         config.pop("pruning", None)

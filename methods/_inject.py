@@ -6,7 +6,8 @@
 - `insert_tokens`, `replace_tokens`, `remove_tokens`: edit the sequence right after the prefix tokens
   (CLS and any register tokens), where VPT puts its prompts.
 - `KVExtendedAttention`: wraps a block's `Attention` and prepends extra per-head tokens to its keys and
-  values (queries untouched), through `scaled_dot_product_attention` so fused kernels serve it.
+  values (queries untouched), through `scaled_dot_product_attention` so fused kernels serve it (or the
+  explicit softmax when timm's `fused_attn` flag of the wrapped attention is off).
 """
 
 from __future__ import annotations
@@ -88,9 +89,19 @@ class KVExtendedAttention(nn.Module):
         v = torch.cat([extra_v.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
         if attn_mask is not None:  # the extra keys are visible to every query
             attn_mask = F.pad(attn_mask, (n, 0), value=0.0 if attn_mask.dtype != torch.bool else True)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if self.training else 0.0, scale=a.scale
-        )
+        if a.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if self.training else 0.0, scale=a.scale
+            )
+        else:  # the explicit path, when timm's flag asks for it (e.g. to measure what fusing gains)
+            scores = (q * a.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                scores = (
+                    scores.masked_fill(~attn_mask, float("-inf"))
+                    if attn_mask.dtype == torch.bool
+                    else scores + attn_mask
+                )
+            x = a.attn_drop(scores.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, -1)
         x = a.norm(x)
         if gate is not None:

@@ -1,0 +1,820 @@
+"""`python -m benchmark perf`: training-step speed and memory of every method, against the physical floor.
+
+What is timed, per method, is the suite's own training step: `ClassificationModule.training_step` (the
+method's forward, cross-entropy, the method's regularisation term), backward, and the optimiser of
+`configure_optimizers` — the same objects a run trains, under the same autocast Lightning applies for
+`--precision bf16`. Lightning's loop itself adds one hook dispatch per step and is not part of it.
+
+The floor: the frozen backbone's forward plus backward with respect to its input tokens (the patch
+embedding runs forward only, as in every method whose embedding is frozen), on the same number of tokens
+the method feeds its blocks (prompts included), through a frozen head of the task's classes; no weight
+gradients. No method that tunes anything at the input of the first block can do less, so `x_floor`
+says how much a method adds on top of the unavoidable work. Methods that tune nothing below the head
+(the linear probe) can, and land below 1.
+
+Noise control: every model is built first and kept alive; after warm-up, each round times one step of
+every candidate (methods and floors) in a rotated order, and a candidate's step time is the median of
+its rounds, so slow drifts of a shared machine hit every candidate alike and ratios are side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from benchmark.module import ClassificationModule
+from methods import MethodConfig, PeftModel
+from methods._inject import embed, insert_tokens, pool, run_blocks
+from tasks import Task
+
+ATTENTION = ("fused", "explicit")
+PRECISION_DTYPES = {"32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A numerics setting measured side by side with the others: autocast precision and attention kernel."""
+
+    precision: str = "32"
+    attention: str = "fused"
+
+    @property
+    def label(self) -> str:
+        return f"{'fp32' if self.precision == '32' else self.precision}/{self.attention}"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_attention(model: nn.Module, kind: str) -> None:
+    """Route every timm `Attention` (and our key-value-extended wrapper, which reads the same flag) through
+    `scaled_dot_product_attention` (`fused`) or through the explicit softmax(QKᵀ)V (`explicit`)."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = kind == "fused"
+
+
+def count_tokens(model: PeftModel, image_size: int, device: torch.device) -> int:
+    """How many tokens enter the model's first block, measured on one image (prompts included)."""
+    seen: list[int] = []
+    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen[0]
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+class PeakMemory:
+    """The peak memory of one phase. CUDA: the caching allocator's peak. CPU: the process's resident set,
+    its high-water mark reset through Linux's `/proc/self/clear_refs`.
+
+    No library measures a per-phase peak RSS, hence this. On the CPU, glibc's malloc keeps freed memory
+    resident, which a later phase would reuse without raising the resident set; `settle` hands it back
+    (`malloc_trim`) before a phase's baseline is read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda max allocated" if device.type == "cuda" else "resident set (VmHWM, reset per phase)"
+        self._trim: Callable[[int], int] | None = None
+        self.available = device.type == "cuda" or self._prepare_cpu()
+
+    def _prepare_cpu(self) -> bool:
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except (OSError, AttributeError):
+            return False
+
+    def settle(self) -> None:
+        """Free what is garbage and return the allocator's free memory to the system (CPU)."""
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+
+    def _status(self, key: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB -> MiB
+        raise OSError(f"no {key} in /proc/self/status")
+
+    def current(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return self._status("VmRSS") if self.available else 0.0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.available:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self._status("VmHWM") if self.available else 0.0
+
+
+# -- candidates -----------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """Something whose training step is timed: a method's model, or the floor at a token count."""
+
+    name: str
+    kind: str  # "method" | "floor"
+    variant: Variant
+    tokens: int
+    step: Callable[[], None]
+    evaluate: Callable[[Tensor], Tensor] | None = None
+    params: dict[str, int] | None = None
+    memory_mb: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def _autocast(device: torch.device, variant: Variant):
+    dtype = PRECISION_DTYPES[variant.precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def method_candidate(
+    config: MethodConfig,
+    backbone: VisionTransformer,
+    task: Task,
+    batch: tuple[Tensor, Tensor],
+    variant: Variant,
+    device: torch.device,
+    *,
+    compile: bool = False,
+) -> Candidate:
+    """The suite's training step for `config` on `task`: its model, loss and optimiser, on one fixed batch."""
+    model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
+    set_attention(model, variant.attention)
+    module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe).to(device)
+    module.train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_train_epoch_start()
+    tokens = count_tokens(model, batch[0].shape[-1], device)
+    if compile:
+        model.compile()  # in place: the module's forward goes through torch.compile
+
+    def step() -> None:
+        with _autocast(device, variant):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def evaluate(x: Tensor) -> Tensor:
+        module.eval()
+        with _autocast(device, variant):
+            out = module(x)
+        module.train()
+        return out
+
+    report = model.param_report()
+    return Candidate(
+        config.name, "method", variant, tokens, step, evaluate, {"tunable": report.tunable, "head": report.head}
+    )
+
+
+def floor_candidate(
+    backbone: VisionTransformer, tokens: int, num_classes: int, batch: tuple[Tensor, Tensor], variant: Variant,
+    device: torch.device, *, compile: bool = False,
+) -> Candidate:  # fmt: skip
+    """Forward + backward of the frozen `backbone` with respect to its `tokens` input tokens (no weight grads)."""
+    vit = copy.deepcopy(backbone).to(device).requires_grad_(False)
+    set_attention(vit, variant.attention)
+    head = nn.Linear(vit.num_features, num_classes).to(device).requires_grad_(False)
+    x, y = batch
+    with torch.no_grad():
+        base = embed(vit, x[:1]).shape[1]
+    if tokens < base:
+        raise ValueError(f"the floor needs at least the backbone's {base} tokens, got {tokens}")
+    extra = torch.zeros(tokens - base, vit.embed_dim, device=device)
+    if compile:
+        for block in vit.blocks:
+            block.compile()
+    prefix = vit.num_prefix_tokens
+
+    def step() -> None:
+        with _autocast(device, variant):
+            with torch.no_grad():
+                seq = embed(vit, x)
+            seq = insert_tokens(seq, extra, prefix) if len(extra) else seq
+            seq.requires_grad_(True)
+            logits = head(pool(vit, run_blocks(vit, seq, lambda i, t: t)))
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+
+    return Candidate(f"floor@{tokens}", "floor", variant, tokens, step)
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(candidates: list[Candidate], *, warmup: int, repeats: int, device: torch.device,
+                progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """Warm every candidate up, then time `repeats` rounds of one step each, in a rotated order per round."""
+    for c in candidates:
+        for _ in range(warmup):
+            c.step()
+    for r in range(repeats):
+        order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
+        for c in order:
+            c.times.append(time_call(c.step, device))
+        if progress:
+            progress(f"round {r + 1}/{repeats}")
+
+
+def measure_memory(candidate: Candidate, memory: PeakMemory, before_build: float) -> None:
+    """Peak memory of one training step above the level before the candidate was built (so: its own copy of
+    the model, gradients, optimiser state and the step's activations). The caller has already warmed the
+    candidate up (optimiser state exists)."""
+    if not memory.available:
+        return
+    sync(memory.device)
+    memory.settle()
+    memory.reset()
+    candidate.step()
+    sync(memory.device)
+    candidate.memory_mb = memory.peak() - before_build
+
+
+def eval_throughput(candidate: Candidate, x: Tensor, *, repeats: int, device: torch.device) -> float:
+    """Images per second of the candidate's evaluation forward (inference mode) on batch `x`; median of
+    `repeats` after one warm-up call."""
+    assert candidate.evaluate is not None
+    candidate.evaluate(x)
+    times = [time_call(lambda: candidate.evaluate(x), device) for _ in range(repeats)]
+    return len(x) / statistics.median(times)
+
+
+@dataclass
+class PerfSpec:
+    backbone: str
+    image_size: int
+    batch_size: int
+    task: Task
+    variants: tuple[Variant, ...]
+    warmup: int = 2
+    repeats: int = 5
+    eval_batch_size: int | None = None  # None: no evaluation throughput
+    eval_repeats: int = 3
+    compile: bool = False
+
+
+def synthetic_batch(n: int, image_size: int, num_classes: int, device: torch.device, seed: int = 0):
+    """Normalised random images and labels: step time does not depend on pixel values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def measure_models(
+    spec: PerfSpec,
+    configs: Iterable[MethodConfig],
+    backbone: VisionTransformer,
+    device: torch.device,
+    *,
+    extra_floor_tokens: Iterable[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> list[Candidate]:
+    """Build every (method, variant) and the floors at their token counts, measure memory while building,
+    then time all of them interleaved; optionally measure evaluation throughput."""
+    say = progress or (lambda s: None)
+    memory = PeakMemory(device)
+    batch = synthetic_batch(spec.batch_size, spec.image_size, spec.task.num_classes, device)
+    backbone = backbone.to(device)
+    candidates: list[Candidate] = []
+    configs = list(configs)
+    for variant in spec.variants:
+        for config in configs:
+            say(f"building {config.name} ({variant.label})")
+            sync(device)
+            memory.settle()
+            before = memory.current()
+            cfg = config.for_task(spec.task.id)
+            c = method_candidate(cfg, backbone, spec.task, batch, variant, device, compile=spec.compile)
+            for _ in range(max(1, spec.warmup)):
+                c.step()
+            measure_memory(c, memory, before)
+            candidates.append(c)
+        tokens = sorted({c.tokens for c in candidates if c.variant == variant} | set(extra_floor_tokens))
+        for t in tokens:
+            candidates.append(
+                floor_candidate(backbone, t, spec.task.num_classes, batch, variant, device, compile=spec.compile)
+            )
+    say(f"timing {len(candidates)} candidates: {spec.warmup} warm-up steps, {spec.repeats} rounds")
+    interleaved(candidates, warmup=spec.warmup, repeats=spec.repeats, device=device, progress=say)
+    return candidates
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+# Item 5 of the performance targets: the most a method may cost over the floor at its token count.
+FLOOR_TARGETS = {
+    "vpt_shallow": 1.05, "vpt_deep": 1.05, "e2vpt": 1.05, "convpass": 1.05, "convpass_attn": 1.05,
+    "lion": 1.5, "pgn": 1.5,
+}  # fmt: skip
+
+
+def step_ms(c: Candidate) -> float:
+    return 1000 * statistics.median(c.times)
+
+
+def result_rows(candidates: list[Candidate], batch_size: int) -> list[dict[str, Any]]:
+    """One row per method and variant: step time, images/s, ratios to the floor and to full fine-tuning,
+    peak memory and its ratio to full fine-tuning's."""
+    floors = {(c.variant, c.tokens): c for c in candidates if c.kind == "floor"}
+    full = {c.variant: c for c in candidates if c.kind == "method" and c.name == "full"}
+    rows = []
+    for c in candidates:
+        if c.kind != "method":
+            continue
+        ms = step_ms(c)
+        floor = floors[(c.variant, c.tokens)]
+        ref = full.get(c.variant)
+        target = FLOOR_TARGETS.get(c.name)
+        x_floor = ms / step_ms(floor)
+        rows.append(
+            {
+                "method": c.name,
+                "variant": c.variant.label,
+                "tokens": c.tokens,
+                "step_ms": round(ms, 2),
+                "images_per_s": round(batch_size * 1000 / ms, 2),
+                "floor_ms": round(step_ms(floor), 2),
+                "x_floor": round(x_floor, 3),
+                "target_x_floor": target,
+                "meets_target": None if target is None else bool(x_floor <= target),
+                "x_full": round(ms / step_ms(ref), 3) if ref else None,
+                "peak_memory_mb": None if c.memory_mb is None else round(c.memory_mb, 1),
+                "memory_x_full": (
+                    round(c.memory_mb / ref.memory_mb, 3) if ref and c.memory_mb and ref.memory_mb else None
+                ),
+                "tunable_params": c.params["tunable"] if c.params else None,
+                "step_ms_all": [round(1000 * t, 2) for t in c.times],
+            }
+        )
+    return rows
+
+
+def floor_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    return [
+        {"variant": c.variant.label, "tokens": c.tokens, "step_ms": round(step_ms(c), 2)}
+        for c in candidates
+        if c.kind == "floor"
+    ]
+
+
+def hot_spots(c: Candidate, top: int = 3) -> list[str]:
+    """The operators taking the most self time in one training step of `c` (torch.profiler), as
+    `name share%` strings: what to look at when a method misses its target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        c.step()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return [f"{e.key} {100 * getattr(e, attr) / total:.0f}%" for e in ranked]
+
+
+def head_candidate(config: MethodConfig, backbone: VisionTransformer, task: Task, batch_size: int,
+                   device: torch.device) -> Candidate:  # fmt: skip
+    """A frozen-feature method's step on cached features: the head alone (what the linear probe trains)."""
+    model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
+    module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe, inputs="features")
+    module.to(device).train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_train_epoch_start()
+    g = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(batch_size, model.backbone.num_features, generator=g).to(device),
+        torch.randint(0, task.num_classes, (batch_size,), generator=g).to(device),
+    )
+
+    def step() -> None:
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Candidate(f"{config.name} (head on features)", "head", Variant(), 0, step)
+
+
+def tokens_per_task(config: MethodConfig, backbone: VisionTransformer, tasks: Iterable[Task], image_size: int,
+                    device: torch.device) -> dict[str, int]:  # fmt: skip
+    """The token count entering the first block for each task's settings (e.g. VPT's per-task prompt length);
+    one model per distinct setting."""
+    import json
+
+    seen: dict[str, int] = {}
+    out = {}
+    for task in tasks:
+        cfg = config.for_task(task.id)
+        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "recipe"}, sort_keys=True, default=str)
+        if key not in seen:
+            model = cfg.build(copy.deepcopy(backbone), task.num_classes).to(device)
+            seen[key] = count_tokens(model, image_size, device)
+            del model
+        out[task.id] = seen[key]
+    return out
+
+
+@dataclass
+class SweepCosts:
+    """Measured rates one sweep prediction combines (seconds per image are the reciprocals)."""
+
+    step_ms: float  # training step of the method at `tokens` (our precision)
+    step_ms_fp32: float  # the same in fp32 (the official trainers' numerics)
+    batch_size: int
+    tokens: int
+    eval_ips: float  # evaluation images/s at our large batch
+    eval_ips_official: float  # evaluation images/s at the training batch, fp32
+    decode_ips: float  # image decode + resize images/s
+    floor_ms: dict[int, float]  # floor step per token count (for the per-task token counts)
+    floor_ms_fp32: dict[int, float]
+    head_ips: float | None = None  # frozen-feature methods: head steps on cached features, images/s
+
+
+def predict_sweep(costs: SweepCosts, tasks: Iterable[Task], tokens: dict[str, int], epochs: int,
+                  train_images: int = 1000) -> dict[str, float]:  # fmt: skip
+    """Predicted seconds of one method's VTAB-1k final run per task set (one seed; `epochs` on train800val200,
+    then the test split), ours against the official trainers' pattern.
+
+    Ours: each split decoded once into the uint8 cache; training at the measured step; the test split
+    evaluated once at the large batch. Frozen-feature methods: features of both splits once, then the head.
+    Official pattern: fp32, every image decoded every epoch and the whole test split evaluated after every
+    epoch at the training batch; decoding is assumed to overlap compute perfectly (DataLoader workers on
+    spare cores), which is the most favourable case for it. A task's token count scales both patterns by
+    the floor's step at that count over the floor's step at the measured count: the method's ratio to the
+    floor is assumed to hold across token counts.
+    """
+    ours = dict(decode=0.0, train=0.0, eval=0.0)
+    official = dict(train=0.0, eval=0.0)
+    for task in tasks:
+        scale = costs.floor_ms[tokens[task.id]] / costs.floor_ms[costs.tokens]
+        scale32 = costs.floor_ms_fp32[tokens[task.id]] / costs.floor_ms_fp32[costs.tokens]
+        n, m = train_images, task.test_size
+        ours["decode"] += (n + m) / costs.decode_ips
+        if costs.head_ips is not None:
+            ours["eval"] += (n + m) / costs.eval_ips * scale  # features once
+            ours["train"] += epochs * n / costs.head_ips
+        else:
+            ours["train"] += epochs * n * costs.step_ms / 1000 / costs.batch_size * scale
+            ours["eval"] += m / costs.eval_ips * scale
+        train32 = n * costs.step_ms_fp32 / 1000 / costs.batch_size * scale32
+        official["train"] += epochs * max(train32, n / costs.decode_ips)
+        official["eval"] += epochs * max(m / costs.eval_ips_official * scale32, m / costs.decode_ips)
+    ours_s, official_s = sum(ours.values()), sum(official.values())
+    return {
+        "ours_s": ours_s,
+        **{f"ours_{k}_s": v for k, v in ours.items()},
+        "official_s": official_s,
+        **{f"official_{k}_s": v for k, v in official.items()},
+        "speedup": official_s / ours_s,
+    }
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
+
+
+def run(
+    *,
+    backbone_name: str,
+    image_size: int,
+    batch_size: int,
+    configs: list[MethodConfig],
+    variants: tuple[Variant, ...],
+    task: Task,
+    warmup: int,
+    repeats: int,
+    eval_batch_size: int,
+    eval_repeats: int,
+    compile: bool,
+    sweep: bool,
+    decode_ips: Callable[[], float] | None,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure everything `perf` reports; returns the report (see `write_report` for its files)."""
+    from benchmark.backbone import create_backbone
+    from tasks import TASKS
+
+    say = progress or (lambda s: None)
+    started = utc_now()
+    backbone = create_backbone(backbone_name, pretrained=False, image_size=image_size)
+    sweep_tokens: dict[str, dict[str, int]] = {}
+    if sweep:
+        for cfg in configs:
+            say(f"token counts of {cfg.name} over the 19 tasks")
+            sweep_tokens[cfg.name] = tokens_per_task(cfg, backbone, TASKS, image_size, device)
+    spec = PerfSpec(
+        backbone_name,
+        image_size,
+        batch_size,
+        task,
+        variants,
+        warmup,
+        repeats,
+        eval_repeats=eval_repeats,
+        compile=compile,
+    )
+    extra = {t for counts in sweep_tokens.values() for t in counts.values()}
+    candidates = measure_models(spec, configs, backbone, device, extra_floor_tokens=extra, progress=say)
+    rows = result_rows(candidates, batch_size)
+    by_key = {(c.name, c.variant): c for c in candidates if c.kind == "method"}
+
+    say(f"evaluation throughput at batch {eval_batch_size}")
+    x_eval = synthetic_batch(eval_batch_size, image_size, task.num_classes, device)[0]
+    for row in rows:
+        c = by_key[(row["method"], _variant(variants, row["variant"]))]
+        row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
+
+    for row in rows:
+        if row["meets_target"] is False:
+            c = by_key[(row["method"], _variant(variants, row["variant"]))]
+            say(f"profiling {row['method']} ({row['variant']}): {row['x_floor']}x the floor")
+            row["hot_spots"] = hot_spots(c)
+
+    report: dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "started_at": started,
+        "finished_at": None,
+        "torch": torch.__version__,
+        "backbone": backbone_name,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "task": task.id,
+        "num_classes": task.num_classes,
+        "warmup_steps": warmup,
+        "repeats": repeats,
+        "eval_batch_size": eval_batch_size,
+        "compile": compile,
+        "memory_kind": PeakMemory(device).kind,
+        "rows": rows,
+        "floors": floor_rows(candidates),
+    }
+
+    linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
+    head_ips = None
+    if linear is not None:
+        head = head_candidate(linear.for_task(task.id), backbone, task, batch_size, device)
+        for _ in range(3):
+            head.step()
+        head_ips = batch_size / statistics.median(time_call(head.step, device) for _ in range(20))
+        row = next(r for r in rows if r["method"] == "linear")
+        epochs = linear.recipe.epochs
+        features_s = (1000 + task.test_size) / row["eval_images_per_s"]
+        report["linear_task"] = {
+            "task": task.id,
+            "images": 1000 + task.test_size,
+            "features_s": round(features_s, 2),
+            "head_images_per_s": round(head_ips, 1),
+            "epochs": epochs,
+            "head_training_s": round(epochs * 1000 / head_ips, 2),
+            "end_to_end_s": round(epochs * 1000 / row["images_per_s"] + task.test_size / row["eval_images_per_s"], 2),
+        }
+
+    if sweep:
+        report["sweep"] = sweep_rows(
+            candidates, rows, variants, configs, sweep_tokens, x_eval, decode_ips, head_ips, spec, device, say
+        )
+    report["finished_at"] = utc_now()
+    return report
+
+
+def _variant(variants: tuple[Variant, ...], label: str) -> Variant:
+    return next(v for v in variants if v.label == label)
+
+
+def sweep_rows(candidates, rows, variants, configs, sweep_tokens, x_eval, decode_ips, head_ips, spec, device, say):
+    """Predicted 19-task wall time per method (see `predict_sweep`), ours against the official pattern."""
+    from tasks import TASKS
+
+    ours_v = variants[0]
+    fp32 = [v for v in variants if v.precision == "32"]
+    official_v = next((v for v in fp32 if v.attention == "explicit"), fp32[0] if fp32 else None)
+    floors = {(c.variant, c.tokens): step_ms(c) for c in candidates if c.kind == "floor"}
+    by_key = {(c.name, c.variant): c for c in candidates if c.kind == "method"}
+    say("decode throughput")
+    decode = decode_ips() if decode_ips else float("inf")
+    say(f"evaluation throughput at the training batch ({spec.batch_size}), official pattern")
+    x_small = x_eval[: spec.batch_size]
+    out = []
+    for cfg in configs:
+        ours = by_key[(cfg.name, ours_v)]
+        off = by_key[(cfg.name, official_v)] if official_v else ours
+        row = next(r for r in rows if r["method"] == cfg.name and r["variant"] == ours_v.label)
+        costs = SweepCosts(
+            step_ms=step_ms(ours),
+            step_ms_fp32=step_ms(off),
+            batch_size=spec.batch_size,
+            tokens=ours.tokens,
+            eval_ips=row["eval_images_per_s"],
+            eval_ips_official=eval_throughput(off, x_small, repeats=spec.eval_repeats, device=device),
+            decode_ips=decode,
+            floor_ms={t: ms for (v, t), ms in floors.items() if v == ours_v},
+            floor_ms_fp32={t: ms for (v, t), ms in floors.items() if v == (official_v or ours_v)},
+            head_ips=head_ips if cfg.name == "linear" else None,
+        )
+        pred = predict_sweep(costs, TASKS, sweep_tokens[cfg.name], cfg.recipe.epochs)
+        out.append(
+            {
+                "method": cfg.name,
+                "ours_variant": ours_v.label,
+                "official_variant": (official_v or ours_v).label,
+                "epochs": cfg.recipe.epochs,
+                "tokens": sorted(set(sweep_tokens[cfg.name].values())),
+                "decode_images_per_s": round(decode, 1),
+                "eval_images_per_s_official": round(costs.eval_ips_official, 2),
+                **{k: round(v, 1) if k.endswith("_s") else round(v, 2) for k, v in pred.items()},
+            }
+        )
+    return out
+
+
+# -- report files ---------------------------------------------------------------------------------------
+def report_stem(report: dict[str, Any]) -> str:
+    device = "cpu" if report["device_type"] == "cpu" else _slug(report["device"])
+    return f"{device}-{_slug(report['backbone'])}-{report['started_at'][:10]}"
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    return format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown page: settings, the step table, misses with their hot spots, floors, the
+    linear probe's cost over a task, and the sweep prediction when measured."""
+    import pandas as pd
+
+    r = report
+    lines = [
+        f"# Training-step performance: {r['device']}, {r['started_at'][:10]}",
+        "",
+        f"Backbone `{r['backbone']}` (random weights; speed does not depend on them) at {r['image_size']} px, "
+        f"batch {r['batch_size']}, task `{r['task']}` ({r['num_classes']} classes, its per-task method settings); "
+        f"torch {r['torch']}; {r['warmup_steps']} warm-up steps, then the median of {r['repeats']} interleaved "
+        f"rounds; torch.compile {'on' if r['compile'] else 'off'}. Measured {r['started_at']} to "
+        f"{r['finished_at']} by `python -m benchmark perf`.",
+        "",
+        "- **× floor**: the method's training step over the floor at its token count: the frozen backbone's "
+        "forward and backward with respect to its input tokens, no weight gradients.",
+        "- **× full**: over full fine-tuning's step (same variant). **peak MiB**: "
+        f"{r['memory_kind']}, above the level before the model was built (its weights, gradients, optimiser "
+        "state and a step's activations).",
+        f"- **eval img/s**: inference-mode forward at batch {r['eval_batch_size']}.",
+        "",
+    ]
+    table = [
+        {
+            "method": x["method"],
+            "variant": x["variant"],
+            "tokens": x["tokens"],
+            "step ms": _fmt(x["step_ms"], ".0f"),
+            "img/s": _fmt(x["images_per_s"], ".2f"),
+            "floor ms": _fmt(x["floor_ms"], ".0f"),
+            "× floor": _fmt(x["x_floor"], ".3f"),
+            "target": _fmt(x["target_x_floor"], ".2f"),
+            "meets": _fmt(x["meets_target"]),
+            "× full": _fmt(x["x_full"], ".3f"),
+            "peak MiB": _fmt(x["peak_memory_mb"], ".0f"),
+            "mem × full": _fmt(x["memory_x_full"], ".3f"),
+            "eval img/s": _fmt(x.get("eval_images_per_s"), ".1f"),
+            "tunable": _fmt(x["tunable_params"], ","),
+        }
+        for x in r["rows"]
+    ]
+    lines += [pd.DataFrame(table).to_markdown(index=False), ""]
+    misses = [x for x in r["rows"] if x["meets_target"] is False]
+    if misses:
+        lines += ["Targets missed (hot spots: the operators with the most self time in one profiled step):", ""]
+        for x in misses:
+            over = 100 * (x["x_floor"] / x["target_x_floor"] - 1)
+            lines.append(
+                f"- `{x['method']}` ({x['variant']}): {x['x_floor']:.3f}× the floor, {over:.0f}% over its "
+                f"{x['target_x_floor']}× target; hot spots: {', '.join(x.get('hot_spots', [])) or '-'}."
+            )
+            if x["method"] in MISS_REASONS:
+                lines.append(f"  {MISS_REASONS[x['method']]}")
+        lines.append("")
+    lines += ["## Floor", "", pd.DataFrame(r["floors"]).to_markdown(index=False), ""]
+    if "linear_task" in r:
+        lt = r["linear_task"]
+        lines += [
+            "## Linear probe over one task",
+            "",
+            f"`{lt['task']}`: features of the {lt['images']:,} train800val200 and test images once "
+            f"({lt['features_s']} s at the evaluation throughput), then {lt['epochs']} epochs of the head on "
+            f"cached features ({lt['head_images_per_s']:,} images/s: {lt['head_training_s']} s): "
+            f"{lt['features_s'] + lt['head_training_s']:.1f} s in all, against {lt['end_to_end_s']} s training "
+            "end to end through the frozen backbone.",
+            "",
+        ]
+    if "sweep" in r:
+        lines += [
+            "## Predicted 19-task VTAB-1k run (one seed, final protocol)",
+            "",
+            "Each method's run: every task's train800val200 (1,000 images) for its recipe's epochs, then the "
+            "test split. **ours**: splits decoded once into the uint8 cache, the measured training step, the "
+            "test split evaluated once at the large batch (the linear probe: features once, then the head). "
+            "**official pattern**: fp32, every image decoded every epoch and the whole test split evaluated "
+            "after every epoch at the training batch, decoding overlapped with compute (the case most "
+            "favourable to it). Per-task token counts (prompt lengths) scale both by the floor at that count. "
+            "A grid search multiplies a method's cost by its grid points; E²VPT's pruning search adds a "
+            "dense run and one rewind run per candidate.",
+            "",
+        ]
+        table = [
+            {
+                "method": s["method"],
+                "tokens": ",".join(map(str, s["tokens"])),
+                "ours h": f"{s['ours_s'] / 3600:.2f}",
+                "decode / train / eval s": f"{s['ours_decode_s']:.0f} / {s['ours_train_s']:.0f} / {s['ours_eval_s']:.0f}",
+                "official h": f"{s['official_s'] / 3600:.2f}",
+                "train / eval s": f"{s['official_train_s']:.0f} / {s['official_eval_s']:.0f}",
+                "speed-up": f"{s['speedup']:.1f}×",
+            }
+            for s in r["sweep"]
+        ]
+        decode = r["sweep"][0]["decode_images_per_s"] if r["sweep"] else None
+        lines += [
+            pd.DataFrame(table).to_markdown(index=False),
+            "",
+            f"Decode and resize: {decode} images/s; ours uses {r['sweep'][0]['ours_variant']}, the official "
+            f"pattern {r['sweep'][0]['official_variant']}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# Why a method costs more than the floor, where the cause is the method itself (checked by profiling).
+MISS_REASONS: dict[str, str] = {}
+
+
+def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """`out/<device>-<backbone>-<date>.json` and `.md`, written atomically."""
+    from benchmark.results import atomic_write_bytes, write_json
+
+    stem = report_stem(report)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    write_json(json_path, report)
+    atomic_write_bytes(md_path, markdown(report).encode())
+    return json_path, md_path

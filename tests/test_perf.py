@@ -1,0 +1,208 @@
+"""`python -m benchmark perf` (shape of its output only: no timing assertions) and the speed features it
+measures: fused attention everywhere, the explicit-attention switch, no host synchronisation in the
+training step, splits kept on the device, the sweep prediction's arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmark import perf_model as pm
+from benchmark.cli import main
+from benchmark.data import SplitArrays, VTABDataModule
+from benchmark.module import ClassificationModule
+from methods import get_method, list_methods
+from tasks import TASKS, get_task
+from tests.conftest import tiny_vit
+
+PERF_TINY = ["--backbone", "test_vit", "--image-size", "32", "--quiet", "--warmup", "1", "--repeats", "1"]
+PERF_TINY += ["--eval-repeats", "1", "--eval-batch-size", "8"]
+
+
+def tiny_model(name: str, task: str = "cifar100"):
+    t = get_task(task)
+    return get_method(name)().for_task(t.id).build(tiny_vit(), t.num_classes), t
+
+
+def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
+    code = main(["perf", *PERF_TINY, "--sweep", "--out", str(tmp_path), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    methods = list_methods()
+    assert [r["method"] for r in report["rows"]] == methods
+    floors = {f["tokens"] for f in report["floors"]}
+    for row in report["rows"]:
+        assert row["tokens"] in floors
+        assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["eval_images_per_s"] > 0
+        assert row["x_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-2)
+        assert row["target_x_floor"] == pm.FLOOR_TARGETS.get(row["method"])
+        assert (row["meets_target"] is None) == (row["target_x_floor"] is None)
+        assert row["peak_memory_mb"] is not None
+        assert len(row["step_ms_all"]) == 1
+        if row["meets_target"] is False:
+            assert row["hot_spots"]  # a missed target names its hot spots
+    full = next(r for r in report["rows"] if r["method"] == "full")
+    assert full["x_full"] == 1.0 and full["memory_x_full"] == 1.0
+    assert report["linear_task"]["epochs"] == 100
+    sweep = {s["method"]: s for s in report["sweep"]}
+    assert list(sweep) == methods
+    for s in sweep.values():
+        assert s["ours_s"] == pytest.approx(s["ours_decode_s"] + s["ours_train_s"] + s["ours_eval_s"], rel=1e-3)
+        assert s["speedup"] > 0
+    # VPT-deep's per-task prompt lengths (1 to 200) give several token counts; the linear probe one.
+    assert len(sweep["vpt_deep"]["tokens"]) > 3 and len(sweep["linear"]["tokens"]) == 1
+    md = (tmp_path / f"{pm.report_stem(report)}.md").read_text()
+    assert "× floor" in md and "Predicted 19-task" in md
+    assert json.loads((tmp_path / f"{pm.report_stem(report)}.json").read_text())["rows"] == report["rows"]
+
+
+def test_perf_table_and_variants(tmp_path, capsys):
+    code = main(["perf", *PERF_TINY, "--methods", "vpt_deep,full", "--attention", "fused,explicit", "--out",
+                 str(tmp_path)])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fp32/fused" in out and "fp32/explicit" in out and "written:" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "nope"], "unknown method"),
+        (["--precision", "fp16"], "--precision takes 32 and/or bf16"),
+        (["--attention", "flash"], "--attention fused and/or explicit"),
+        (["--task", "imagenet"], "unknown task"),
+        (["--backbone", "resnet50"], "resnet50"),
+    ],
+)
+def test_perf_bad_input_is_one_line(extra, message, tmp_path, capsys):
+    assert main(["perf", *PERF_TINY, "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err.lower() or message in err
+    assert len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_predict_sweep_arithmetic():
+    task = TASKS[0]
+    costs = pm.SweepCosts(
+        step_ms=100.0, step_ms_fp32=200.0, batch_size=10, tokens=197, eval_ips=50.0, eval_ips_official=25.0,
+        decode_ips=1000.0, floor_ms={197: 10.0, 297: 20.0}, floor_ms_fp32={197: 10.0, 297: 30.0},
+    )  # fmt: skip
+    p = pm.predict_sweep(costs, [task], {task.id: 297}, epochs=2, train_images=100)
+    m = task.test_size
+    assert p["ours_decode_s"] == pytest.approx((100 + m) / 1000)
+    assert p["ours_train_s"] == pytest.approx(2 * 100 * 0.1 / 10 * 2.0)  # twice the floor at 297 tokens
+    assert p["ours_eval_s"] == pytest.approx(m / 50 * 2.0)
+    assert p["official_train_s"] == pytest.approx(2 * max(100 * 0.2 / 10 * 3.0, 100 / 1000))
+    assert p["official_eval_s"] == pytest.approx(2 * max(m / 25 * 3.0, m / 1000))
+    assert p["speedup"] == pytest.approx(p["official_s"] / p["ours_s"])
+    # Frozen features: both splits through the backbone once, then the head's epochs.
+    costs.head_ips = 1e4
+    q = pm.predict_sweep(costs, [task], {task.id: 197}, epochs=2, train_images=100)
+    assert q["ours_eval_s"] == pytest.approx((100 + m) / 50) and q["ours_train_s"] == pytest.approx(2 * 100 / 1e4)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_attention_goes_through_sdpa(name, monkeypatch):
+    model, _ = tiny_model(name)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 3, 32, 32))
+    assert len(calls) == len(model.backbone.blocks)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_explicit_attention_matches_fused(name):
+    model, _ = tiny_model(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model.eval()(x)
+        pm.set_attention(model, "explicit")
+        explicit = model(x)
+    torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
+
+
+class _SyncOps(TorchDispatchMode):
+    """Records operators that read a tensor's value on the host or whose output shape depends on its values:
+    each would make a GPU stream wait for the host."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+# LION's equilibrium solves stop early once the residual is small, which torchdeq decides on the host
+# after each solver iteration: inherent to an adaptive solver, and the one exception.
+HOST_READS_BY_DESIGN = {"lion"}
+
+
+@pytest.mark.parametrize("name", sorted(set(list_methods()) - HOST_READS_BY_DESIGN))
+def test_training_step_has_no_host_synchronisation(name):
+    model, task = tiny_model(name)
+    module = ClassificationModule(model, num_classes=task.num_classes, recipe=get_method(name)().recipe)
+    module.fused_optimizer = True  # as on a GPU
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_train_epoch_start()
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, task.num_classes, (4,)))
+    module.training_step(batch, 0).backward()  # warm-up (lazy state)
+    optimizer.step()
+    with _SyncOps() as ops:
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert ops.seen == []
+
+
+def test_sync_detector_catches_item():
+    with _SyncOps() as ops:
+        torch.ones(2).sum().item()
+    assert ops.seen == ["_local_scalar_dense"]
+
+
+def test_resident_splits_serve_the_same_batches():
+    rng = np.random.default_rng(0)
+    train = SplitArrays("train800", rng.integers(0, 255, (20, 3, 8, 8), dtype=np.uint8), np.arange(20) % 3, "x")
+    ev = SplitArrays("test", rng.integers(0, 255, (7, 3, 8, 8), dtype=np.uint8), np.arange(7) % 3, "y")
+    kw = dict(batch_size=6, eval_batch_size=4, seed=3, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    host, resident = VTABDataModule(train, ev, **kw), VTABDataModule(train, ev, on_device="on", **kw)
+    resident.resident = resident.move_to(torch.device("cpu"))
+
+    class _Trainer:
+        training = True
+
+    resident.trainer = _Trainer()  # which split an index batch refers to
+    for a, b in zip(host.train_dataloader(), resident.train_dataloader(), strict=True):
+        xa, ya = host.on_after_batch_transfer(a, 0)
+        xb, yb = resident.on_after_batch_transfer(b, 0)
+        torch.testing.assert_close(xa, xb)
+        assert torch.equal(ya, yb)
+    _Trainer.training = False
+    got = [resident.on_after_batch_transfer(b, 0)[1] for b in resident.test_dataloader()]
+    assert torch.equal(torch.cat(got), torch.as_tensor(ev.labels))
+
+
+def test_peak_memory_sees_an_allocation():
+    memory = pm.PeakMemory(torch.device("cpu"))
+    if not memory.available:
+        pytest.skip("no /proc/self/clear_refs here")
+    memory.settle()
+    before = memory.current()
+    memory.reset()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert memory.peak() - before >= 60
+    del block
