@@ -20,7 +20,7 @@ DEMO_TASKS := svhn,eurosat,clevr_count,dsprites_ori
 DEMO_ARGS := --backbone peft_bench_demo_vit --weights $(DEMO_WEIGHTS) --epochs 30 --batch-size 32 --seeds 42,44
 DEMO_BENCH = $(PY) -m benchmark bench --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
-.PHONY: install test demo pretrain-demo data bench leaderboard lint format clean
+.PHONY: install test demo pretrain-demo data bench leaderboard compare lint format clean
 
 install: $(STAMP)
 
@@ -62,7 +62,10 @@ bench: $(STAMP)
 	$(PY) -m benchmark bench --method $(METHOD) --tasks $(TASKS) --seeds $(SEEDS) --data-root $(DATA) --results $(RESULTS) $(ARGS)
 
 leaderboard: $(STAMP)
-	$(PY) -m benchmark leaderboard --results $(RESULTS)
+	$(PY) -m benchmark leaderboard --results $(RESULTS) $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m benchmark compare --results $(RESULTS) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

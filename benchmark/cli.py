@@ -1,4 +1,4 @@
-"""`python -m benchmark <command>`: methods, tasks, params, synth, run, bench, leaderboard."""
+"""`python -m benchmark <command>`: methods, tasks, params, synth, run, bench, leaderboard, compare."""
 
 from __future__ import annotations
 
@@ -347,14 +347,37 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.leaderboard import markdown, write_leaderboard
+    from benchmark.reference import load_reference
 
     results = Path(args.results).expanduser()
     if not (results / "runs").is_dir():
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
-    board = write_leaderboard(results)
+    reference = load_reference(args.reference) if args.reported or args.reference else None
+    board = write_leaderboard(results, reference=reference, reported=args.reported or "methods")
     print(markdown(board))
+    return 0
+
+
+def _method_names(text: str | None) -> list[str] | None:
+    """`--method a,b`: registered method names (an unknown one is an error), or None for all."""
+    if not text:
+        return None
+    return list(dict.fromkeys(_method(n.strip()).name for n in text.split(",") if n.strip()))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from benchmark.compare import compare, summary_lines, write_comparison
+    from benchmark.reference import load_reference
+    from benchmark.results import check_writable
+
+    reference = load_reference(args.reference)
+    results = Path(args.results).expanduser()
+    comparison = compare(results, reference, methods=_method_names(args.method), sources=args.source)
+    check_writable(results)
+    md, csv = write_comparison(comparison)
+    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
     return 0
 
 
@@ -499,7 +522,43 @@ def build_parser() -> Parser:
         description="Example: python -m benchmark leaderboard --results results/bench",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR")
+    p.add_argument(
+        "--reported",
+        nargs="?",
+        const="methods",
+        choices=("methods", "all"),
+        help="also list the papers' reported rows (kind `reported`, with their source) and overlay them on the "
+        "plot as hollow markers: those of the methods in the results, or `all`",
+    )
+    p.add_argument(
+        "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+    )
     p.set_defaults(func=cmd_leaderboard)
+
+    def reference_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--source",
+            action="append",
+            metavar="TEXT",
+            help="only reference rows whose source contains TEXT (case-insensitive; repeatable), e.g. "
+            "'NOAH', 'V-PETL', 'PETL_Vision'",
+        )
+        p.add_argument(
+            "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+        )
+
+    p = sub.add_parser(
+        "compare",
+        help="our results beside the papers' numbers: compare.md and compare.csv in the results directory",
+        description="For each method with results and each of its reported rows: per task, group and average, "
+        "our mean ± std over seeds, the reported number, the difference, whether it lies within our std over "
+        "seeds, and the protocol and backbone of both sides (rows where they differ are marked). "
+        "Example: python -m benchmark compare --results results/reproduce/vpt_deep-full --source V-PETL",
+    )
+    p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
+    p.add_argument("--method", help="comma-separated methods (default: every method with results)")
+    reference_options(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "data",

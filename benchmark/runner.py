@@ -63,6 +63,8 @@ PROTOCOL_SPLITS = {
 }
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 TUNING_SEED = 42
+# How much of a paper's protocol a `reproduce` sweep runs (`full`: all of it; `quick`: reduced, labelled).
+BUDGETS = ("full", "quick")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class Settings:
         precision: `32` or `bf16` (autocast).
         cache_features: train frozen-feature methods (the linear probe) on features computed once.
         eval_batch_size: batch size of evaluation and feature extraction.
+        budget: `full`, or `quick` for a reduced reproduction (`reproduce --budget quick`); part of every
+            run's identity, so runs planned under different budgets never stand in for one another.
     """
 
     backbone: str
@@ -90,8 +94,11 @@ class Settings:
     precision: str = "32"
     cache_features: bool = True
     eval_batch_size: int = 256
+    budget: str = "full"
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise UserError(f"unknown budget {self.budget!r}; pick one of {', '.join(BUDGETS)}")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"unknown normalization {self.normalization!r}; pick one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:
@@ -126,6 +133,8 @@ class RunSpec:
             "method_config": self.config.to_dict(),
             **asdict(self.settings),
         }
+        if out["budget"] == "full":
+            del out["budget"]  # the default: results written before budgets existed keep their identity
         if self.selection is not None:
             out["selection"] = {k: self.selection[k] for k in ("lr", "weight_decay")}
         if self.pruning is not None:
@@ -556,6 +565,7 @@ def sweep(
     results: Path,
     options: dict[str, str] | None = None,
     recipe_overrides: dict[str, Any] | None = None,
+    task_overrides: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
     retry_failed: bool = False,
     progress: bool = True,
@@ -567,7 +577,8 @@ def sweep(
     train800, the method's candidates, a rewind run of each scored on val200), then one final run per
     seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
     from a different configuration) is checked before the first run, and nothing is written before then.
-    Returns the records of the runs this call executed.
+    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
+    learning rates scaled by each task's batch size). Returns the records of the runs this call executed.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
@@ -575,7 +586,8 @@ def sweep(
     configs = {}
     for task in tasks:
         try:
-            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**overrides)
+            task_recipe = {**overrides, **(task_overrides or {}).get(task.id, {})}
+            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**task_recipe)
         except ValueError as e:
             raise UserError(f"{config.name} on {task.id}: {e}") from None
         r = configs[task.id].recipe
