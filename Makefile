@@ -55,6 +55,7 @@ demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(DEMO_BENCH) --method pgn --warmup-epochs 5
 	$(DEMO_BENCH) --method lion --set lipschitz=kernel --lr 0.01
 	$(DEMO_BENCH) --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
+	$(PY) -m benchmark compare --results $(DEMO_RESULTS)
 
 data: $(STAMP)
 	$(PY) -m benchmark data --out $(DATA) --tasks $(TASKS) $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from tasks import TASKS, get_task
 from tests.conftest import TINY_ARGS
 
 REFERENCE = load_reference()
+README = Path(__file__).resolve().parent.parent / "README.md"
 # The specs' grids, written out independently of the code: base lr per 256 images, and weight decays.
 SPEC_VPT_BASE = [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
 SPEC_FULL_BASE = [0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 5e-4, 1e-4]
@@ -132,6 +134,20 @@ def test_plan_command_prints_the_runs(capsys):
     assert "label val-tuned-last-epoch-5seeds" in out and "seeds 42, 44, 82, 100, 800" in out
     assert "total: 855 runs; 70,300,000 training images" in out and "37.0× one single-seed 19-task sweep" in out
     assert re.search(r"svhn +128 +100 +10×4 +25, 12.5, 5, 2.5", out)
+
+
+def test_readme_cost_table_matches_the_plans():
+    """The README's "Reproducing a paper" table states the counts the plans compute."""
+    text = README.read_text()
+    for method in PAPER_PROTOCOLS:
+        for budget in ("full", "quick"):
+            p = plan(method, budget)
+            frame = p.frame()
+            runs, train = int(frame.runs.sum()), int(frame["train images"].sum())
+            evaluate, grid = int(frame["eval images"].sum()), frame.grid.iloc[0]
+            row = (f"| `{method}` | {budget} | {grid} | {len(p.seeds)} | {runs:,} | {train / 1e6:.1f}M | "
+                   f"{evaluate / 1e6:.2f}M | {train / 1.9e6:.1f}× |")  # fmt: skip
+            assert row in text, row
 
 
 def test_budget_is_part_of_a_runs_identity_only_when_reduced():
