@@ -392,7 +392,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     reference = load_reference(args.reference)
     cls = _method(args.method)
-    plan = plan_reproduction(cls(), args.budget, _tasks(args.tasks), reference, epochs=args.epochs)
+    plan = plan_reproduction(cls(), args.budget, _tasks(args.tasks), reference, epochs=args.epochs,
+                             cache_features=not args.no_feature_cache)  # fmt: skip
     check_sources(reference, [cls.name], args.source)  # before hours of training, not after
     if args.plan:
         print(plan.describe())

@@ -231,7 +231,9 @@ def _line(variant: Variant, ref: pd.Series, row: str, reference: ReferenceTable)
         if d.line == ref.line and d.column == row:
             notes.append(f"printed {d.value}; its cells give {d.rounded} (see the end)")
     for issue in issues_for(ref.method, ref.source):
-        if row in issue.columns and issue.kind != "published-means":
+        if row in issue.columns and issue.kind == "unconfirmed":
+            notes.append("unconfirmed reported value")
+        elif row in issue.columns and issue.kind != "published-means":
             notes.append(issue.note)
     return {
         "method": variant.method,
@@ -391,7 +393,8 @@ def markdown(c: Comparison) -> str:
         "reported, in points; `within spread` is `yes` when |diff| ≤ our std over seeds (`n/a` with one seed). "
         "Group means and averages are compared only when ours covers every task they average. Each row names "
         f"the protocol of both sides; {MARK} marks rows whose protocols (selection rule, seeds, budget, epochs) or "
-        "backbones differ: their difference is not a like-for-like result, and the note says why.",
+        "backbones differ: their difference is not a like-for-like result, and the line above the table (or the "
+        "row's note) says why.",
         "",
         "## Summary",
         "",
@@ -441,6 +444,7 @@ def markdown(c: Comparison) -> str:
                 lines.append("- these sources print the same numbers under the same protocol")
             if ref.confirmed != "yes":
                 lines.append(f"- confirmed against the source: {ref.confirmed}")
+            lines += [f"- caveat: {i.note}" for i in issues_for(ref.method, ref.source) if i.kind != "published-means"]
             lines.append("")
             block = group[0].lines
             reasons = set(block.mismatch[block.ours_mean.notna()])

@@ -202,7 +202,7 @@ def with_reported(board: pd.DataFrame, reference: ReferenceTable, which: str = "
     methods = None if which == "all" else sorted(board.method.unique()) if not board.empty else []
     frame = pd.concat([ours, reported_frame(reference, methods)], ignore_index=True)
     first = ["kind", "method", "protocol", "source"]
-    return frame[first + [c for c in frame.columns if c not in first]]
+    return frame.reindex(columns=first + [c for c in frame.columns if c not in first])
 
 
 def _cell(mean: Any, std: Any) -> str:

@@ -228,6 +228,7 @@ def plan_reproduction(
     reference: ReferenceTable,
     *,
     epochs: int | None = None,
+    cache_features: bool = True,
 ) -> Plan:
     """The runs that reproduce `config`'s method under `budget` on `tasks`.
 
@@ -237,6 +238,7 @@ def plan_reproduction(
         tasks: the tasks to run.
         reference: the reference table (the method must have rows in it).
         epochs: an epoch count other than the paper's, recorded in every result (and marked by `compare`).
+        cache_features: frozen-feature methods train on features computed once (the runner's default).
 
     Raises:
         UserError: a method without reported numbers, or an unknown budget.
@@ -270,6 +272,6 @@ def plan_reproduction(
             token_levels, segment_levels = cfg.levels()
             pairs = len(token_levels) * len(segment_levels)
             rewinds = pairs if pairs > 1 else 0  # a single candidate is taken without a search
-        frozen = bool(getattr(getattr(cfg, "model_cls", None), "features_frozen", False))
+        frozen = cache_features and bool(getattr(getattr(cfg, "model_cls", None), "features_frozen", False))
         plans.append(TaskPlan(task, cfg, overrides, seeds, grid_runs, int(cfg.prunes), rewinds, frozen))
     return Plan(name, budget, protocol, options, plans)
