@@ -309,3 +309,25 @@ def test_a_bad_reference_stops_compare_and_leaderboard_with_exit_2(tmp_path, cap
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
         assert "column svhn: '78,1' is not a number" in err or "missing.csv does not exist" in err
     assert [p.name for p in results.iterdir()] == ["runs"]
+
+
+def test_an_unlisted_rounding_difference_is_shown_not_hidden(tmp_path):
+    """A mean within rounding of its cells but not explained by KNOWN_ISSUES loads, and compare says so."""
+    custom = tmp_path / "reported.csv"
+    # Convpass's cells have two decimals: 76.55 is within 0.01 of their mean of groups (76.5574), yet not equal.
+    custom.write_text(REFERENCE_CSV.read_text().replace(",81.69,85.31,62.68,76.56,", ",81.69,85.31,62.68,76.55,"))
+    reference = load_reference(custom)
+    (d,) = [d for d in reference.discrepancies if d.method == "convpass"]
+    assert (d.column, str(d.value), str(d.rounded), d.issue) == ("avg_groups", "76.55", "76.56", None)
+    results = tmp_path / "r"
+    write_run(results, "convpass", "svhn", 42, 90.0)
+    md = markdown(compare(results, reference, sources=["JieShibo"]))
+    assert "- convpass, JieShibo/PETL-ViT: avg_groups 76.55 (cells: 76.56). Not explained by a known issue." in md
+
+
+def test_reported_rows_on_an_empty_results_directory(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    assert main(["leaderboard", "--results", str(tmp_path), "--reported"]) == 0
+    assert "(no results)" in capsys.readouterr().out
+    assert main(["leaderboard", "--results", str(tmp_path), "--reported", "all"]) == 0
+    assert len(pd.read_csv(tmp_path / "leaderboard.csv")) == len(REFERENCE.frame)
