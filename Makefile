@@ -10,6 +10,7 @@ TASKS ?= all
 SEEDS ?= 42,44,82,100,800
 DATA ?= $(or $(VTAB_ROOT),$(HOME)/.cache/peft-bench/vtab-1k)
 RESULTS ?= results/bench
+BUDGET ?= full
 ARGS ?=
 
 DEMO_DATA ?= $(HOME)/.cache/peft-bench/demo-data
@@ -20,7 +21,7 @@ DEMO_TASKS := svhn,eurosat,clevr_count,dsprites_ori
 DEMO_ARGS := --backbone peft_bench_demo_vit --weights $(DEMO_WEIGHTS) --epochs 30 --batch-size 32 --seeds 42,44
 DEMO_BENCH = $(PY) -m benchmark bench --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
-.PHONY: install test demo pretrain-demo data bench leaderboard perf lint format clean
+.PHONY: install test demo pretrain-demo data bench leaderboard compare reproduce perf lint format clean
 
 install: $(STAMP)
 
@@ -54,6 +55,7 @@ demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(DEMO_BENCH) --method pgn --warmup-epochs 5
 	$(DEMO_BENCH) --method lion --set lipschitz=kernel --lr 0.01
 	$(DEMO_BENCH) --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
+	$(PY) -m benchmark compare --results $(DEMO_RESULTS)
 
 data: $(STAMP)
 	$(PY) -m benchmark data --out $(DATA) --tasks $(TASKS) $(ARGS)
@@ -62,7 +64,16 @@ bench: $(STAMP)
 	$(PY) -m benchmark bench --method $(METHOD) --tasks $(TASKS) --seeds $(SEEDS) --data-root $(DATA) --results $(RESULTS) $(ARGS)
 
 leaderboard: $(STAMP)
-	$(PY) -m benchmark leaderboard --results $(RESULTS)
+	$(PY) -m benchmark leaderboard --results $(RESULTS) $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m benchmark compare --results $(RESULTS) $(ARGS)
+
+# A method's published protocol, then compare. Results go to results/reproduce/<method>-<budget> unless
+# RESULTS is given; BUDGET=quick runs one seed and a 2 x 1 grid (labelled as such).
+reproduce: $(STAMP)
+	$(PY) -m benchmark reproduce --method $(METHOD) --budget $(BUDGET) --tasks $(TASKS) --data-root $(DATA) \
+		$(if $(filter command line environment,$(origin RESULTS)),--results $(RESULTS)) $(ARGS)
 
 # Every method's training step against the floor, and the predicted 19-task sweep, into results/perf/.
 perf: $(STAMP)

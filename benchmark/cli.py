@@ -1,4 +1,4 @@
-"""`python -m benchmark <command>`: methods, tasks, params, synth, run, bench, leaderboard."""
+"""`python -m benchmark <command>`: methods, tasks, params, synth, run, bench, leaderboard, compare, reproduce."""
 
 from __future__ import annotations
 
@@ -357,14 +357,84 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.leaderboard import markdown, write_leaderboard
+    from benchmark.reference import load_reference
 
     results = Path(args.results).expanduser()
     if not (results / "runs").is_dir():
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
-    board = write_leaderboard(results)
+    reference = load_reference(args.reference) if args.reported or args.reference else None
+    board = write_leaderboard(results, reference=reference, reported=args.reported or "methods")
     print(markdown(board))
+    return 0
+
+
+def _method_names(text: str | None) -> list[str] | None:
+    """`--method a,b`: registered method names (an unknown one is an error), or None for all."""
+    if not text:
+        return None
+    return list(dict.fromkeys(_method(n.strip()).name for n in text.split(",") if n.strip()))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from benchmark.compare import compare, summary_lines, write_comparison
+    from benchmark.reference import load_reference
+    from benchmark.results import check_writable
+
+    reference = load_reference(args.reference)
+    results = Path(args.results).expanduser()
+    comparison = compare(results, reference, methods=_method_names(args.method), sources=args.source)
+    check_writable(results)
+    md, csv = write_comparison(comparison)
+    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from benchmark.compare import check_sources, compare, summary_lines, write_comparison
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.reference import load_reference
+    from benchmark.reproduce import plan_reproduction
+    from benchmark.runner import sweep
+
+    reference = load_reference(args.reference)
+    cls = _method(args.method)
+    plan = plan_reproduction(cls(), args.budget, _tasks(args.tasks), reference, epochs=args.epochs,
+                             cache_features=not args.no_feature_cache)  # fmt: skip
+    check_sources(reference, [cls.name], args.source)  # before hours of training, not after
+    if args.plan:
+        print(plan.describe())
+        return 0
+    results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
+    settings = dataclasses.replace(_settings(args), budget=args.budget)
+    executed = sweep(
+        cls(),
+        [tp.task for tp in plan.tasks],
+        list(plan.seeds),
+        protocol=plan.protocol.protocol,
+        settings=settings,
+        data_root=Path(args.data_root).expanduser(),
+        results=results,
+        options=plan.options,
+        task_overrides=plan.task_overrides(),
+        cache_dir=args.cache_dir,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+        run_progress=args.run_progress,
+    )
+    write_leaderboard(results)
+    failed = sum(r["status"] != "ok" for r in executed)
+    print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+    try:
+        comparison = compare(results, reference, methods=[cls.name], sources=args.source)
+    except UserError as e:
+        print(f"nothing to compare: {e}", file=sys.stderr)
+        return 1
+    md, csv = write_comparison(comparison)
+    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
     return 0
 
 
@@ -570,7 +640,76 @@ def build_parser() -> Parser:
         description="Example: python -m benchmark leaderboard --results results/bench",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR")
+    p.add_argument(
+        "--reported",
+        nargs="?",
+        const="methods",
+        choices=("methods", "all"),
+        help="also list the papers' reported rows (kind `reported`, with their source) and overlay them on the "
+        "plot as hollow markers: those of the methods in the results, or `all`",
+    )
+    p.add_argument(
+        "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+    )
     p.set_defaults(func=cmd_leaderboard)
+
+    def reference_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--source",
+            action="append",
+            metavar="TEXT",
+            help="only reference rows whose source contains TEXT (case-insensitive; repeatable), e.g. "
+            "'NOAH', 'V-PETL', 'PETL_Vision'",
+        )
+        p.add_argument(
+            "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+        )
+
+    p = sub.add_parser(
+        "compare",
+        help="our results beside the papers' numbers: compare.md and compare.csv in the results directory",
+        description="For each method with results and each of its reported rows: per task, group and average, "
+        "our mean ± std over seeds, the reported number, the difference, whether it lies within our std over "
+        "seeds, and the protocol and backbone of both sides (rows where they differ are marked). "
+        "Example: python -m benchmark compare --results results/reproduce/vpt_deep-full --source V-PETL",
+    )
+    p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
+    p.add_argument("--method", help="comma-separated methods (default: every method with results)")
+    reference_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="a method's published VTAB-1k protocol (grid on val200, the paper's seeds), then compare",
+        description="Runs the protocol that produced a method's reported numbers through `bench`: the spec's "
+        "lr x weight-decay grid on train800 -> val200 (E2VPT: then its pruning search), then seeds "
+        "42,44,82,100,800 on train800val200 -> test, last epoch (Convpass: its fixed recipe, no grid); then "
+        "writes the leaderboard and compare.md/.csv. --budget quick runs one seed and a 2x1 grid, labelled as "
+        "such everywhere. --plan prints the runs without training. "
+        "Example: python -m benchmark reproduce --method vpt_deep --data-root ~/vtab-1k --plan",
+    )
+    p.add_argument("--method", required=True, help="a method with reported numbers")
+    p.add_argument("--budget", choices=("full", "quick"), default="full", help="default: %(default)s")
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--plan", action="store_true", help="print the runs (grid, seeds, counts, images) and stop")
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help="train this many epochs instead of the paper's (recorded; compare marks it)",
+    )
+    p.add_argument(
+        "--data-root",
+        default=DEFAULT_DATA_ROOT,
+        metavar="DIR",
+        help="VTAB-1k folder (one sub-folder per task; default: %(default)s)",
+    )
+    p.add_argument("--results", metavar="DIR", help="default: results/reproduce/<method>-<budget>")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    reference_options(p)
+    _backbone_options(p)
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(
         "data",

@@ -66,6 +66,8 @@ DATA_ON_DEVICE = ("auto", "on", "off")
 # Settings that change a run's speed, not its outcome: recorded, but not compared when resuming.
 SPEED_ONLY = ("eval_batch_size", "compile", "data_on_device")
 TUNING_SEED = 42
+# How much of a paper's protocol a `reproduce` sweep runs (`full`: all of it; `quick`: reduced, labelled).
+BUDGETS = ("full", "quick")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class Settings:
 
     `eval_batch_size`, `compile` and `data_on_device` change how fast a run goes, not what it computes,
     so they are recorded with each result but are not part of its identity (`SPEED_ONLY`).
+
+    `budget`: `full`, or `quick` for a reduced reproduction (`reproduce --budget quick`); part of every
+    run's identity, so runs planned under different budgets never stand in for one another.
     """
 
     backbone: str
@@ -102,8 +107,11 @@ class Settings:
     eval_batch_size: int = 256
     compile: bool = False
     data_on_device: str = "auto"
+    budget: str = "full"
 
     def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise UserError(f"unknown budget {self.budget!r}; pick one of {', '.join(BUDGETS)}")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"unknown normalization {self.normalization!r}; pick one of {', '.join(NORMALIZATIONS)}")
         if self.precision not in PRECISIONS:
@@ -140,6 +148,8 @@ class RunSpec:
             "method_config": self.config.to_dict(),
             **asdict(self.settings),
         }
+        if out["budget"] == "full":
+            del out["budget"]  # the default: results written before budgets existed keep their identity
         if self.selection is not None:
             out["selection"] = {k: self.selection[k] for k in ("lr", "weight_decay")}
         if self.pruning is not None:
@@ -576,6 +586,7 @@ def sweep(
     results: Path,
     options: dict[str, str] | None = None,
     recipe_overrides: dict[str, Any] | None = None,
+    task_overrides: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
     retry_failed: bool = False,
     progress: bool = True,
@@ -587,7 +598,8 @@ def sweep(
     train800, the method's candidates, a rewind run of each scored on val200), then one final run per
     seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
     from a different configuration) is checked before the first run, and nothing is written before then.
-    Returns the records of the runs this call executed.
+    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
+    learning rates scaled by each task's batch size). Returns the records of the runs this call executed.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
@@ -595,7 +607,8 @@ def sweep(
     configs = {}
     for task in tasks:
         try:
-            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**overrides)
+            task_recipe = {**overrides, **(task_overrides or {}).get(task.id, {})}
+            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**task_recipe)
         except ValueError as e:
             raise UserError(f"{config.name} on {task.id}: {e}") from None
         r = configs[task.id].recipe

@@ -118,6 +118,12 @@ class ParallelBranches(nn.Module):
     Each branch reads the same normalised input as its sub-block. The block's own norms, layer-scale,
     drop-path and sub-blocks do the work (each drop-path call draws its own mask); only the two
     residual sums are written here, because timm's `Block.forward` has no place for a second summand.
+
+    A branch with `hidden(y)` and `project(z, factor)` (a bottleneck with its output projection split
+    off) gets `scale` and its drop-path mask folded into that projection, on the narrow side: scaling and
+    masking its D-wide output instead would cost two more passes over a [B, L, D] tensor, forward and
+    backward, in every block. The mask is drawn as timm's `drop_path` draws it, at the same point in the
+    random stream, so both forms give the same numbers.
     """
 
     def __init__(
@@ -137,9 +143,28 @@ class ParallelBranches(nn.Module):
         y = b.norm1(x)
         out = x + b.drop_path1(b.ls1(b.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
         if self.attn_branch is not None:
-            out = out + self.scale * b.drop_path1(self.attn_branch(y))
+            out = out + self._branch(self.attn_branch, b.drop_path1, y)
         y = b.norm2(out)
         out = out + b.drop_path2(b.ls2(b.mlp(y)))
         if self.mlp_branch is not None:
-            out = out + self.scale * b.drop_path2(self.mlp_branch(y))
+            out = out + self._branch(self.mlp_branch, b.drop_path2, y)
         return out
+
+    def _branch(self, branch: nn.Module, drop_path: nn.Module, y: Tensor) -> Tensor:
+        if not hasattr(branch, "project"):
+            return self.scale * drop_path(branch(y))
+        z = branch.hidden(y)
+        return branch.project(z, self.scale * keep_mask(drop_path, z))
+
+
+def keep_mask(drop_path: nn.Module, like: Tensor) -> Tensor | float:
+    """The per-sample factor a timm `DropPath` would multiply by ([B, 1, …] keep mask / keep probability,
+    drawn as timm draws it), or 1.0 when it drops nothing (evaluation, rate 0, `nn.Identity`)."""
+    p = getattr(drop_path, "drop_prob", 0.0)
+    if not drop_path.training or p == 0.0:
+        return 1.0
+    keep = 1.0 - p
+    mask = like.new_empty((like.shape[0],) + (1,) * (like.ndim - 1)).bernoulli_(keep)
+    if keep > 0.0 and getattr(drop_path, "scale_by_keep", True):
+        mask.div_(keep)
+    return mask

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -81,6 +82,10 @@ class Convpass(TunableModule):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.project(self.hidden(x))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """Tokens [B, L, D] -> the bottleneck after the conv, activation and dropout [B, L, hidden]."""
         B, L, _ = x.shape
         h, w = self.grid
         prefix = L - h * w
@@ -89,8 +94,15 @@ class Convpass(TunableModule):
         patches = self.conv(patches).flatten(2).transpose(1, 2)  # [B, H·W, hidden]
         # Each prefix token (CLS) through the same conv as a 1×1 image: only the centre tap and bias act.
         cls = self.conv(z[:, :prefix].reshape(B * prefix, -1, 1, 1)).reshape(B, prefix, -1)
-        z = self.dropout(self.act(torch.cat([cls, patches], dim=1)))
-        return self.up(z)
+        return self.dropout(self.act(torch.cat([cls, patches], dim=1)))
+
+    def project(self, z: Tensor, factor: Tensor | float = 1.0) -> Tensor:
+        """factor · up(z), for a float or per-sample [B, 1, 1] factor, applied on the narrow side: the bias
+        becomes one more input column (z, 1) · [W, b]ᵀ, so the D-wide output is written once, by the matmul."""
+        if isinstance(factor, float) and factor == 1.0:
+            return self.up(z)
+        z = torch.cat([z, torch.ones_like(z[..., :1])], dim=-1) * factor
+        return F.linear(z, torch.cat([self.up.weight, self.up.bias[:, None]], dim=1))
 
 
 class ConvpassModel(PeftModel):

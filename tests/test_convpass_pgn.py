@@ -33,6 +33,28 @@ def randomised(module: torch.nn.Module) -> torch.nn.Module:
 
 
 # -- Convpass ------------------------------------------------------------------------------------------------
+def test_folded_scale_and_drop_path_equal_the_written_formula():
+    """Scale and drop-path folded into the bypass's projection give the block formula's numbers, draw for draw."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.5)
+    block = vit.blocks[1]  # drop-path rate 0.5 (the first block's is 0)
+    attn_b, mlp_b = (randomised(Convpass(48, (4, 4), 8, xavier=True)) for _ in range(2))
+    wrapped = ParallelBranches(block, attn_branch=attn_b, mlp_branch=mlp_b, scale=3.0).train()
+    x = torch.randn(6, 17, 48)
+    for m in (attn_b, mlp_b):
+        m.dropout.p = 0.3
+    torch.manual_seed(7)
+    folded = wrapped(x)
+    torch.manual_seed(7)
+    b = block
+    out = x + b.drop_path1(b.ls1(b.attn(b.norm1(x)))) + 3.0 * b.drop_path1(attn_b(b.norm1(x)))
+    out = out + b.drop_path2(b.ls2(b.mlp(b.norm2(out)))) + 3.0 * b.drop_path2(mlp_b(b.norm2(out)))
+    torch.testing.assert_close(folded, out)
+    torch.manual_seed(8)
+    assert not torch.allclose(wrapped(x), folded)  # the draws matter: the comparison is not vacuous
+
+
 def test_one_module_has_13648_parameters_at_width_768():
     module = Convpass(768, (14, 14), 8, xavier=True)
     assert sum(p.numel() for p in module.parameters()) == 13_648

@@ -297,7 +297,7 @@ def test_perf_data_cached_loader_beats_decoding(capsys):
     assert row["ratio"] > 1, row
 
 
-def test_perf_needs_a_mode(capsys):
+def test_perf_modes_exclude_each_other(capsys):
     capsys.readouterr()
-    assert main(["perf"]) == 2
-    assert "--data" in one_error_line(capsys.readouterr().err.strip())
+    assert main(["perf", "--data", "--sweep"]) == 2
+    assert "not allowed with argument" in one_error_line(capsys.readouterr().err.strip())
