@@ -260,32 +260,35 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int], *, results: Path,
+           **kwargs: Any) -> None:  # fmt: skip
+    """`runner.sweep` with the command line's data, cache and progress options, then the leaderboard."""
     from benchmark.leaderboard import write_leaderboard
     from benchmark.runner import sweep
 
-    cls = _method(args.method)
-    tasks = _tasks(args.tasks)
-    settings = _settings(args)
-    results = Path(args.results).expanduser()
     executed = sweep(
-        cls(),
+        config,
         tasks,
-        args.seeds,
-        protocol=args.protocol,
-        settings=settings,
+        seeds,
         data_root=Path(args.data_root).expanduser(),
         results=results,
-        options=_options(args),
-        recipe_overrides=_overrides(args),
         cache_dir=args.cache_dir,
         retry_failed=args.retry_failed,
         progress=not args.quiet,
         run_progress=args.run_progress,
+        **kwargs,
     )
     write_leaderboard(results)
     failed = sum(r["status"] != "ok" for r in executed)
     print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cls = _method(args.method)
+    _sweep(
+        args, cls(), _tasks(args.tasks), args.seeds, results=Path(args.results).expanduser(),
+        protocol=args.protocol, settings=_settings(args), options=_options(args), recipe_overrides=_overrides(args),
+    )  # fmt: skip
     return 0
 
 
@@ -395,10 +398,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
     from benchmark.compare import check_sources, compare, summary_lines, write_comparison
-    from benchmark.leaderboard import write_leaderboard
     from benchmark.reference import load_reference
     from benchmark.reproduce import plan_reproduction
-    from benchmark.runner import sweep
 
     reference = load_reference(args.reference)
     cls = _method(args.method)
@@ -410,24 +411,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
     settings = dataclasses.replace(_settings(args), budget=args.budget)
-    executed = sweep(
-        cls(),
-        [tp.task for tp in plan.tasks],
-        list(plan.seeds),
-        protocol=plan.protocol.protocol,
-        settings=settings,
-        data_root=Path(args.data_root).expanduser(),
-        results=results,
-        options=plan.options,
-        task_overrides=plan.task_overrides(),
-        cache_dir=args.cache_dir,
-        retry_failed=args.retry_failed,
-        progress=not args.quiet,
-        run_progress=args.run_progress,
-    )
-    write_leaderboard(results)
-    failed = sum(r["status"] != "ok" for r in executed)
-    print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+    _sweep(
+        args, cls(), [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
+        protocol=plan.protocol.protocol, settings=settings, options=plan.options, task_overrides=plan.task_overrides(),
+    )  # fmt: skip
     try:
         comparison = compare(results, reference, methods=[cls.name], sources=args.source)
     except UserError as e:

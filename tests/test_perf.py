@@ -206,3 +206,16 @@ def test_peak_memory_sees_an_allocation():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert memory.peak() - before >= 60
     del block
+
+
+def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
+    from dataclasses import asdict, replace
+
+    from benchmark.runner import SPEED_ONLY, Settings, _identity
+
+    base = Settings(backbone="test_vit")
+    fast = replace(base, compile=True, data_on_device="on", eval_batch_size=1024)
+    assert {k for k, v in asdict(fast).items() if asdict(base)[k] != v} == set(SPEED_ONLY)
+    assert _identity(asdict(fast), deferred=False, grid=False) == _identity(asdict(base), deferred=False, grid=False)
+    slow = replace(base, precision="bf16")  # numerics are part of it
+    assert _identity(asdict(slow), deferred=False, grid=False) != _identity(asdict(base), deferred=False, grid=False)
