@@ -81,6 +81,13 @@ def _tasks(spec: str):
 
 
 # -- shared option groups ---------------------------------------------------------------------------------
+def _one_task(spec: str, several: str = "pick one") -> Any:
+    tasks = _tasks(spec)
+    if len(tasks) != 1:
+        raise UserError(f"{spec!r} names {len(tasks)} tasks, this command takes one; {several}")
+    return tasks[0]
+
+
 def _backbone_options(p: argparse.ArgumentParser) -> None:
     from benchmark.backbone import DEFAULT_BACKBONE, NORMALIZATIONS
 
@@ -298,10 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.runner import PROTOCOL_SPLITS, RunSpec, execute, prepare_data
 
     cls = _method(args.method)
-    task = _tasks(args.task)
-    if len(task) != 1:
-        raise UserError(f"`run` takes one task, got {len(task)}; use `bench` for several")
-    task = task[0]
+    task = _one_task(args.task, several="use `bench` for several")
     if args.protocol == "grid":
         raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
     settings = _settings(args)
@@ -473,11 +477,10 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     import torch
 
     from benchmark import perf, perf_model
-    from benchmark.backbone import _check_name, default_image_size
+    from benchmark.backbone import default_image_size
     from benchmark.results import check_writable
     from methods import list_methods
 
-    _check_name(args.backbone)
     out = Path(args.out).expanduser()
     check_writable(out, option="--out", what="the perf tables")
     names = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -493,7 +496,7 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     on_gpu = device.type == "cuda"
     image_size = args.image_size or default_image_size(args.backbone)
     batch_size = args.batch_size or (64 if on_gpu else 8)
-    task = _tasks(args.task)[0]
+    task = _one_task(args.task)
 
     def decode_ips() -> float:
         rows = perf.data_perf(

@@ -45,20 +45,21 @@ class DecodingDataset(Dataset):
         return torch.from_numpy(np.array(image, order="C")), self.split.labels[index]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a wall-clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _epoch(batches: Iterator, to_device: Callable, device: torch.device) -> tuple[int, float]:
     """Images served and seconds taken for one pass over `batches`, each batch finished on the device."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     n = 0
     for x, y in batches:
         x, y = to_device(x, y)
         n += len(y)
-    _sync(device)
+    sync(device)
     return n, time.perf_counter() - start
 
 

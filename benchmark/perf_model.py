@@ -38,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from benchmark.module import ClassificationModule
+from benchmark.perf import sync
 from methods import MethodConfig, PeftModel
 from methods._inject import embed, insert_tokens, pool, run_blocks
 from tasks import Task
@@ -62,11 +63,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def set_attention(model: nn.Module, kind: str) -> None:
@@ -95,6 +91,10 @@ def count_tokens(model: PeftModel, image_size: int, device: torch.device) -> int
 
 
 # -- memory ---------------------------------------------------------------------------------------------
+def memory_kind(device: torch.device) -> str:
+    return "cuda max allocated" if device.type == "cuda" else "resident set (VmHWM, reset per phase)"
+
+
 class PeakMemory:
     """The peak memory of one phase. CUDA: the caching allocator's peak. CPU: the process's resident set,
     its high-water mark reset through Linux's `/proc/self/clear_refs`.
@@ -106,7 +106,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.kind = "cuda max allocated" if device.type == "cuda" else "resident set (VmHWM, reset per phase)"
+        self.kind = memory_kind(device)
         self._trim: Callable[[int], int] | None = None
         self.available = device.type == "cuda" or self._prepare_cpu()
 
@@ -163,12 +163,31 @@ class Candidate:
     evaluate: Callable[[Tensor], Tensor] | None = None
     params: dict[str, int] | None = None
     memory_mb: float | None = None
+    warm: bool = False  # warmed up already (methods are, when their memory is measured)
     times: list[float] = field(default_factory=list)
 
 
 def _autocast(device: torch.device, variant: Variant):
     dtype = PRECISION_DTYPES[variant.precision]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def training_step(
+    module: ClassificationModule, batch: tuple[Tensor, Tensor], variant: Variant, device: torch.device
+) -> Callable[[], None]:
+    """One optimisation step of `module` on `batch` (its loss, backward, the optimiser of its recipe)."""
+    module.train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_train_epoch_start()
+
+    def step() -> None:
+        with _autocast(device, variant):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def method_candidate(
@@ -185,19 +204,10 @@ def method_candidate(
     model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
     set_attention(model, variant.attention)
     module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe).to(device)
-    module.train()
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.on_train_epoch_start()
     tokens = count_tokens(model, batch[0].shape[-1], device)
     if compile:
         model.compile()  # in place: the module's forward goes through torch.compile
-
-    def step() -> None:
-        with _autocast(device, variant):
-            loss = module.training_step(batch, 0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(module, batch, variant, device)
 
     @torch.inference_mode()
     def evaluate(x: Tensor) -> Tensor:
@@ -256,10 +266,12 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
 
 def interleaved(candidates: list[Candidate], *, warmup: int, repeats: int, device: torch.device,
                 progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Warm every candidate up, then time `repeats` rounds of one step each, in a rotated order per round."""
+    """Warm up every candidate not yet warm, then time `repeats` rounds of one step each, in a rotated order
+    per round."""
     for c in candidates:
-        for _ in range(warmup):
+        for _ in range(0 if c.warm else warmup):
             c.step()
+        c.warm = True
     for r in range(repeats):
         order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
         for c in order:
@@ -300,7 +312,6 @@ class PerfSpec:
     variants: tuple[Variant, ...]
     warmup: int = 2
     repeats: int = 5
-    eval_batch_size: int | None = None  # None: no evaluation throughput
     eval_repeats: int = 3
     compile: bool = False
 
@@ -323,7 +334,7 @@ def measure_models(
     progress: Callable[[str], None] | None = None,
 ) -> list[Candidate]:
     """Build every (method, variant) and the floors at their token counts, measure memory while building,
-    then time all of them interleaved; optionally measure evaluation throughput."""
+    then time all of them interleaved."""
     say = progress or (lambda s: None)
     memory = PeakMemory(device)
     batch = synthetic_batch(spec.batch_size, spec.image_size, spec.task.num_classes, device)
@@ -340,6 +351,7 @@ def measure_models(
             c = method_candidate(cfg, backbone, spec.task, batch, variant, device, compile=spec.compile)
             for _ in range(max(1, spec.warmup)):
                 c.step()
+            c.warm = True
             measure_memory(c, memory, before)
             candidates.append(c)
         tokens = sorted({c.tokens for c in candidates if c.variant == variant} | set(extra_floor_tokens))
@@ -433,21 +445,12 @@ def head_candidate(config: MethodConfig, backbone: VisionTransformer, task: Task
     """A frozen-feature method's step on cached features: the head alone (what the linear probe trains)."""
     model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
     module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe, inputs="features")
-    module.to(device).train()
-    optimizer = module.configure_optimizers()["optimizer"]
-    module.on_train_epoch_start()
     g = torch.Generator().manual_seed(0)
     batch = (
         torch.randn(batch_size, model.backbone.num_features, generator=g).to(device),
         torch.randint(0, task.num_classes, (batch_size,), generator=g).to(device),
     )
-
-    def step() -> None:
-        loss = module.training_step(batch, 0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(module.to(device), batch, Variant(), device)
     return Candidate(f"{config.name} (head on features)", "head", Variant(), 0, step)
 
 
@@ -603,7 +606,7 @@ def run(
         "repeats": repeats,
         "eval_batch_size": eval_batch_size,
         "compile": compile,
-        "memory_kind": PeakMemory(device).kind,
+        "memory_kind": memory_kind(device),
         "rows": rows,
         "floors": floor_rows(candidates),
     }
@@ -752,8 +755,6 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- `{x['method']}` ({x['variant']}): {x['x_floor']:.3f}× the floor, {over:.0f}% over its "
                 f"{x['target_x_floor']}× target; hot spots: {', '.join(x.get('hot_spots', [])) or '-'}."
             )
-            if x["method"] in MISS_REASONS:
-                lines.append(f"  {MISS_REASONS[x['method']]}")
         lines.append("")
     lines += ["## Floor", "", pd.DataFrame(r["floors"]).to_markdown(index=False), ""]
     if "linear_task" in r:
@@ -803,10 +804,6 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
-
-
-# Why a method costs more than the floor, where the cause is the method itself (checked by profiling).
-MISS_REASONS: dict[str, str] = {}
 
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:

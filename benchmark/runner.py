@@ -39,6 +39,7 @@ from benchmark.backbone import NORMALIZATIONS, create_backbone
 from benchmark.data import SplitArrays, TaskData, VTABDataModule, load_split_images, normalize, scan_task
 from benchmark.errors import UserError
 from benchmark.module import ClassificationModule
+from benchmark.perf import sync
 from benchmark.results import (
     SCHEMA_VERSION,
     check_writable,
@@ -204,16 +205,12 @@ class _TrainTimer(pl.Callback):
         self.seconds = 0.0
         self._start = 0.0
 
-    def _sync(self, module: pl.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._sync(module)
+        sync(module.device)
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._sync(module)
+        sync(module.device)
         self.seconds += time.perf_counter() - self._start
 
 

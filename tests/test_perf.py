@@ -76,6 +76,7 @@ def test_perf_table_and_variants(tmp_path, capsys):
         (["--precision", "fp16"], "--precision takes 32 and/or bf16"),
         (["--attention", "flash"], "--attention fused and/or explicit"),
         (["--task", "imagenet"], "unknown task"),
+        (["--task", "natural"], "names 7 tasks, this command takes one"),
         (["--backbone", "resnet50"], "resnet50"),
     ],
 )
