@@ -130,6 +130,10 @@ class ParamReport:
         return asdict(self)
 
 
+class NotMergeableError(ValueError):
+    """The method's modules cannot be folded into the backbone's weights (extra tokens, non-linear branches)."""
+
+
 class TunableModule(nn.Module):
     """Marker base class: every module a method adds to the model derives from it, and is trained."""
 
@@ -275,6 +279,19 @@ class PeftModel(nn.Module):
     def load_tunable(self, path: str | Path) -> None:
         self.load_tunable_state_dict(load_file(str(path)))
 
+    # -- merging for inference ---------------------------------------------------------------------
+    def merged_backbone(self) -> VisionTransformer:
+        """A plain timm `VisionTransformer` (a new module; this model is left unchanged) whose frozen weights
+        have the method folded in, so that `head(merged_backbone().forward_head(forward_features(x),
+        pre_logits=True))` equals this model's logits and costs exactly the frozen backbone's forward.
+
+        Re-parameterisable methods override this; the others raise `NotMergeableError`, whose message says
+        why in one line.
+        """
+        raise NotMergeableError(
+            f"{type(self).__name__} adds modules that cannot be folded into the backbone's weights"
+        )
+
     def apply_pruning(self, state: dict[str, Tensor]) -> None:
         """Fix the outcome of a pruning stage (masks, and values to rewind to) for the next training run."""
         raise NotImplementedError(f"{type(self).__name__} has no pruning stage")
@@ -371,6 +388,11 @@ class MethodConfig:
         """
         raise NotImplementedError(f"{self.name} has no pruning stage")
 
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        """Raise `ValueError` (one line: what is wrong, what to set instead) when this config cannot be built
+        on `backbone` (e.g. a width its segments do not divide). Field checks that need no backbone belong in
+        `__post_init__`. Called before any work starts, so a sweep never records runs that could not build."""
+
     def backbone_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for `timm.create_model` (e.g. a drop-path rate the method specifies)."""
         return {}
@@ -387,6 +409,7 @@ class MethodConfig:
     # -- provided ------------------------------------------------------------------------------------
     def build(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         """Create the model and freeze everything but the tunable parameters and the head."""
+        self.check_backbone(backbone)
         model = self.create(backbone, num_classes)
         model.mark_trainable()
         return model
