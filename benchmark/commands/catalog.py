@@ -1,0 +1,91 @@
+"""`methods`, `tasks` and `params`: what the suite has."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from typing import Any
+
+from benchmark.commands._options import (
+    method_class,
+    positive_int,
+    task_list,
+)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import methods
+
+    print("\n".join(methods.list_methods()))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks import TASKS
+
+    rows = [
+        {
+            "task": t.id,
+            "group": t.group,
+            "classes": t.num_classes,
+            "train800": 800,
+            "val200": 200,
+            "train800val200": 1000,
+            "test": t.test_size,
+            "folder": t.folder,
+            "aliases": ", ".join(t.aliases),
+        }
+        for t in TASKS
+    ]
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from benchmark.backbone import create_backbone
+
+    names = args.methods.split(",") if args.methods else None
+    import methods
+
+    configs = [method_class(n.strip()) for n in (names or methods.list_methods())]
+    tasks = task_list(args.tasks)
+    out = []
+    for cls in configs:
+        base = cls()
+        # The meta device gives every tensor its shape without allocating or initialising it.
+        backbone = create_backbone(
+            args.backbone, pretrained=False, image_size=args.image_size, device="meta", **base.backbone_kwargs()
+        )
+        for task in tasks:
+            model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        import pandas as pd
+
+        print(pd.DataFrame(out).to_string(index=False))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this module's commands to the `python -m benchmark` subparsers."""
+    sub.add_parser("methods", help="list the registered methods, one per line").set_defaults(func=cmd_methods)
+    sub.add_parser("tasks", help="the 19 VTAB-1k tasks as a table").set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser(
+        "params",
+        help="parameter counts per (method, task), without downloading weights",
+        description="Builds each model on the meta device and reports tunable (method), head, "
+        "backbone and nonzero_tunable parameters. Example: python -m benchmark params "
+        "--backbone vit_base_patch16_224 --json",
+    )
+    p.add_argument("--backbone", default="vit_base_patch16_224")
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    p.set_defaults(func=cmd_params)

@@ -1,0 +1,76 @@
+"""`leaderboard` and `compare`: tables from the result files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from benchmark.commands._options import (
+    method_names,
+    reference_options,
+)
+from benchmark.errors import UserError
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.leaderboard import markdown, write_leaderboard
+    from benchmark.reference import load_reference
+
+    results = Path(args.results).expanduser()
+    if not (results / "runs").is_dir():
+        raise UserError(
+            f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
+        )
+    reference = load_reference(args.reference) if args.reported or args.reference else None
+    board = write_leaderboard(results, reference=reference, reported=args.reported or "methods")
+    print(markdown(board))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from benchmark.compare import compare, summary_lines, write_comparison
+    from benchmark.reference import load_reference
+    from benchmark.results import check_writable
+
+    reference = load_reference(args.reference)
+    results = Path(args.results).expanduser()
+    comparison = compare(results, reference, methods=method_names(args.method), sources=args.source)
+    check_writable(results)
+    md, csv = write_comparison(comparison)
+    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this module's commands to the `python -m benchmark` subparsers."""
+    p = sub.add_parser(
+        "leaderboard",
+        help="regenerate the tables and plot from the result JSONs",
+        description="Example: python -m benchmark leaderboard --results results/bench",
+    )
+    p.add_argument("--results", default="results/bench", metavar="DIR")
+    p.add_argument(
+        "--reported",
+        nargs="?",
+        const="methods",
+        choices=("methods", "all"),
+        help="also list the papers' reported rows (kind `reported`, with their source) and overlay them on the "
+        "plot as hollow markers: those of the methods in the results, or `all`",
+    )
+    p.add_argument(
+        "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+    )
+    p.set_defaults(func=cmd_leaderboard)
+    p = sub.add_parser(
+        "compare",
+        help="our results beside the papers' numbers: compare.md and compare.csv in the results directory",
+        description="For each method with results and each of its reported rows: per task, group and average, "
+        "our mean ± std over seeds, the reported number, the difference, whether it lies within our std over "
+        "seeds, and the protocol and backbone of both sides (rows where they differ are marked). "
+        "Example: python -m benchmark compare --results results/reproduce/vpt_deep-full --source V-PETL",
+    )
+    p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
+    p.add_argument("--method", help="comma-separated methods (default: every method with results)")
+    reference_options(p)
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,87 @@
+"""`reproduce`: a method's published protocol through the sweep, then compare."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmark.commands._options import (
+    DEFAULT_DATA_ROOT,
+    backbone_options,
+    method_class,
+    positive_int,
+    reference_options,
+    run_settings,
+    task_list,
+)
+from benchmark.commands.train import sweep_and_report
+from benchmark.errors import UserError
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from benchmark.compare import check_sources, compare, summary_lines, write_comparison
+    from benchmark.reference import load_reference
+    from benchmark.reproduce import plan_reproduction
+
+    reference = load_reference(args.reference)
+    cls = method_class(args.method)
+    plan = plan_reproduction(cls(), args.budget, task_list(args.tasks), reference, epochs=args.epochs,
+                             cache_features=not args.no_feature_cache)  # fmt: skip
+    check_sources(reference, [cls.name], args.source)  # before hours of training, not after
+    if args.plan:
+        print(plan.describe())
+        return 0
+    results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
+    settings = dataclasses.replace(run_settings(args), budget=args.budget)
+    sweep_and_report(
+        args, cls(), [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
+        protocol=plan.protocol.protocol, settings=settings, options=plan.options, task_overrides=plan.task_overrides(),
+    )  # fmt: skip
+    try:
+        comparison = compare(results, reference, methods=[cls.name], sources=args.source)
+    except UserError as e:
+        print(f"nothing to compare: {e}", file=sys.stderr)
+        return 1
+    md, csv = write_comparison(comparison)
+    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this module's commands to the `python -m benchmark` subparsers."""
+    p = sub.add_parser(
+        "reproduce",
+        help="a method's published VTAB-1k protocol (grid on val200, the paper's seeds), then compare",
+        description="Runs the protocol that produced a method's reported numbers through `bench`: the spec's "
+        "lr x weight-decay grid on train800 -> val200 (E2VPT: then its pruning search), then seeds "
+        "42,44,82,100,800 on train800val200 -> test, last epoch (Convpass: its fixed recipe, no grid); then "
+        "writes the leaderboard and compare.md/.csv. --budget quick runs one seed and a 2x1 grid, labelled as "
+        "such everywhere. --plan prints the runs without training. "
+        "Example: python -m benchmark reproduce --method vpt_deep --data-root ~/vtab-1k --plan",
+    )
+    p.add_argument("--method", required=True, help="a method with reported numbers")
+    p.add_argument("--budget", choices=("full", "quick"), default="full", help="default: %(default)s")
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--plan", action="store_true", help="print the runs (grid, seeds, counts, images) and stop")
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help="train this many epochs instead of the paper's (recorded; compare marks it)",
+    )
+    p.add_argument(
+        "--data-root",
+        default=DEFAULT_DATA_ROOT,
+        metavar="DIR",
+        help="VTAB-1k folder (one sub-folder per task; default: %(default)s)",
+    )
+    p.add_argument("--results", metavar="DIR", help="default: results/reproduce/<method>-<budget>")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    reference_options(p)
+    backbone_options(p)
+    p.set_defaults(func=cmd_reproduce)

@@ -1,0 +1,134 @@
+"""`run` and `bench`: one run, and the resumable sweep (shared with `reproduce`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmark.commands._options import (
+    backbone_options,
+    data_and_results,
+    int_list,
+    method_class,
+    method_options,
+    one_task,
+    recipe_overrides,
+    run_settings,
+    task_list,
+    training_options,
+)
+from benchmark.errors import UserError
+
+
+def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int], *, results: Path,
+           **kwargs: Any) -> None:  # fmt: skip
+    """`runner.sweep` with the command line's data, cache and progress options, then the leaderboard."""
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.runner import sweep
+
+    executed = sweep(
+        config,
+        tasks,
+        seeds,
+        data_root=Path(args.data_root).expanduser(),
+        results=results,
+        cache_dir=args.cache_dir,
+        retry_failed=args.retry_failed,
+        progress=not args.quiet,
+        run_progress=args.run_progress,
+        **kwargs,
+    )
+    write_leaderboard(results)
+    failed = sum(r["status"] != "ok" for r in executed)
+    print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cls = method_class(args.method)
+    sweep_and_report(
+        args, cls(), task_list(args.tasks), args.seeds, results=Path(args.results).expanduser(),
+        protocol=args.protocol, settings=run_settings(args), options=method_options(args), recipe_overrides=recipe_overrides(args),
+    )  # fmt: skip
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.backbone import create_backbone
+    from benchmark.results import check_writable, run_path, write_json
+    from benchmark.runner import PROTOCOL_SPLITS, RunSpec, execute, prepare_data
+
+    cls = method_class(args.method)
+    task = one_task(args.task, several="use `bench` for several")
+    if args.protocol == "grid":
+        raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
+    settings = run_settings(args)
+    try:
+        config = cls().for_task(task.id).with_options(method_options(args)).with_recipe(**recipe_overrides(args))
+    except ValueError as e:
+        raise UserError(f"{cls.name}: {e}") from None
+    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
+                        args.cache_dir)  # fmt: skip
+    out = (
+        Path(args.out).expanduser()
+        if args.out
+        else run_path(Path(args.results), cls.name, task.id, args.protocol, args.seed)
+    )
+    if args.out:
+        check_writable(out.parent, option="--out", what="output directory")
+    else:
+        check_writable(out.parent)
+    backbone = create_backbone(
+        settings.backbone,
+        pretrained=settings.pretrained,
+        weights=settings.weights,
+        image_size=settings.image_size,
+        **config.backbone_kwargs(),
+    )
+    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
+    record = execute(spec, backbone, data, progress=not args.quiet)
+    write_json(out, record)
+    acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]
+    if record["status"] != "ok":
+        print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
+        return 1
+    print(
+        f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else 'val200'} "
+        f"accuracy {acc:.2f}% -> {out}"
+    )
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this module's commands to the `python -m benchmark` subparsers."""
+    p = sub.add_parser(
+        "run",
+        help="one (method, task, seed, hyperparameters) -> one result JSON",
+        description="Example: python -m benchmark run --method linear --task dtd --seed 42 "
+        "--data-root ~/vtab-1k --lr 0.1",
+    )
+    p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
+    p.add_argument("--task", required=True, help="a task id or alias (`python -m benchmark tasks`)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", metavar="FILE", help="result path (default: the results directory's layout)")
+    data_and_results(p)
+    backbone_options(p)
+    training_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "bench",
+        help="the sweep: every (task, seed), resumable, then the leaderboard",
+        description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
+        "--data-root ~/vtab-1k --seeds 42,44 --results results/bench",
+    )
+    p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
+    p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
+    p.add_argument("--seeds", type=int_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
+    data_and_results(p)
+    backbone_options(p)
+    training_options(p)
+    p.set_defaults(func=cmd_bench)
