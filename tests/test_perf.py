@@ -212,7 +212,8 @@ def test_peak_memory_sees_an_allocation():
 def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
     from dataclasses import asdict, replace
 
-    from benchmark.runner import SPEED_ONLY, Settings, _identity
+    from benchmark.runner import SPEED_ONLY, Settings
+    from benchmark.sweep import _identity
 
     base = Settings(backbone="test_vit")
     fast = replace(base, compile=True, data_on_device="on", eval_batch_size=1024)

@@ -24,9 +24,9 @@ from benchmark.errors import UserError
 
 def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int], *, results: Path,
            **kwargs: Any) -> None:  # fmt: skip
-    """`runner.sweep` with the command line's data, cache and progress options, then the leaderboard."""
+    """`sweep.sweep` with the command line's data, cache and progress options, then the leaderboard."""
     from benchmark.leaderboard import write_leaderboard
-    from benchmark.runner import sweep
+    from benchmark.sweep import sweep
 
     executed = sweep(
         config,
