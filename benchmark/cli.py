@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from benchmark.commands import COMMAND_MODULES
 from benchmark.commands._options import Parser
-from benchmark.errors import UserError
+from benchmark.errors import Interrupted, UserError
+from benchmark.signals import interruptible
+from tasks.atomic import DISK_FULL
 
 
 def build_parser() -> Parser:
@@ -22,11 +27,38 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with interruptible():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are saved, and the same command resumes", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        print(
+            f"stopped by {name}: finished runs are saved, the run in flight was not recorded, and the same command "
+            "resumes",
+            file=sys.stderr,
+        )
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
+
+
+def disk_full_message(e: OSError) -> str:
+    """One line for a full disk: which file, how much space is left where it was written, what to do."""
+    where = Path(e.filename) if e.filename else None
+    free = ""
+    probe = where
+    while probe is not None and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe is not None:
+        free = f", {shutil.disk_usage(probe).free / 2**20:.0f} MiB free there"
+    target = f"writing {where}" if where else "writing"
+    return (
+        f"no space left on the device {target}{free}; nothing partial was kept: free some space (or pass another "
+        "--results), then run the same command again"
+    )

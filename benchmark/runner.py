@@ -14,7 +14,9 @@ No code path evaluates the test split before training has ended, or selects anyt
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+import os
 import resource
 import time
 import traceback
@@ -31,7 +33,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from benchmark.backbone import NORMALIZATIONS
+from benchmark.backbone import NORMALIZATIONS, create_backbone
 from benchmark.data import SplitArrays, TaskData, VTABDataModule, load_split_images, normalize, scan_task
 from benchmark.errors import UserError
 from benchmark.module import ClassificationModule
@@ -42,6 +44,7 @@ from benchmark.results import (
 )
 from methods import MethodConfig, PeftModel
 from tasks import DataError, Task
+from tasks.atomic import DISK_FULL
 
 log = logging.getLogger("peft_bench")
 
@@ -232,6 +235,22 @@ def _peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+def check_config(config: MethodConfig, settings: Settings, where: str = "") -> None:
+    """The method's structural checks (`MethodConfig.check_backbone`) against the backbone's structure, built on
+    the meta device in milliseconds: a config that cannot be built stops the command before any work."""
+    meta = create_backbone(settings.backbone, pretrained=False, image_size=settings.image_size, device="meta",
+                           **config.backbone_kwargs())  # fmt: skip
+    try:
+        config.check_backbone(meta)
+    except ValueError as e:
+        raise UserError(f"{config.name}{where}: {e}") from None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, as an `OSError` or as a library's own error (safetensors names it only in its message)."""
+    return (isinstance(e, OSError) and e.errno in DISK_FULL) or "No space left on device" in str(e)
+
+
 def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, progress: bool = False) -> dict[str, Any]:
     """Train and evaluate one run; return its result record. Failures become `status: failed` records."""
     started = datetime.now(UTC)
@@ -333,6 +352,8 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         record["train_images_per_s"] = len(train) * recipe.epochs / timer.seconds if timer.seconds else None
         record["status"] = "ok"
     except Exception as e:  # a crashing or diverging run is recorded, and the sweep goes on
+        if _disk_full(e):  # not the run's fault: stop the sweep with one line (`cli.main`), record nothing
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(spec.save_state or "")) from e
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc(limit=-8)
         if module is not None:

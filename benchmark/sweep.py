@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from benchmark.backbone import NORMALIZATIONS, create_backbone
+from benchmark.claims import claim_path, clean_orphans, read_owner, try_claim
 from benchmark.data import SplitArrays, VTABDataModule
 from benchmark.errors import UserError
-from benchmark.results import check_writable, grid_tune_path, read_json, run_path, write_json
+from benchmark.results import check_result_path, check_writable, grid_tune_path, read_result, run_path, write_json
 from benchmark.runner import (
     MODE_SPLITS,
     PROTOCOL_SPLITS,
@@ -33,6 +35,7 @@ from benchmark.runner import (
     RunSpec,
     Settings,
     SweepData,
+    check_config,
     compute_device,
     execute,
     prepare_data,
@@ -40,6 +43,9 @@ from benchmark.runner import (
 )
 from methods import MethodConfig
 from tasks import Task
+
+# How often a sweep looks again at a run that another process holds (seconds).
+CLAIM_POLL_S = 2.0
 
 
 class StageError(RuntimeError):
@@ -105,7 +111,7 @@ def _identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str
 
 def _conflict(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
     """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
-    record = read_json(path)
+    record = read_result(path)
     if record is None:
         return None
     splits = data.arrays[spec.task.id]
@@ -144,24 +150,55 @@ class _Sweep:
         return self.results / "runs" / self.name / task.id
 
     def needs_run(self, path: Path) -> bool:
-        record = read_json(path)
-        return record is None or (self.retry_failed and record.get("status") != "ok")
+        record = read_result(path)
+        return record is None or (self.retry_failed and record["status"] != "ok")
 
-    def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
-        """The plan's result: the stored one when it exists, else a new run, written atomically."""
+    def check(self, plan: Plan, deferred: bool) -> None:
         if conflict := _conflict(plan.path, plan.spec, self.data, deferred=deferred):
             raise UserError(f"{conflict}; use another --results directory or delete the old results")
+
+    def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
+        """The plan's result: the stored one when it exists, else a new run, written atomically.
+
+        The run is claimed first (`benchmark.claims`), so no other process runs it at the same time; one that
+        holds it is waited for. Under the claim the stored result is checked again right before the write, so
+        two sweeps of different configurations on one results directory never mix their runs.
+        """
+        self.check(plan, deferred)
         if not self.needs_run(plan.path):
-            return read_json(plan.path)
-        spec = plan.spec
-        self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
-        record = execute(spec, self.backbone, self.data, progress=self.run_progress)
-        write_json(plan.path, record)
+            return read_result(plan.path)
+        claim = self.claim(plan)
+        try:
+            self.check(plan, deferred)  # another process may have written it while we waited
+            if not self.needs_run(plan.path):
+                return read_result(plan.path)
+            if claim.reclaimed_from:
+                tqdm.write(f"{plan.path}: took over the run from {claim.reclaimed_from}", file=sys.stderr)
+            spec = plan.spec
+            self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
+            record = execute(spec, self.backbone, self.data, progress=self.run_progress)
+            if not claim.held():
+                raise UserError(
+                    f"another process took over {plan.path} while it ran (its claim had gone stale); "
+                    "run the same command again"
+                )
+            self.check(plan, deferred)
+            write_json(plan.path, record)
+        finally:
+            claim.release()
         if record["status"] != "ok":
             tqdm.write(f"run {self.name}/{spec.task.id}/{plan.path.stem} failed: {record['error']}", file=sys.stderr)
         self.executed.append(record)
         self.bar.update(1)
         return record
+
+    def claim(self, plan: Plan) -> Any:
+        """The claim on the plan's result, waiting while another live process holds it."""
+        while (claim := try_claim(plan.path)) is None:
+            owner = read_owner(claim_path(plan.path)) or {}
+            self.bar.set_postfix_str(f"waiting for {owner.get('host')}:{owner.get('pid')} to finish {plan.path.stem}")
+            time.sleep(CLAIM_POLL_S)
+        return claim
 
     def add_to_plan(self, n: int) -> None:
         self.bar.total = (self.bar.total or 0) + n
@@ -294,6 +331,8 @@ def sweep(
         r = configs[task.id].recipe
         if protocol == "grid" and (not r.lr_grid or not r.wd_grid):
             raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
+    for task in tasks:
+        check_config(configs[task.id], settings, f" on {task.id}")
     # A pruning stage decides on train800 -> val200 whatever the protocol.
     pruning = any(c.prunes for c in configs.values())
     splits = PROTOCOL_SPLITS["grid"] if pruning else PROTOCOL_SPLITS[protocol]
@@ -312,10 +351,14 @@ def sweep(
         elif cfg.prunes:
             known.append((state.dense_plan(cfg, task, None), False))
         known += [(p, True) for p in state.final_plans(cfg, task, seeds)]
+    for p, _ in known:
+        check_result_path(p.path, results)
     conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, data, deferred=deferred))]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
 
+    for path in clean_orphans(results / "runs" / config.name):
+        tqdm.write(f"removed {path}, left by a run that was killed", file=sys.stderr)
     if not run_progress:
         quiet_lightning()
     todo = sum(state.needs_run(p.path) for p, _ in known)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+# A full disk, or a full quota: the write cannot succeed until space is freed.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> bool:
@@ -23,6 +27,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> bool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_FULL and e.filename != str(path):
+            # Name the file being written, not the temporary one, in what the user sees.
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -222,6 +222,7 @@ def test_leaderboard_command_and_group_means(tmp_path, capsys):
                     "test_acc": acc,
                     "val_acc": None,
                     "params": {"tunable": 10, "head": 5, "backbone": 1000, "nonzero_tunable": 10},
+                    "config": {},
                 }
             )
         )
@@ -265,7 +266,7 @@ def _bad_data(tmp_path: Path, synth_root: Path, how: str) -> Path:
         ("malformed", r"svhn/train800val200.txt:3: expected `relative/path.jpg label`"),
         ("label", r"svhn/train800val200.txt:3: label 10 is outside task svhn's classes 0..9"),
         ("image", r"cannot read image .*svhn/images/train800val200/000002.jpg"),
-        ("epochs", r"argument --epochs: must be a positive integer, got 0"),
+        ("epochs", r"argument --epochs: must be an integer from 1 to 10000, got 0"),
         ("batch", r"argument --batch-size: must be a positive integer, got -4"),
         ("results", r"cannot create results directory .*: .*not a directory"),
         ("weights", r"weights file .*missing.pth does not exist"),

@@ -212,7 +212,11 @@ def test_bad_compare_input_is_one_line_and_writes_nothing(args, message, tmp_pat
     write_run(results, "convpass", "svhn", 42, 50.0)
     tune = tmp_path / "tune-only" / "runs" / "linear" / "svhn"
     tune.mkdir(parents=True)
-    (tune / "tune-s42.json").write_text(json.dumps({"schema": 1, "mode": "tune", "method": "linear"}))
+    (tune / "tune-s42.json").write_text(
+        json.dumps({"schema": 1, "mode": "tune", "method": "linear", "task": "svhn", "seed": 42, "protocol": "tune",
+                    "status": "ok", "val_acc": 50.0, "config": {},
+                    "params": {"tunable": 0, "head": 7690, "backbone": 85798656, "nonzero_tunable": 0}})
+    )  # fmt: skip
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     capsys.readouterr()
     assert main(["compare", "--results", str(results), *args]) == 2

@@ -41,6 +41,9 @@ def number_type(cast: Callable[[str], float], ok: Callable[[float], bool], what:
 
 
 positive_int = number_type(int, lambda v: v > 0, "a positive integer")
+# More epochs than any published recipe by two orders of magnitude is a typo, not a plan.
+MAX_EPOCHS = 10_000
+epochs = number_type(int, lambda v: 0 < v <= MAX_EPOCHS, f"an integer from 1 to {MAX_EPOCHS}")
 positive_float = number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonnegative_float = number_type(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 
@@ -53,6 +56,20 @@ def int_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("needs at least one value")
     return list(dict.fromkeys(values))
+
+
+# Seeds go to `seed_everything`, which takes 0 .. 2**32 - 1 (numpy's range).
+MAX_SEED = 2**32 - 1
+seed = number_type(int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
+
+
+def seed_list(text: str) -> list[int]:
+    """Comma-separated seeds, each in `seed`'s range, duplicates dropped."""
+    values = int_list(text)
+    bad = [v for v in values if not 0 <= v <= MAX_SEED]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be integers from 0 to {MAX_SEED}, got {bad[0]}")
+    return values
 
 
 def float_list(parse: Callable[[str], float]) -> Callable[[str], tuple[float, ...]]:
@@ -127,7 +144,7 @@ def training_options(p: argparse.ArgumentParser) -> None:
         help="final: train800val200 -> test; tune: train800 -> val200; grid: tune the recipe's "
         "lr x wd grid on val200, then final with the best pair (default: %(default)s)",
     )
-    g.add_argument("--epochs", type=positive_int)
+    g.add_argument("--epochs", type=epochs)
     g.add_argument("--batch-size", type=positive_int)
     g.add_argument("--lr", type=positive_float, help="learning rate (used as given)")
     g.add_argument("--weight-decay", type=nonnegative_float)
@@ -147,11 +164,13 @@ def run_settings(args: argparse.Namespace):
     from benchmark.backbone import default_image_size
     from benchmark.runner import Settings
 
+    image_size = args.image_size or default_image_size(args.backbone)
+    check_image_size(args.backbone, image_size)
     return Settings(
         backbone=args.backbone,
         pretrained=not args.no_pretrained,
         weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None,
-        image_size=args.image_size or default_image_size(args.backbone),
+        image_size=image_size,
         interpolation=args.interpolation,
         normalization=args.normalization,
         precision=args.precision,
@@ -217,3 +236,19 @@ def method_names(text: str | None) -> list[str] | None:
     if not text:
         return None
     return list(dict.fromkeys(method_class(n.strip()).name for n in text.split(",") if n.strip()))
+
+
+def _meta_backbone(name: str, image_size: int | None, **kwargs: Any):
+    """The backbone's structure on the meta device: shapes without weights, in milliseconds."""
+    from benchmark.backbone import create_backbone
+
+    return create_backbone(name, pretrained=False, image_size=image_size, device="meta", **kwargs)
+
+
+def check_image_size(backbone: str, image_size: int) -> None:
+    """The image side must be a whole number of patches (at least one): else every run would fail later."""
+    patch = _meta_backbone(backbone, None).patch_embed.patch_size
+    p = patch[0] if isinstance(patch, tuple | list) else int(patch)
+    if image_size < p or image_size % p:
+        fits = max(p, round(image_size / p) * p)
+        raise UserError(f"--image-size {image_size} is not a multiple of {backbone}'s patch size {p}; use e.g. {fits}")

@@ -10,8 +10,8 @@ from typing import Any
 from benchmark.commands._options import (
     DEFAULT_DATA_ROOT,
     backbone_options,
+    epochs,
     method_class,
-    positive_int,
     reference_options,
     run_settings,
     task_list,
@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
     p.add_argument("--plan", action="store_true", help="print the runs (grid, seeds, counts, images) and stop")
     p.add_argument(
         "--epochs",
-        type=positive_int,
+        type=epochs,
         help="train this many epochs instead of the paper's (recorded; compare marks it)",
     )
     p.add_argument(

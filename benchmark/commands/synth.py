@@ -9,6 +9,7 @@ from typing import Any
 
 from benchmark.commands._options import (
     positive_int,
+    seed,
     task_list,
 )
 from benchmark.errors import UserError
@@ -62,7 +63,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tasks", default="all")
     p.add_argument("--per-class", type=positive_int, default=8, help="train images per class (val: a quarter)")
     p.add_argument("--image-size", type=positive_int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser(
         "pretrain-demo",
@@ -77,7 +78,7 @@ def register(sub: Any) -> None:
         "--images", type=positive_int, default=20_000, help="upstream training images (default: %(default)s)"
     )
     p.add_argument("--epochs", type=positive_int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--force", action="store_true", help="pretrain again even if FILE exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain_demo)

@@ -10,12 +10,13 @@ from typing import Any
 from benchmark.commands._options import (
     backbone_options,
     data_and_results,
-    int_list,
     method_class,
     method_options,
     one_task,
     recipe_overrides,
     run_settings,
+    seed,
+    seed_list,
     task_list,
     training_options,
 )
@@ -56,8 +57,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.backbone import create_backbone
+    from benchmark.claims import claim_path, read_owner, try_claim
     from benchmark.results import check_writable, run_path, write_json
-    from benchmark.runner import PROTOCOL_SPLITS, RunSpec, execute, prepare_data
+    from benchmark.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
 
     cls = method_class(args.method)
     task = one_task(args.task, several="use `bench` for several")
@@ -68,17 +70,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = cls().for_task(task.id).with_options(method_options(args)).with_recipe(**recipe_overrides(args))
     except ValueError as e:
         raise UserError(f"{cls.name}: {e}") from None
-    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
-                        args.cache_dir)  # fmt: skip
+    check_config(config, settings, f" on {task.id}")
     out = (
         Path(args.out).expanduser()
         if args.out
         else run_path(Path(args.results), cls.name, task.id, args.protocol, args.seed)
     )
+    if out.is_dir():
+        raise UserError(f"{out} is a directory where the result file belongs; pass another --out or --results")
     if args.out:
         check_writable(out.parent, option="--out", what="output directory")
     else:
         check_writable(out.parent)
+    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
+                        args.cache_dir)  # fmt: skip
     backbone = create_backbone(
         settings.backbone,
         pretrained=settings.pretrained,
@@ -87,8 +92,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         **config.backbone_kwargs(),
     )
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
-    record = execute(spec, backbone, data, progress=not args.quiet)
-    write_json(out, record)
+    claim = try_claim(out)  # the one way to run a result path: a sweep on the same directory waits for it
+    if claim is None:
+        owner = read_owner(claim_path(out)) or {}
+        raise UserError(
+            f"{out} is being run by {owner.get('host')}:{owner.get('pid')}; wait for it, or pass another --out"
+        )
+    try:
+        record = execute(spec, backbone, data, progress=not args.quiet)
+        write_json(out, record)
+    finally:
+        claim.release()
     acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]
     if record["status"] != "ok":
         print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
@@ -110,7 +124,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
     p.add_argument("--task", required=True, help="a task id or alias (`python -m benchmark tasks`)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed, default=42)
     p.add_argument("--out", metavar="FILE", help="result path (default: the results directory's layout)")
     data_and_results(p)
     backbone_options(p)
@@ -125,7 +139,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
-    p.add_argument("--seeds", type=int_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
+    p.add_argument("--seeds", type=seed_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
     data_and_results(p)
