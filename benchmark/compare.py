@@ -125,11 +125,14 @@ class Variant:
     budget: str
     runs: pd.DataFrame
     stats: dict[str, Any]
+    # What sets this configuration apart from the method's other runs under the protocol (`benchmark.variants`).
+    variant: str = ""
 
     def label(self) -> str:
         """The protocol label of the whole variant (seeds: those with a successful run)."""
         seeds = self.runs[self.runs.status == "ok"].seed.nunique()
-        return protocol_label(self.protocol, int(seeds), self.budget)
+        label = protocol_label(self.protocol, int(seeds), self.budget)
+        return label + (f" [{self.variant}]" if self.variant else "")
 
     def describe(self) -> str:
         """How these numbers were produced, in words: tuning, seeds, epochs, search, budget."""
@@ -155,10 +158,10 @@ class Variant:
 def _variants(frame: pd.DataFrame, method: str) -> list[Variant]:
     out = []
     runs = frame[frame.method == method]
-    for (protocol, budget), g in runs.groupby(["protocol", "budget"], sort=True):
+    for (protocol, budget, variant), g in runs.groupby(["protocol", "budget", "variant"], sort=True):
         ok = g[g.status == "ok"]
         per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
-        out.append(Variant(method, protocol, budget, g, aggregate(per_seed)))
+        out.append(Variant(method, protocol, budget, g, aggregate(per_seed), variant))
     return out
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from benchmark.reference import ReferenceTable, source_label
 from benchmark.results import atomic_write_bytes, load_results
+from benchmark.variants import variant_labels
 from tasks import GROUPS, TASKS
 
 TASK_ORDER = [t.id for t in TASKS]
@@ -57,7 +58,8 @@ def record_budget(record: dict[str, Any]) -> str:
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run: method, protocol, task, group, seed, status, acc (the reported metric), params."""
     rows = []
-    for r in records:
+    variants = variant_labels(records, [(r["method"], r["protocol"], record_budget(r)) for r in records])
+    for r, variant in zip(records, variants, strict=True):
         acc = r.get("val_acc") if r.get("mode") == "tune" else r.get("test_acc")
         params = r.get("params") or {}
         rows.append(
@@ -65,6 +67,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "method": r["method"],
                 "protocol": r["protocol"],
                 "budget": record_budget(r),
+                "variant": variant,
                 "task": r["task"],
                 "group": r.get("group"),
                 "seed": r["seed"],
@@ -80,6 +83,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "method",
         "protocol",
         "budget",
+        "variant",
         "task",
         "group",
         "seed",
@@ -134,15 +138,19 @@ def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
 
 
 def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """The numeric leaderboard: one row per (method, protocol, budget)."""
+    """The numeric leaderboard: one row per (method, protocol, budget, configuration variant).
+
+    Runs of one method under one protocol whose configurations differ (`benchmark.variants`) are never
+    averaged together: each configuration gets its own row, its label saying what sets it apart.
+    """
     rows = []
-    for (method, protocol, budget), g in runs.groupby(["method", "protocol", "budget"], sort=True):
+    for (method, protocol, budget, variant), g in runs.groupby(["method", "protocol", "budget", "variant"], sort=True):
         ok = g[g.status == "ok"]
         per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
         tasks = [t for t in TASK_ORDER if t in per_seed.columns]
         row: dict[str, Any] = {
             "method": method,
-            "protocol": protocol_label(protocol, per_seed.shape[0], budget),
+            "protocol": protocol_label(protocol, per_seed.shape[0], budget) + (f" [{variant}]" if variant else ""),
             "seeds": int(per_seed.shape[0]),
             "tasks": len(tasks),
             "runs_failed": int((g.status != "ok").sum()),

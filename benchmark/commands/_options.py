@@ -250,5 +250,5 @@ def check_image_size(backbone: str, image_size: int) -> None:
     patch = _meta_backbone(backbone, None).patch_embed.patch_size
     p = patch[0] if isinstance(patch, tuple | list) else int(patch)
     if image_size < p or image_size % p:
-        fits = max(p, round(image_size / p) * p)
+        fits = max(p, image_size // p * p)
         raise UserError(f"--image-size {image_size} is not a multiple of {backbone}'s patch size {p}; use e.g. {fits}")
