@@ -44,6 +44,9 @@ class PromptGenerator(nn.Module):
 
     Built from torchvision's `BasicBlock`; the shortcut of a block that changes shape is a 1×1 conv with
     bias and no norm, as in the official generator (torchvision's own ResNets use a conv without bias + BN).
+    Initialisation as the official generator's: every conv weight kaiming-normal (fan_out, ReLU), BatchNorm
+    weight 1 and bias 0; the shortcut convs' biases keep PyTorch's default U(-1/√fan_in, 1/√fan_in) (the
+    official init touches conv weights only), and so does the output Linear.
     """
 
     def __init__(self, outputs: int, channels: tuple[int, ...] = GENERATOR_CHANNELS) -> None:
@@ -63,9 +66,7 @@ class PromptGenerator(nn.Module):
         self.fc = nn.Linear(inplanes, outputs)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # the bias keeps its init
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

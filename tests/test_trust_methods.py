@@ -1,0 +1,149 @@
+"""Fidelity to the official code where it is easy to get wrong silently: prompt dropout per sample (drawn as
+the official code draws it), E²VPT's key-value prompt dropout, PGN's shortcut initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods._inject import KVExtendedAttention, embed
+from methods.e2vpt import E2VPTConfig
+from methods.pgn import PGNConfig
+from methods.vpt import VPTDeepConfig, VPTShallowConfig
+from tests.conftest import tiny_vit
+
+C = 5
+
+
+def twin_batch(seed: int = 1) -> torch.Tensor:
+    """One image twice: a batch of two identical samples."""
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).expand(2, -1, -1, -1)
+
+
+def build(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    return config.build(tiny_vit(), C).to(dtype).train()
+
+
+# -- 1. prompt dropout: a mask per sample -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (VPTDeepConfig, {"num_tokens": 3, "dropout": 0.5}),
+        (VPTShallowConfig, {"num_tokens": 3, "dropout": 0.5}),
+        (E2VPTConfig, {"num_tokens": 3, "num_kv_tokens": 2, "dropout": 0.5}),
+    ],
+    ids=["vpt_deep", "vpt_shallow", "e2vpt"],
+)
+def test_prompt_dropout_draws_a_mask_per_sample(cls, options):
+    model = build(cls(per_task=False, **options))
+    torch.manual_seed(3)
+    logits = model(twin_batch())
+    assert not torch.allclose(logits[0], logits[1])  # the same image, two different dropout masks
+    model.eval()
+    logits = model(twin_batch())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)  # no dropout in evaluation
+
+
+def official_order_logits(model, x: torch.Tensor, *, kv_dropout: float = 0.0) -> torch.Tensor:
+    """The official prompted forward (deep prompts), step by step: before each block its prompt is expanded to
+    [B, P, D] and dropout is applied to that tensor, then E²VPT's masks multiply it; in a block with key-value
+    prompts, dropout at rate `kv_dropout` (0: inert, as in the official runs) on the batch-expanded prompt, keys
+    first, then values. The random draws come in the official order."""
+    vit, prompts, p = model.backbone, model.prompts.prompts, model.prompts.dropout.p
+    masks = getattr(model, "masks", None)
+    B, n = x.shape[0], prompts.shape[1]
+    tokens = embed(vit, x)
+    for i, block in enumerate(vit.blocks):
+        prompt = F.dropout(prompts[i].expand(B, -1, -1), p, training=True)
+        if masks is not None:
+            prompt = prompt * masks.expanded()
+        tokens = torch.cat([tokens[:, :1], prompt, tokens[:, 1 if i == 0 else 1 + n :]], dim=1)
+        if not isinstance(block.attn, KVExtendedAttention):
+            tokens = block(tokens)
+            continue
+        a, e = block.attn.attn, block.attn.extra.key  # the wrapped timm attention, the shared key-value prompt
+        q, k, v = a.qkv(block.norm1(tokens)).reshape(B, -1, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        k = torch.cat([F.dropout(e.expand(B, -1, -1, -1), kv_dropout, training=True), k], dim=2)
+        v = torch.cat([F.dropout(e.expand(B, -1, -1, -1), kv_dropout, training=True), v], dim=2)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1) @ v
+        tokens = tokens + a.proj(attn.transpose(1, 2).reshape(B, tokens.shape[1], -1))
+        tokens = tokens + block.mlp(block.norm2(tokens))
+    return model.head(vit.norm(tokens)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "kv_dropout"),
+    [
+        (VPTDeepConfig, {"num_tokens": 3, "dropout": 0.3}, 0.0),
+        (E2VPTConfig, {"num_tokens": 4, "num_kv_tokens": 0, "dropout": 0.3}, 0.0),
+        (E2VPTConfig, {"num_tokens": 4, "num_kv_tokens": 2, "dropout": 0.3, "kv_dropout": 0.5}, 0.0),
+        (
+            E2VPTConfig,
+            {"num_tokens": 3, "num_kv_tokens": 2, "dropout": 0.2, "kv_dropout": 0.4, "kv_dropout_acts": True},
+            0.4,
+        ),
+    ],
+    ids=["vpt_deep", "e2vpt", "e2vpt_kv_dropout_inert", "e2vpt_kv_dropout_acts"],
+)
+def test_training_forward_draws_the_official_random_stream(cls, options, kv_dropout):
+    """Training mode, float64: the same seed gives the official code's masks, so the logits agree to rounding."""
+    model = build(cls(per_task=False, **options), dtype=torch.float64)
+    if hasattr(model, "masks"):  # soft masks as in the dense stage, away from 1
+        with torch.no_grad():
+            model.masks.token.uniform_(0.5, 1.5)
+            model.masks.segment.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(7)
+    ours = model(x)
+    torch.manual_seed(7)
+    reference = official_order_logits(model, x, kv_dropout=kv_dropout)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+
+
+# -- 2. E²VPT's key-value prompt dropout -----------------------------------------------------------------------
+def test_e2vpt_kv_dropout_never_acts_by_default():
+    """The official module sits in the encoder its `train()` keeps in eval mode: whatever the rate, it never acts."""
+    config = E2VPTConfig(num_tokens=2, num_kv_tokens=3, dropout=0.0, kv_dropout=0.5, per_task=False)
+    model = build(config)
+    x = twin_batch()
+    first, second = model(x), model(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first[0], first[1], rtol=0, atol=0)
+    assert config.kv_dropout_acts is False and E2VPTConfig().kv_dropout == 0.0
+
+
+def test_e2vpt_kv_dropout_option_draws_separate_masks_per_sample_for_keys_and_values():
+    config = E2VPTConfig(num_tokens=2, num_kv_tokens=3, dropout=0.0, kv_dropout=0.5, kv_dropout_acts=True,
+                         per_task=False)  # fmt: skip
+    model = build(config)
+    logits = model(twin_batch())
+    assert not torch.allclose(logits[0], logits[1])
+    kv = model.backbone.blocks[0].attn.extra  # share_kv: one tensor is both the key and the value prompt
+    torch.manual_seed(0)
+    keys, values = kv(2)
+    assert keys.shape == values.shape == (2, *kv.key.shape)
+    kept_k, kept_v = keys != 0, values != 0
+    assert not torch.equal(kept_k[0], kept_k[1]) and not torch.equal(kept_k, kept_v)
+    torch.testing.assert_close(keys[kept_k], (kv.key.expand_as(keys) * 2)[kept_k])  # scaled by 1 / keep
+    model.eval()
+    keys, values = kv(2)
+    assert keys is kv.key and values is kv.key  # evaluation: no dropout, the shared tensor itself
+
+
+# -- 3. PGN's shortcut convolutions ------------------------------------------------------------------------------
+def test_pgn_shortcut_biases_keep_pytorch_default_init():
+    """The official generator re-initialises conv weights only: a shortcut's bias stays U(-1/√fan_in, 1/√fan_in)."""
+    torch.manual_seed(0)
+    generator = PGNConfig().build(tiny_vit(), C).pgn.generator
+    shortcuts = [block.downsample for block in generator.blocks if block.downsample is not None]
+    assert [s.in_channels for s in shortcuts] == [16, 32, 64]
+    for conv in shortcuts:
+        bound = 1 / math.sqrt(conv.in_channels)  # kernel 1×1: fan_in is the input channels
+        assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0.5 * bound
+        assert conv.bias.abs().min() > 0  # drawn, not zeroed
+        fan_out_std = math.sqrt(2 / conv.out_channels)  # the weights: kaiming-normal, fan_out, as before
+        assert 0.7 * fan_out_std < conv.weight.std() < 1.3 * fan_out_std
