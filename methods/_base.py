@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from methods import _checks
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant", "timm-cosine")
 HEAD_INITS = ("vpt", "torch")
@@ -81,12 +83,18 @@ class Recipe:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight decay must be non-negative, got {self.weight_decay}"),
+            (0 <= self.weight_decay < math.inf, f"weight decay must be non-negative, got {self.weight_decay}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (0 <= self.warmup_start_lr < math.inf, f"warm-up start lr must be >= 0, got {self.warmup_start_lr}"),
+            (0 <= self.min_lr < math.inf, f"minimum lr must be >= 0, got {self.min_lr}"),
             (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warm-up epochs must be non-negative, got {self.warmup_epochs}"),
-            (all(x > 0 for x in self.lr_grid), f"every grid learning rate must be positive, got {self.lr_grid}"),
-            (all(x >= 0 for x in self.wd_grid), f"every grid weight decay must be >= 0, got {self.wd_grid}"),
+            (all(0 < x < math.inf for x in self.lr_grid), f"every grid lr must be positive, got {self.lr_grid}"),
+            (
+                all(0 <= x < math.inf for x in self.wd_grid),
+                f"every grid weight decay must be >= 0, got {self.wd_grid}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -362,6 +370,11 @@ class MethodConfig:
 
     recipe: Recipe = field(default_factory=Recipe)
 
+    def __post_init__(self) -> None:
+        """Check the fields (every field its annotated type, here); subclasses add their own checks after calling
+        this: a `ValueError` saying what is wrong and what to set (see `methods._checks`)."""
+        _checks.field_types(self)
+
     # -- to override ---------------------------------------------------------------------------------
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         """Wrap `backbone` (created with `num_classes=0`) into this method's model."""
@@ -432,8 +445,7 @@ class MethodConfig:
     def check_choices(self, choices: dict[str, tuple[Any, ...]]) -> None:
         """Raise `ValueError` unless each named field holds one of its allowed values."""
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            _checks.choice(self, name, allowed)
 
     def with_options(self, options: dict[str, str]) -> Self:
         """A copy with fields set from text (`--set key=value`), each converted to the field's type."""

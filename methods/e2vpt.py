@@ -32,10 +32,20 @@ from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
+from methods import _checks
+from methods._base import (
+    HEAD_INITS,
+    MethodConfig,
+    ParamReport,
+    PeftModel,
+    PruneCandidate,
+    Recipe,
+    TunableModule,
+)
 from methods._inject import KVExtendedAttention
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -268,19 +278,28 @@ class E2VPTConfig(MethodConfig):
     per_task: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {
             "importance": ("signed", "abs", "taylor"), "pruned_tokens": ("zero", "drop"),
             "rewind_init": ("fresh", "initial"), "segment_layout": ("strided", "contiguous"),
-            "kv_init": ("kaiming", "trunc_normal"),
+            "kv_init": ("kaiming", "trunc_normal"), "head_init": HEAD_INITS,
         }  # fmt: skip
         self.check_choices(choices)
-        if self.num_tokens < 1 or self.num_kv_tokens < 0:
-            raise ValueError(
-                f"need num_tokens >= 1 and num_kv_tokens >= 0, got {self.num_tokens}, {self.num_kv_tokens}"
-            )
-        for name in ("max_token_levels", "max_segment_levels"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1 or None")
+        _checks.integer(self, "num_tokens", 1)
+        _checks.integer(self, "num_kv_tokens", 0)
+        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.real(self, "kv_dropout", 0.0, 1.0, high_open=True)
+        _checks.integer(self, "num_segments", 1)
+        # The levels mask at most P − min_kept_tokens tokens and S − min_kept_segments segments per token.
+        _checks.integer(self, "min_kept_tokens", 0, self.num_tokens, high_is="num_tokens")
+        _checks.integer(self, "min_kept_segments", 0, self.num_segments, high_is="num_segments")
+        _checks.integer(self, "max_token_levels", 1, none_ok=True)
+        _checks.integer(self, "max_segment_levels", 1, none_ok=True)
+
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        _checks.divisor(self, "num_segments", backbone.embed_dim, "the backbone's width")
+        if self.num_kv_tokens and not all(isinstance(b.attn, Attention) for b in backbone.blocks):
+            raise _checks.invalid(self, "num_kv_tokens", "needs timm's Attention in every block", 0)
 
     def for_task(self, task_id: str) -> Self:
         if not self.per_task:

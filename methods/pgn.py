@@ -31,7 +31,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import embed, insert_tokens, pool, remove_tokens, run_blocks
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -196,8 +197,15 @@ class PGNConfig(MethodConfig):
     head_init: str = "torch"
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1 or self.library_size < 1:
-            raise ValueError(f"need num_prompts and library_size >= 1, got {self.num_prompts}, {self.library_size}")
+        super().__post_init__()
+        _checks.integer(self, "num_prompts", 1)
+        _checks.integer(self, "library_size", 1)
+        _checks.integer(self, "generator_resolution", 1, none_ok=True)
+        _checks.choice(self, "head_init", HEAD_INITS)
+
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        if self.input_space and not isinstance(backbone.patch_embed.norm, nn.Identity):
+            raise _checks.invalid(self, "input_space", "needs an affine patch embedding (this one has a norm)", False)
 
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return PGNModel(backbone, num_classes, self)

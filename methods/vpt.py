@@ -26,7 +26,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import embed, insert_tokens, pool, remove_tokens, replace_tokens, run_blocks
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -138,10 +139,10 @@ class _VPTConfig(MethodConfig):
     per_task: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be at least 1, got {self.num_tokens}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        super().__post_init__()
+        _checks.integer(self, "num_tokens", 1)
+        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.choice(self, "head_init", HEAD_INITS)
 
     def for_task(self, task_id: str) -> Self:
         if not self.per_task:

@@ -3,17 +3,22 @@ the official code draws it), E²VPT's key-value prompt dropout, PGN's shortcut i
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
+from benchmark.cli import main
+from methods import get_method, list_methods
 from methods._inject import KVExtendedAttention, embed
 from methods.e2vpt import E2VPTConfig
 from methods.pgn import PGNConfig
 from methods.vpt import VPTDeepConfig, VPTShallowConfig
-from tests.conftest import tiny_vit
+from tests.conftest import argv, tiny_vit
 
 C = 5
 
@@ -134,9 +139,9 @@ def test_e2vpt_kv_dropout_option_draws_separate_masks_per_sample_for_keys_and_va
     assert keys is kv.key and values is kv.key  # evaluation: no dropout, the shared tensor itself
 
 
-# -- 3. PGN's shortcut convolutions ------------------------------------------------------------------------------
+# -- 3. PGN's shortcut convolutions --------------------------------------------------------------------------
 def test_pgn_shortcut_biases_keep_pytorch_default_init():
-    """The official generator re-initialises conv weights only: a shortcut's bias stays U(-1/√fan_in, 1/√fan_in)."""
+    """The official generator re-initialises conv weights only: a shortcut bias stays U(-1/√fan_in, 1/√fan_in)."""
     torch.manual_seed(0)
     generator = PGNConfig().build(tiny_vit(), C).pgn.generator
     shortcuts = [block.downsample for block in generator.blocks if block.downsample is not None]
@@ -147,3 +152,138 @@ def test_pgn_shortcut_biases_keep_pytorch_default_init():
         assert conv.bias.abs().min() > 0  # drawn, not zeroed
         fan_out_std = math.sqrt(2 / conv.out_channels)  # the weights: kaiming-normal, fan_out, as before
         assert 0.7 * fan_out_std < conv.weight.std() < 1.3 * fan_out_std
+
+
+# -- 10. options that make a module impossible are refused up front ------------------------------------------
+TRIALS = {int: ("-1", "0", "1", "5"), float: ("-0.5", "0", "1", "nan", "inf"), str: ("bogus",)}
+
+
+def option_trials() -> list[tuple[str, str]]:
+    """(method, field) for every numeric and choice field of every registered method."""
+    out = []
+    for name in list_methods():
+        hints = typing.get_type_hints(get_method(name))
+        for f in dataclasses.fields(get_method(name)):
+            if f.name != "recipe" and any(t in TRIALS for t in typing.get_args(hints[f.name]) or (hints[f.name],)):
+                out.append((name, f.name))
+    return out
+
+
+def micro_vit() -> VisionTransformer:
+    """One block on 16-px images (a 2×2 patch grid): the smallest ViT every method attaches to."""
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=48, depth=1, num_heads=3, mlp_ratio=1.0,
+                             num_classes=0)  # fmt: skip
+
+
+def train_step(config, model) -> None:
+    """One training step's forward and backward (and, for pruning methods, the pruning decision and a rewound
+    model's forward): what a run does with the method's options."""
+    x, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    loss = F.cross_entropy(model.train()(x), y)
+    reg = model.regularization()
+    (loss if reg is None else loss + reg).backward()
+    assert torch.isfinite(loss)
+    if config.prunes:
+        initial = {k: v.clone() for k, v in model.tunable_state_dict().items()}
+        candidates = config.prune_candidates(model, initial, [(x, y)])
+        rewound = config.build(micro_vit(), C)
+        rewound.apply_pruning(candidates[-1].state)
+        assert torch.isfinite(rewound(x)).all()
+
+
+@pytest.mark.parametrize(("method", "option"), option_trials())
+def test_every_option_is_refused_up_front_or_trains(method, option):
+    """Each tried value of each numeric or choice option is refused when the config is made or checked against
+    the backbone (a one-line ValueError naming the option), or builds a model that trains: never a failure later."""
+    hint = typing.get_type_hints(get_method(method))[option]
+    texts = next(TRIALS[t] for t in typing.get_args(hint) or (hint,) if t in TRIALS)
+    for text in texts:
+        try:
+            config = get_method(method).tiny().with_options({option: text})
+            config.check_backbone(micro_vit())
+        except ValueError as e:
+            assert option in str(e) and "\n" not in str(e), text
+            continue
+        torch.manual_seed(0)
+        train_step(config, config.build(micro_vit(), C))
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        (
+            "e2vpt",
+            {"num_segments": "7"},
+            "num_segments=7 does not divide the backbone's width 48; set num_segments=16",
+        ),
+        ("e2vpt", {"num_segments": "0"}, "num_segments=0 must be at least 1; set num_segments=16"),
+        (
+            "e2vpt",
+            {"num_tokens": "3", "min_kept_tokens": "4"},
+            "min_kept_tokens=4 must be at most num_tokens=3; set min_kept_tokens=3",
+        ),
+        (
+            "e2vpt",
+            {"min_kept_segments": "17"},
+            "min_kept_segments=17 must be at most num_segments=16; set min_kept_segments=16",
+        ),
+        ("e2vpt", {"dropout": "nan"}, "dropout=nan must be a finite number; set dropout=0.1"),
+        ("e2vpt", {"kv_dropout": "1"}, "kv_dropout=1.0 must be in [0, 1); set kv_dropout=0.0"),
+        ("vpt_deep", {"num_tokens": "0"}, "num_tokens=0 must be at least 1; set num_tokens=10"),
+        ("vpt_shallow", {"head_init": "zeros"}, "head_init='zeros' is not one of vpt, torch; set head_init='vpt'"),
+        ("convpass", {"hidden": "0"}, "hidden=0 must be at least 1; set hidden=8"),
+        ("convpass_attn", {"drop_path_rate": "1"}, "drop_path_rate=1.0 must be in [0, 1); set drop_path_rate=0.1"),
+        ("pgn", {"num_prompts": "-2"}, "num_prompts=-2 must be at least 1; set num_prompts=16"),
+        (
+            "pgn",
+            {"generator_resolution": "0"},
+            "generator_resolution=0 must be at least 1; set generator_resolution=None",
+        ),
+        ("lion", {"in_groups": "0"}, "in_groups=0 must be at least 1; set in_groups=4"),
+        ("lion", {"in_groups": "3"}, "in_groups=3 does not divide in_channels 8; set in_groups=4"),
+        ("lion", {"out_dim": "0"}, "out_dim=0 must be at least 1; set out_dim=64"),
+        ("lion", {"tol": "0"}, "tol=0.0 must be in (0, inf); set tol=0.0001"),
+        ("linear", {"head_init": "kaiming"}, "head_init='kaiming' is not one of vpt, torch; set head_init='vpt'"),
+    ],
+)
+def test_impossible_options_say_what_to_set(method, options, message):
+    with pytest.raises(ValueError) as info:
+        get_method(method)().with_options(options).check_backbone(tiny_vit())
+    assert message in str(info.value)
+
+
+def test_configs_refuse_fields_of_the_wrong_type():
+    """Configs read back from JSON are checked too: a string where a number belongs is one line, not a crash."""
+    with pytest.raises(ValueError, match=r"num_tokens='10' must be int; set num_tokens=10"):
+        get_method("vpt_deep").from_dict({"num_tokens": "10"})
+    with pytest.raises(ValueError, match=r"prune=1 must be bool; set prune=True"):
+        get_method("e2vpt").from_dict({"prune": 1})
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        get_method("linear")().with_recipe(momentum=1.0)
+
+
+def test_pgn_input_space_needs_an_affine_patch_embedding():
+    backbone = tiny_vit()
+    backbone.patch_embed.norm = torch.nn.LayerNorm(48)
+    with pytest.raises(ValueError, match="input_space=True needs an affine patch embedding"):
+        PGNConfig(input_space=True).build(backbone, C)
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "message"),
+    [
+        ("bench --method e2vpt", "num_segments=7", "e2vpt on camelyon: num_segments=7 does not divide the backbone"),
+        ("bench --method lion", "in_groups=0", "lion on camelyon: in_groups=0 must be at least 1; set in_groups=4"),
+        ("bench --method convpass", "hidden=0", "convpass on camelyon: hidden=0 must be at least 1; set hidden=8"),
+        ("run --method e2vpt --task camelyon", "num_segments=7", "e2vpt: num_segments=7 does not divide"),
+    ],
+)
+def test_cli_refuses_impossible_options_before_any_run(command, option, message, synth_root, tmp_path, capsys):
+    results = tmp_path / "results"
+    extra = ["--tasks", "camelyon"] if command.startswith("bench") else []
+    code = main(argv(f"{command} --data-root {synth_root} --results {results}", *extra, "--set", option))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not results.exists()
