@@ -91,7 +91,7 @@ def field_types(config: Any) -> None:
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
-        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         if not any(_has_type(value, t) for t in allowed):
             names = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
             raise invalid(config, f.name, f"must be {names}")

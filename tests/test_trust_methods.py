@@ -53,6 +53,18 @@ def test_prompt_dropout_draws_a_mask_per_sample(cls, options):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)  # no dropout in evaluation
 
 
+def test_dropped_tokens_keep_per_sample_dropout():
+    """E²VPT's `drop` mode after pruning: the surviving prompt tokens still get a dropout mask per sample."""
+    config = E2VPTConfig(num_tokens=4, num_kv_tokens=0, dropout=0.5, pruned_tokens="drop", per_task=False)
+    model = build(config)
+    model.apply_pruning({"masks.token": torch.tensor([1.0, 0.0, 1.0, 1.0]), "masks.segment": torch.ones(4, 16)})
+    seen = {}
+    model.backbone.blocks[1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    logits = model.train()(twin_batch())
+    assert seen["x"].shape[1] == 1 + 3 + 16  # CLS, the 3 kept prompt tokens, the patches
+    assert not torch.allclose(logits[0], logits[1])
+
+
 def official_order_logits(model, x: torch.Tensor, *, kv_dropout: float = 0.0) -> torch.Tensor:
     """The official prompted forward (deep prompts), step by step: before each block its prompt is expanded to
     [B, P, D] and dropout is applied to that tensor, then E²VPT's masks multiply it; in a block with key-value
@@ -187,6 +199,8 @@ def train_step(config, model) -> None:
     if config.prunes:
         initial = {k: v.clone() for k, v in model.tunable_state_dict().items()}
         candidates = config.prune_candidates(model, initial, [(x, y)])
+        tunable = model.param_report().tunable
+        assert all(0 <= c.info["nonzero_tunable"] <= tunable for c in candidates)  # no level beyond the model
         rewound = config.build(micro_vit(), C)
         rewound.apply_pruning(candidates[-1].state)
         assert torch.isfinite(rewound(x)).all()
