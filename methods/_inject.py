@@ -61,8 +61,10 @@ def remove_tokens(x: Tensor, at: int, n: int) -> Tensor:
 class KVExtendedAttention(nn.Module):
     """A block's attention with extra tokens prepended to its keys and values, per head.
 
-    `extra` is a module whose call returns (keys, values), each [heads, n, head_dim]: they live in the per-head key/value space
-    (after the frozen qkv projection and q/k norms) and carry no position. Queries are not extended, so the
+    `extra` is a module called with the batch size that returns (keys, values), each [heads, n, head_dim] (shared
+    by the batch) or [B, heads, n, head_dim] (per sample, e.g. under dropout): they live in the per-head
+    key/value space (after the frozen qkv projection and q/k norms) and carry no position. It is called after
+    the qkv projection, where the official E²VPT code draws its key-value dropout. Queries are not extended, so the
     output keeps the input's length. The wrapped attention's own modules (qkv, norms, projection, gate)
     are reused; timm's `Attention.forward` cannot take extra keys, which is why its few lines of head
     splitting and merging are spelled out here.
@@ -83,10 +85,10 @@ class KVExtendedAttention(nn.Module):
         gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
         q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)  # [B, heads, N, head_dim]
-        extra_k, extra_v = self.extra()  # [heads, n, head_dim]
-        n = extra_k.shape[1]
-        k = torch.cat([extra_k.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([extra_v.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        extra_k, extra_v = self.extra(B)  # [heads, n, head_dim] or [B, heads, n, head_dim]
+        n = extra_k.shape[-2]
+        k = torch.cat([extra_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([extra_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         if attn_mask is not None:  # the extra keys are visible to every query
             attn_mask = F.pad(attn_mask, (n, 0), value=0.0 if attn_mask.dtype != torch.bool else True)
         if a.fused_attn:

@@ -15,7 +15,8 @@ from typing import ClassVar
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
 from methods._registry import register_method
 from methods._vit import vit_param_count, vit_report
 
@@ -54,6 +55,10 @@ class _BaselineConfig(MethodConfig):
 
     model_cls: ClassVar[type[PeftModel]]
     head_init: str = "vpt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _checks.choice(self, "head_init", HEAD_INITS)
 
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return self.model_cls(backbone, num_classes, head_init=self.head_init)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import ParallelBranches
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -161,6 +162,21 @@ class _ConvpassConfig(MethodConfig):
     drop_path_rate: float = 0.1
     head_init: str = "torch"
     per_task: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _checks.real(self, "scale")
+        _checks.integer(self, "hidden", 1)
+        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.choice(self, "head_init", HEAD_INITS)
+
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+        odd = next((type(b).__name__ for b in backbone.blocks if not all(hasattr(b, n) for n in parts)), None)
+        if odd is not None:
+            raise ValueError(f"{self.name} needs timm's ViT blocks (norms, attention, MLP, drop-paths); "
+                             f"this backbone has {odd}: pick a plain timm ViT")  # fmt: skip
 
     def for_task(self, task_id: str) -> Self:
         if not self.per_task or task_id not in self.task_settings:

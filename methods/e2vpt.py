@@ -4,9 +4,11 @@ Han et al., "E²VPT: An Effective and Efficient Approach for Visual Prompt Tunin
 https://arxiv.org/abs/2307.13770; official code ChengHan111/E2VPT (transfer type `P_VK`).
 
 - Visual prompts: VPT-deep (P tokens per block, replaced before every block, U(-0.0625, 0.0625), dropout
-  0.1), multiplied by a token mask [P] and a segment mask [P, 16] shared by all layers.
+  0.1 with a mask per sample), multiplied by a token mask [P] and a segment mask [P, 16] shared by all layers.
 - Key-value prompts: per block a tensor [heads, N_kv, head_dim] prepended to the attention's keys and
-  values (queries untouched), one tensor serving as both by default, kaiming-uniform init.
+  values (queries untouched), one tensor serving as both by default, kaiming-uniform init. Their dropout
+  never acts, as in the official code (whose `train()` keeps the module in eval mode); `kv_dropout_acts`
+  turns it on.
 - Pruning, driven by the runner: a dense stage with trainable masks; importance = mean gradient of the
   loss w.r.t. each mask entry over train800 (signed, as the code; options `abs`, `taylor`); nested
   token and segment levels, lowest scores masked first; every (token level, segment level) pair is
@@ -30,10 +32,20 @@ from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
+from methods import _checks
+from methods._base import (
+    HEAD_INITS,
+    MethodConfig,
+    ParamReport,
+    PeftModel,
+    PruneCandidate,
+    Recipe,
+    TunableModule,
+)
 from methods._inject import KVExtendedAttention
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -69,7 +81,12 @@ def _subsample(levels: list[int], k: int | None) -> list[int]:
 
 
 class KVPrompts(TunableModule):
-    """One block's key-value prompts: `key` [heads, n, head_dim] (and `value` unless shared)."""
+    """One block's key-value prompts: `key` [heads, n, head_dim] (and `value` unless shared).
+
+    Dropout (`dropout` > 0, in training) is drawn per sample on the batch-expanded tensor, separately for the
+    keys and then the values (also when one tensor serves as both), as the official attention applies its
+    module. The official runs never apply it (see `E2VPTConfig.kv_dropout_acts`); the model passes 0 then.
+    """
 
     def __init__(self, heads: int, num_tokens: int, head_dim: int, *, share_kv: bool, init: str, dropout: float):
         super().__init__()
@@ -86,9 +103,13 @@ class KVPrompts(TunableModule):
                 raise ValueError(f"kv_init must be `kaiming` or `trunc_normal`, got {init!r}")
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        key = self.dropout(self.key)
-        return key, key if self.value is None else self.dropout(self.value)
+    def forward(self, batch: int) -> tuple[Tensor, Tensor]:
+        """(keys, values): [heads, n, head_dim] each, shared by the batch, or [batch, heads, n, head_dim] each
+        when dropout acts."""
+        value = self.key if self.value is None else self.value
+        if not self.training or self.dropout.p == 0.0:
+            return self.key, value
+        return self.dropout(self.key.expand(batch, -1, -1, -1)), self.dropout(value.expand(batch, -1, -1, -1))
 
 
 class PromptMasks(nn.Module):
@@ -133,16 +154,18 @@ class E2VPTModel(PromptedViT):
         self.masks = PromptMasks(config.num_tokens, config.num_segments, backbone.embed_dim, config.segment_layout)
         self.pruned_tokens = config.pruned_tokens
         self.num_kv_tokens = config.num_kv_tokens
+        kv_dropout = config.kv_dropout if config.kv_dropout_acts else 0.0  # the official code: never acts
         for block in backbone.blocks if config.num_kv_tokens else ():
             attn = block.attn
             kv = KVPrompts(attn.num_heads, config.num_kv_tokens, attn.head_dim, share_kv=config.share_kv,
-                           init=config.kv_init, dropout=config.kv_dropout)  # fmt: skip
+                           init=config.kv_init, dropout=kv_dropout)  # fmt: skip
             block.attn = KVExtendedAttention(attn, kv)
 
-    def layer_prompt(self, layer: int) -> Tensor:
-        prompt = self.prompts(layer) * self.masks.expanded().to(self.prompts.prompts.dtype)
+    def layer_prompt(self, layer: int, batch: int) -> Tensor:
+        # Dropout first (per sample), then the masks: the official order.
+        prompt = self.prompts(layer, batch) * self.masks.expanded().to(self.prompts.prompts.dtype)
         if self.pruned_tokens == "drop" and not self.masks.trainable:
-            prompt = prompt[self.masks.kept_tokens()]
+            prompt = prompt[..., self.masks.kept_tokens(), :]
         return prompt
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
@@ -212,8 +235,11 @@ class E2VPTConfig(MethodConfig):
     Attributes:
         num_tokens: visual prompt length P (per task from the spec in `for_task`).
         num_kv_tokens: key-value prompt length N_kv (per task from the spec in `for_task`).
-        dropout: visual prompt dropout.
-        kv_dropout: key-value prompt dropout.
+        dropout: visual prompt dropout (a mask per sample, drawn as the official code draws it).
+        kv_dropout: key-value prompt dropout; acts only with `kv_dropout_acts`.
+        kv_dropout_acts: False (the official behaviour): the key-value dropout never acts, whatever its rate,
+            since the official module sits in the encoder that the prompted model's `train()` keeps in eval
+            mode. True: it acts in training, a mask per sample, drawn separately for keys and values.
         share_kv: one tensor serves as key and value prompt (otherwise two, 2× parameters).
         kv_init: `kaiming` (kaiming-uniform, the code's `ORIGIN_INIT=2`) or `trunc_normal` (std 0.02).
         num_segments: segments per prompt token.
@@ -235,6 +261,7 @@ class E2VPTConfig(MethodConfig):
     num_kv_tokens: int = 5
     dropout: float = 0.1
     kv_dropout: float = 0.0
+    kv_dropout_acts: bool = False
     share_kv: bool = True
     kv_init: str = "kaiming"
     num_segments: int = 16
@@ -251,19 +278,28 @@ class E2VPTConfig(MethodConfig):
     per_task: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {
             "importance": ("signed", "abs", "taylor"), "pruned_tokens": ("zero", "drop"),
             "rewind_init": ("fresh", "initial"), "segment_layout": ("strided", "contiguous"),
-            "kv_init": ("kaiming", "trunc_normal"),
+            "kv_init": ("kaiming", "trunc_normal"), "head_init": HEAD_INITS,
         }  # fmt: skip
         self.check_choices(choices)
-        if self.num_tokens < 1 or self.num_kv_tokens < 0:
-            raise ValueError(
-                f"need num_tokens >= 1 and num_kv_tokens >= 0, got {self.num_tokens}, {self.num_kv_tokens}"
-            )
-        for name in ("max_token_levels", "max_segment_levels"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1 or None")
+        _checks.integer(self, "num_tokens", 1)
+        _checks.integer(self, "num_kv_tokens", 0)
+        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.real(self, "kv_dropout", 0.0, 1.0, high_open=True)
+        _checks.integer(self, "num_segments", 1)
+        # The levels mask at most P − min_kept_tokens tokens and S − min_kept_segments segments per token.
+        _checks.integer(self, "min_kept_tokens", 0, self.num_tokens, high_is="num_tokens")
+        _checks.integer(self, "min_kept_segments", 0, self.num_segments, high_is="num_segments")
+        _checks.integer(self, "max_token_levels", 1, none_ok=True)
+        _checks.integer(self, "max_segment_levels", 1, none_ok=True)
+
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        _checks.divisor(self, "num_segments", backbone.embed_dim, "the backbone's width")
+        if self.num_kv_tokens and not all(isinstance(b.attn, Attention) for b in backbone.blocks):
+            raise _checks.invalid(self, "num_kv_tokens", "needs timm's Attention in every block", 0)
 
     def for_task(self, task_id: str) -> Self:
         if not self.per_task:

@@ -43,7 +43,16 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchdeq import get_deq
 
-from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
+from methods import _checks
+from methods._base import (
+    HEAD_INITS,
+    MethodConfig,
+    ParamReport,
+    PeftModel,
+    PruneCandidate,
+    Recipe,
+    TunableModule,
+)
 from methods._registry import register_method
 from methods._vit import vit_report
 
@@ -338,21 +347,31 @@ class LIONConfig(MethodConfig):
     head_init: str = "torch"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {
             "in_norm": ("injection", "sum", "none"), "lipschitz": ("operator", "kernel"),
             "solver": ("anderson", "fixed_point_iter"), "gradient": ("implicit", "phantom"),
             "prune_scope": ("per_tensor", "global"), "robust_threshold_mode": ("quantile", "absolute"),
-            "robust_phases": ("dense", "both"),
+            "robust_phases": ("dense", "both"), "head_init": HEAD_INITS,
         }  # fmt: skip
         self.check_choices(choices)
-        if self.in_channels % self.in_groups:
-            raise ValueError(f"in_groups {self.in_groups} must divide in_channels {self.in_channels}")
-        if not 0 < self.gamma < 1:
-            raise ValueError(f"gamma must be in (0, 1) for a contraction, got {self.gamma}")
-        if not 0 <= self.prune_fraction < 1:
-            raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
+        _checks.integer(self, "in_channels", 1)
+        _checks.integer(self, "in_groups", 1)
+        _checks.divisor(self, "in_groups", self.in_channels, "in_channels")
+        _checks.integer(self, "out_dim", 1)
+        _checks.real(self, "gamma", 0.0, 1.0, low_open=True, high_open=True)  # a contraction
+        _checks.integer(self, "max_iter", 1)
+        _checks.real(self, "tol", 0.0, low_open=True)
+        _checks.integer(self, "phantom_steps", 1)
+        _checks.integer(self, "backward_max_iter", 1)
+        _checks.real(self, "backward_tol", 0.0, low_open=True)
+        _checks.real(self, "prune_fraction", 0.0, 1.0, high_open=True)
+        _checks.real(self, "robust_strength", 0.0)
+        _checks.real(self, "robust_threshold", 0.0)
         if not (self.use_input_layer or self.use_output_layer):
-            raise ValueError("LION needs at least one implicit layer")
+            raise ValueError(
+                "LION needs at least one implicit layer; set use_input_layer=true or use_output_layer=true"
+            )
 
     @classmethod
     def tiny(cls) -> Self:

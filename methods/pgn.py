@@ -31,7 +31,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import embed, insert_tokens, pool, remove_tokens, run_blocks
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -44,6 +45,9 @@ class PromptGenerator(nn.Module):
 
     Built from torchvision's `BasicBlock`; the shortcut of a block that changes shape is a 1×1 conv with
     bias and no norm, as in the official generator (torchvision's own ResNets use a conv without bias + BN).
+    Initialisation as the official generator's: every conv weight kaiming-normal (fan_out, ReLU), BatchNorm
+    weight 1 and bias 0; the shortcut convs' biases keep PyTorch's default U(-1/√fan_in, 1/√fan_in) (the
+    official init touches conv weights only), and so does the output Linear.
     """
 
     def __init__(self, outputs: int, channels: tuple[int, ...] = GENERATOR_CHANNELS) -> None:
@@ -63,9 +67,7 @@ class PromptGenerator(nn.Module):
         self.fc = nn.Linear(inplanes, outputs)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # the bias keeps its init
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -195,8 +197,15 @@ class PGNConfig(MethodConfig):
     head_init: str = "torch"
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1 or self.library_size < 1:
-            raise ValueError(f"need num_prompts and library_size >= 1, got {self.num_prompts}, {self.library_size}")
+        super().__post_init__()
+        _checks.integer(self, "num_prompts", 1)
+        _checks.integer(self, "library_size", 1)
+        _checks.integer(self, "generator_resolution", 1, none_ok=True)
+        _checks.choice(self, "head_init", HEAD_INITS)
+
+    def check_backbone(self, backbone: VisionTransformer) -> None:
+        if self.input_space and not isinstance(backbone.patch_embed.norm, nn.Identity):
+            raise _checks.invalid(self, "input_space", "needs an affine patch embedding (this one has a norm)", False)
 
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return PGNModel(backbone, num_classes, self)

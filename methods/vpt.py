@@ -6,7 +6,8 @@ p learnable prompt tokens are inserted right after CLS (after the position embed
 own). Shallow: inserted once, their outputs flow through every block. Deep: before every block the
 prompt positions are discarded and replaced by that layer's prompt tensor. Prompt entries ~ U(-v, v) with
 v = sqrt(6 / (3·patch² + D)) (0.0625 for ViT-B/16); prompt dropout on every insertion (0.1 deep, 0
-shallow); the backbone's own dropout is off. Tunable: 12·p·D (deep) or p·D (shallow).
+shallow), a mask per sample drawn as the official code draws it; the backbone's own dropout is off.
+Tunable: 12·p·D (deep) or p·D (shallow).
 
 Per-task prompt lengths: the deep list of the suite's spec, confirmed for dmlab, sun397, eurosat and
 svhn and unconfirmed for the rest; the same list is the shallow default (VPT's shallow lengths are
@@ -25,7 +26,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods import _checks
+from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import embed, insert_tokens, pool, remove_tokens, replace_tokens, run_blocks
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -62,15 +64,23 @@ def prompt_init_bound(vit: VisionTransformer) -> float:
 
 
 class Prompts(TunableModule):
-    """Prompt tokens for one or several layers: `prompts` [layers, p, D], with dropout on each use."""
+    """Prompt tokens for one or several layers: `prompts` [layers, p, D], with dropout on each use.
+
+    Dropout draws a mask per sample: as the official code, it is applied to the prompt expanded to the batch,
+    [B, p, D], so the masks are the official ones for the same random state (same draws, same order).
+    """
 
     def __init__(self, layers: int, num_tokens: int, dim: int, bound: float, dropout: float) -> None:
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(layers, num_tokens, dim).uniform_(-bound, bound))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, layer: int) -> Tensor:
-        return self.dropout(self.prompts[layer])
+    def forward(self, layer: int, batch: int) -> Tensor:
+        """Layer `layer`'s prompt: [p, D], shared by the batch, when dropout does not act; else [batch, p, D]."""
+        prompt = self.prompts[layer]
+        if not self.training or self.dropout.p == 0.0:
+            return prompt
+        return self.dropout(prompt.expand(batch, -1, -1))
 
 
 class PromptedViT(PeftModel):
@@ -88,9 +98,10 @@ class PromptedViT(PeftModel):
         layers = len(backbone.blocks) if deep else 1
         self.prompts = Prompts(layers, num_tokens, backbone.embed_dim, prompt_init_bound(backbone), dropout)
 
-    def layer_prompt(self, layer: int) -> Tensor:
-        """The prompt tokens [n, D] entering block `layer` (deep), or block 0 (shallow)."""
-        return self.prompts(layer)
+    def layer_prompt(self, layer: int, batch: int) -> Tensor:
+        """The prompt tokens entering block `layer` (deep), or block 0 (shallow), for a batch of `batch` images:
+        [n, D] when shared by the batch, [batch, n, D] when each sample has its own (dropout in training)."""
+        return self.prompts(layer, batch)
 
     def forward_features(self, x: Tensor) -> Tensor:
         at = self.backbone.num_prefix_tokens
@@ -99,10 +110,10 @@ class PromptedViT(PeftModel):
         def before_block(i: int, x: Tensor) -> Tensor:
             nonlocal n
             if i == 0:
-                prompt = self.layer_prompt(0)
-                n = prompt.shape[0]
+                prompt = self.layer_prompt(0, x.shape[0])
+                n = prompt.shape[-2]
                 return insert_tokens(x, prompt, at)
-            return replace_tokens(x, self.layer_prompt(i), at) if self.deep else x
+            return replace_tokens(x, self.layer_prompt(i, x.shape[0]), at) if self.deep else x
 
         x = run_blocks(self.backbone, embed(self.backbone, x), before_block)
         # Pooling sees only the backbone's own tokens (CLS pooling ignores prompts anyway; average pooling would not).
@@ -128,10 +139,10 @@ class _VPTConfig(MethodConfig):
     per_task: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be at least 1, got {self.num_tokens}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        super().__post_init__()
+        _checks.integer(self, "num_tokens", 1)
+        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.choice(self, "head_init", HEAD_INITS)
 
     def for_task(self, task_id: str) -> Self:
         if not self.per_task:

@@ -112,7 +112,7 @@ def test_kv_extended_attention_equals_explicit_softmax_and_leaves_qkv_alone():
     keys, values = torch.randn(3, 4, 16), torch.randn(3, 4, 16)
 
     class Extra(torch.nn.Module):
-        def forward(self):
+        def forward(self, batch):
             return keys, values
 
     wrapped = KVExtendedAttention(attn, Extra()).eval()
@@ -205,7 +205,7 @@ def test_pruning_zeroes_or_drops_tokens_and_counts_survivors():
         model(images())
         assert set(lengths) == {length}
         if mode == "zero":
-            assert model.layer_prompt(2)[1].abs().sum() == 0  # the pruned token is a zero vector at every layer
+            assert model.layer_prompt(2, 1)[1].abs().sum() == 0  # the pruned token is a zero vector at every layer
         report = model.param_report()
         assert report.tunable == 6 * 64 * 0 + 3 * 48 * (4 + 2)
         assert (
