@@ -331,7 +331,7 @@ def sweep(
         r = configs[task.id].recipe
         if protocol == "grid" and (not r.lr_grid or not r.wd_grid):
             raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
-    for task in tasks:
+    for task in tasks:  # options the backbone cannot take (e.g. segments that do not divide its width)
         check_config(configs[task.id], settings, f" on {task.id}")
     # A pruning stage decides on train800 -> val200 whatever the protocol.
     pruning = any(c.prunes for c in configs.values())
@@ -340,11 +340,6 @@ def sweep(
     check_writable(results)
     backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
-    for task in tasks:  # options the backbone cannot take (e.g. segments that do not divide its width)
-        try:
-            configs[task.id].check_backbone(backbone)
-        except ValueError as e:
-            raise UserError(f"{config.name} on {task.id}: {e}") from None
     state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
                    retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.

@@ -290,7 +290,7 @@ def test_pgn_input_space_needs_an_affine_patch_embedding():
         ("bench --method e2vpt", "num_segments=7", "e2vpt on camelyon: num_segments=7 does not divide the backbone"),
         ("bench --method lion", "in_groups=0", "lion on camelyon: in_groups=0 must be at least 1; set in_groups=4"),
         ("bench --method convpass", "hidden=0", "convpass on camelyon: hidden=0 must be at least 1; set hidden=8"),
-        ("run --method e2vpt --task camelyon", "num_segments=7", "e2vpt: num_segments=7 does not divide"),
+        ("run --method e2vpt --task camelyon", "num_segments=7", "e2vpt on camelyon: num_segments=7 does not divide"),
     ],
 )
 def test_cli_refuses_impossible_options_before_any_run(command, option, message, synth_root, tmp_path, capsys):

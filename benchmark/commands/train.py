@@ -91,10 +91,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_size=settings.image_size,
         **config.backbone_kwargs(),
     )
-    try:
-        config.check_backbone(backbone)
-    except ValueError as e:
-        raise UserError(f"{cls.name}: {e}") from None
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
     claim = try_claim(out)  # the one way to run a result path: a sweep on the same directory waits for it
     if claim is None:
