@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.images import to_rgb
 from tasks.vtab import SPLITS, Task
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -92,10 +93,14 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
 
 
 def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S]."""
+    """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S].
+
+    Every mode Pillow opens is read as the pixel values the file means (`tasks.images.to_rgb`: high bit
+    depths scaled to 8 bits, alpha dropped), or refused with a `DataError` naming the file.
+    """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), INTERPOLATIONS[interpolation])
+            im = to_rgb(im).resize((size, size), INTERPOLATIONS[interpolation])
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
