@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -171,3 +172,75 @@ def test_validation_reports_a_refused_image_in_one_line(tmp_path):
     report = validate_task_dir(d, get_task("dtd"))
     refused = [p for p in report.problems if "deep.tif" in p]
     assert len(refused) == 1 and "32-bit signed integer image" in refused[0] and "\n" not in refused[0]
+
+
+# -- split files: a byte-order mark is accepted, paths outside the task folder are refused ---------------------
+def _split_task(tmp_path: Path, lines: list[str], raw_prefix: bytes = b"") -> Path:
+    d = tmp_path / "data" / "dtd"
+    (d / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(d / "images" / "a.jpg")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "data" / "outside.jpg")
+    (d / "train800.txt").write_bytes(raw_prefix + ("\n".join(lines) + "\n").encode())
+    return d
+
+
+def test_a_split_file_may_start_with_a_byte_order_mark(tmp_path):
+    d = _split_task(tmp_path, ["images/a.jpg 3", "images/a.jpg 4"], raw_prefix=b"\xef\xbb\xbf")
+    split = read_split(d, get_task("dtd"), "train800")
+    assert split.images == (d / "images" / "a.jpg",) * 2 and split.labels == (3, 4)
+    (d / "train800.txt").write_bytes(b"\xef\xbb\xbf\nimages/a.jpg 3\n")  # a mark alone on the first line
+    assert read_split(d, get_task("dtd"), "train800").labels == (3,)
+
+
+def test_paths_that_stay_inside_the_task_folder_are_accepted(tmp_path):
+    d = _split_task(tmp_path, ["images/../images/a.jpg 1", "./images/a.jpg 2"])
+    assert read_split(d, get_task("dtd"), "train800").labels == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("../outside.jpg", "leaves the task folder"),
+        ("images/../../outside.jpg", "leaves the task folder"),
+        ("{outside}", "is absolute"),
+        ("C:/data/outside.jpg", "is absolute"),
+        ("\\\\server\\share\\outside.jpg", "is absolute"),
+    ],
+)
+def test_a_path_outside_the_task_folder_is_refused_with_file_and_line(tmp_path, path, problem):
+    """Refused even though the file exists: a split file names only images inside its own folder."""
+    outside = tmp_path / "data" / "outside.jpg"
+    d = _split_task(tmp_path, ["images/a.jpg 1", f"{path.format(outside=outside)} 2"])
+    assert outside.is_file()
+    with pytest.raises(DataError) as e:
+        read_split(d, get_task("dtd"), "train800", check_files=False)
+    message = str(e.value)
+    assert message.startswith(f"{d / 'train800.txt'}:2: image path ") and f" {problem}; list images" in message
+    assert f"relative to the task folder {d}" in message and "\n" not in message
+
+
+def test_validation_and_the_cli_refuse_a_path_outside_the_task_folder(synth_root, tmp_path, capsys):
+    from benchmark.cli import main
+    from tests.conftest import argv
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    split = root / "svhn" / "train800.txt"
+    lines = split.read_text().splitlines()
+    outside = root / "outside.jpg"
+    shutil.copyfile(root / "svhn" / lines[0].split()[0], outside)
+    lines[4] = f"{outside} {lines[4].split()[1]}"
+    split.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+
+    report = validate_task_dir(root / "svhn", get_task("svhn"))
+    assert [p for p in report.problems if "is absolute" in p] == [
+        f"{split}:5: image path {str(outside)!r} is absolute; list images by their path relative to the task "
+        f"folder {root / 'svhn'} (e.g. images/000001.jpg), inside it"
+    ]
+    results = tmp_path / "results"
+    capsys.readouterr()
+    code = main(argv(f"run --method linear --task svhn --data-root {root} --results {results} --protocol tune"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {split}:5: image path ") and "is absolute" in err
+    assert not results.exists() or not any(results.rglob("*.json"))
