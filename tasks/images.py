@@ -11,6 +11,7 @@ modes are handled in three groups:
 - Alpha is dropped: the colour channels are used as stored, which is what the community VTAB-1k loaders
   do (`Image.open(path).convert("RGB")`), so a transparent image gives the same pixels here as there.
   Premultiplied modes (`RGBa`, `La`) are un-premultiplied first, so they follow the same rule.
+  Embedded colour profiles (ICC) are not applied, as they are not there either.
 - Integer and float modes (`I;16`, `I;16L`, `I;16B`, `I;16N`, `I`, `F`) are scaled to 0..255 from the
   range their bit depth defines: an unsigned b-bit value v becomes round(v * 255 / (2**b - 1)) (a 16-bit
   65535 -> 255, 32768 -> 128). The depth is the TIFF's BitsPerSample where the file says it; `I;16*`
