@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import timm
 import torch
-from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from timm.models import generate_default_cfgs, register_model, vision_transformer
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 
 from benchmark.errors import UserError
 
@@ -81,35 +85,150 @@ def create_backbone(
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"weights file {path} does not exist; pass an existing checkpoint to --weights")
-        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
-        args.update(pretrained=True, pretrained_cfg_overlay=overlay)
+        source = f"weights file {path}"
     elif pretrained:
-        args.update(pretrained=True, pretrained_cfg_overlay={"file": str(hub_weights(name))})
+        path = hub_weights(name)
+        source = f"pretrained weights of {name} ({path})"
     else:
-        args["pretrained"] = False
+        path = None
     try:
         with (
             torch.random.fork_rng(devices=[]),
             torch.device(device) if device is not None else contextlib.nullcontext(),
         ):
             torch.manual_seed(init_seed)
-            model = timm.create_model(name, **args)
+            model = timm.create_model(name, pretrained=False, **args)
     except TypeError as e:  # a non-ViT architecture rejects the ViT arguments above
         raise UserError(
             f"backbone {name!r} is not a timm VisionTransformer ({e}); pick e.g. {DEFAULT_BACKBONE}"
         ) from None
     except (OSError, RuntimeError, ValueError) as e:
-        what = (
-            f"weights {weights}" if weights is not None else f"pretrained weights of {name} from the Hugging Face Hub"
-        )
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"could not load {what} ({reason[:200]}); pass --weights FILE for a local checkpoint "
-            "or --no-pretrained for random weights"
-        ) from None
+        raise UserError(f"could not build backbone {name!r} ({_first_line(e)})") from None
     if not isinstance(model, VisionTransformer):
         raise UserError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if path is not None:
+        load_weights(model, path, name=name, source=source)
     return model
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_weights(model: VisionTransformer, path: str | Path, *, name: str, source: str | None = None) -> None:
+    """Load a checkpoint into `model`, refusing (one-line `UserError`) any file that does not fit it exactly.
+
+    timm reads the file (`.safetensors`, a torch pickle loaded weights-only, or Google's `.npz`), unwraps
+    `state_dict`/`model` entries and strips the `module.`/`_orig_mod.` prefixes that DDP and
+    `torch.compile` add, then converts it to the model's layout (`checkpoint_filter_fn`: other checkpoint
+    formats, position embeddings and patch embeddings resampled to this image and patch size). What is
+    left must match the model key for key and shape for shape, except the classifier head (`head.weight`,
+    `head.bias`), which the headless backbone drops. timm itself only warns about missing or unexpected
+    keys when the head is removed, which would let another model's checkpoint, or half of one, train on
+    random weights without a word. Other prefixes (`model.`, `backbone.`) are not stripped, since they may
+    name one part of a larger model: the message says to save the backbone's own state_dict.
+    """
+    path = Path(path)
+    source = source or f"weights file {path}"
+    if path.suffix == ".npz":
+        _load_npz(model, path, name=name, source=source)
+        return
+    try:
+        state = timm.models.load_state_dict(str(path))
+    except Exception as e:  # safetensors, torch and pickle raise many types for a damaged or foreign file
+        raise UserError(
+            f"cannot read {source} ({type(e).__name__}: {_first_line(e)}); pass a complete .safetensors, "
+            ".pth/.bin or .npz checkpoint"
+        ) from None
+    try:
+        state = _checkpoint_filter(name)(state, model)
+    except Exception as e:  # the conversion indexes tensors by the model's shapes and fails on foreign ones
+        raise UserError(f"{source} does not fit backbone {name} ({type(e).__name__}: {_first_line(e)})") from None
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k not in heads or k in expected}
+    missing = [k for k in expected if k not in state and k not in heads]
+    unexpected = [k for k, v in state.items() if k not in expected or not isinstance(v, torch.Tensor)]
+    reshaped = [
+        f"{k} {list(v.shape)} vs {list(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of the backbone's {len(expected)} tensors are missing ({_few(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} are not in the backbone ({_few(unexpected)})")
+        if reshaped:
+            problems.append(f"{len(reshaped)} have other shapes ({_few(reshaped, 2)})")
+        raise UserError(
+            f"{source} does not fit backbone {name}: {'; '.join(problems)}{_prefix_hint(unexpected, missing)}; "
+            "pass the checkpoint of this backbone, or the --backbone it was saved from"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _checkpoint_filter(name: str) -> Callable[..., dict[str, torch.Tensor]]:
+    """The conversion timm's ViT factory (`_create_vision_transformer`) applies to the checkpoints of `name`."""
+    if "flexi" in name:  # FlexiViT: bilinear resampling without antialiasing
+        return partial(checkpoint_filter_fn, interpolation="bilinear", antialias=False)
+    if "radio" in name:  # RADIO: bilinear without antialiasing, corners aligned for some variants
+        aligned = any(v in name for v in getattr(vision_transformer, "_RADIO_ALIGN_CORNERS", ()))
+        return partial(checkpoint_filter_fn, interpolation="bilinear", antialias=False, align_corners=aligned)
+    return checkpoint_filter_fn
+
+
+def _prefix_hint(unexpected: list[str], missing: list[str]) -> str:
+    """A note when the checkpoint's keys are the backbone's under one wrapper prefix (`model.blocks.0...`)."""
+    prefixes = {k.split(".", 1)[0] for k in unexpected if "." in k}
+    if len(prefixes) != 1 or not missing:
+        return ""
+    prefix = prefixes.pop()
+    stripped = {k.split(".", 1)[1] for k in unexpected if "." in k}
+    if len(stripped & set(missing)) < len(missing) / 2:
+        return ""
+    return f" (its keys carry the prefix '{prefix}.': save the backbone's own state_dict, without the wrapper)"
+
+
+def _load_npz(model: VisionTransformer, path: Path, *, name: str, source: str) -> None:
+    """Google's `.npz` checkpoints, loaded by timm's `load_pretrained`, after checking their depth.
+
+    timm reads each tensor it needs by name, so a missing one or another shape already fails; but blocks
+    beyond the model's depth would be left unread without a word, so the block count is checked first.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = list(npz.files)
+            stacked = [f for f in files if f.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
+            depth = int(npz[stacked[0]].shape[0]) if stacked else None
+    except Exception as e:  # numpy and zipfile raise many types for a damaged archive
+        raise UserError(
+            f"cannot read {source} ({type(e).__name__}: {_first_line(e)}); pass a complete .npz checkpoint"
+        ) from None
+    if depth is None:
+        indices = {int(m.group(1)) for f in files if (m := re.search(r"Transformer/encoderblock_(\d+)/", f))}
+        depth = max(indices) + 1 if indices else None
+    if depth is not None and depth != len(model.blocks):
+        raise UserError(
+            f"{source} does not fit backbone {name}: it holds {depth} transformer blocks, the backbone has "
+            f"{len(model.blocks)}; pass the checkpoint of this backbone, or the --backbone it was saved from"
+        )
+    try:
+        model.load_pretrained(str(path))
+    except KeyError as e:
+        raise UserError(
+            f"{source} does not fit backbone {name}: it lacks {e}; pass the checkpoint of this backbone"
+        ) from None
+    except Exception as e:  # shape mismatches (RuntimeError), unknown layouts (ValueError), damaged members
+        raise UserError(f"{source} does not fit backbone {name} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def hub_weights(name: str) -> Path:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks import DataError, SplitFile, Task, decode_image, find_task_dir, read_split
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits instead of clipped
 
 
 def default_cache_dir() -> Path:

@@ -70,7 +70,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _count_lines(raw: bytes) -> int:
-    return sum(1 for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip())
+    return sum(1 for line in raw.decode("utf-8-sig", errors="replace").splitlines() if line.strip())
 
 
 # -- reports -----------------------------------------------------------------------------------------------

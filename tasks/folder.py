@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image
 
+from tasks.images import to_rgb
 from tasks.vtab import SPLITS, Task
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -66,7 +67,8 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
     raw = path.read_bytes()
     images: list[Path] = []
     labels: list[int] = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark some editors put at the start of the file is not part of the first path.
+    for lineno, line in enumerate(raw.decode("utf-8-sig", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
@@ -81,6 +83,12 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
             raise DataError(
                 f"{path}:{lineno}: label {label} is outside task {task.id}'s classes 0..{task.num_classes - 1}"
             )
+        problem = _escapes(rel)
+        if problem:
+            raise DataError(
+                f"{path}:{lineno}: image path {rel!r} {problem}; list images by their path relative to the task "
+                f"folder {task_dir} (e.g. images/000001.jpg), inside it"
+            )
         image = Path(task_dir) / rel
         if check_files and not image.is_file():
             raise DataError(f"{path}:{lineno}: image {image} does not exist")
@@ -91,11 +99,32 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
     return SplitFile(task, split, path, tuple(images), tuple(labels), hashlib.sha256(raw).hexdigest())
 
 
+def _escapes(rel: str) -> str | None:
+    """Why the split-file path `rel` points outside its task folder, if it does (checked on the text alone).
+
+    Absolute paths (POSIX or Windows) and paths whose `..` parts climb above the folder are refused, so a
+    split file names only files inside its task folder. Symbolic links inside the folder are followed:
+    whoever put them there chose where they lead.
+    """
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).drive or PureWindowsPath(rel).root:
+        return "is absolute"
+    depth = 0
+    for part in rel.replace("\\", "/").split("/"):
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            return "leaves the task folder"
+    return None
+
+
 def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.ndarray:
-    """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S]."""
+    """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S].
+
+    Every mode Pillow opens is read as the pixel values the file means (`tasks.images.to_rgb`: high bit
+    depths scaled to 8 bits, alpha dropped), or refused with a `DataError` naming the file.
+    """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), INTERPOLATIONS[interpolation])
+            im = to_rgb(im).resize((size, size), INTERPOLATIONS[interpolation])
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
