@@ -336,10 +336,11 @@ def sweep(
     # A pruning stage decides on train800 -> val200 whatever the protocol.
     pruning = any(c.prunes for c in configs.values())
     splits = PROTOCOL_SPLITS["grid"] if pruning else PROTOCOL_SPLITS[protocol]
-    data = prepare_data(data_root, tasks, splits, settings, cache_dir)
     check_writable(results)
+    # The weights are checked (key for key) before the images are decoded, which is the longer wait.
     backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
+    data = prepare_data(data_root, tasks, splits, settings, cache_dir)
     state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
                    retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.

@@ -82,8 +82,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_writable(out.parent, option="--out", what="output directory")
     else:
         check_writable(out.parent)
-    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
-                        args.cache_dir)  # fmt: skip
     backbone = create_backbone(
         settings.backbone,
         pretrained=settings.pretrained,
@@ -91,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_size=settings.image_size,
         **config.backbone_kwargs(),
     )
+    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
+                        args.cache_dir)  # fmt: skip
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
     claim = try_claim(out)  # the one way to run a result path: a sweep on the same directory waits for it
     if claim is None:
