@@ -237,7 +237,10 @@ def cmd_params(args: argparse.Namespace) -> int:
             args.backbone, pretrained=False, image_size=args.image_size, device="meta", **base.backbone_kwargs()
         )
         for task in tasks:
-            model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            try:
+                model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            except ValueError as e:
+                raise UserError(f"{cls.name} on {task.id}: {e}") from None
             out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})
     if args.json:
         print(json.dumps(out, indent=1))
@@ -331,6 +334,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_size=settings.image_size,
         **config.backbone_kwargs(),
     )
+    try:
+        config.check_backbone(backbone)
+    except ValueError as e:
+        raise UserError(f"{cls.name}: {e}") from None
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
     record = execute(spec, backbone, data, progress=not args.quiet)
     write_json(out, record)

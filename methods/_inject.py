@@ -163,12 +163,11 @@ class ParallelBranches(nn.Module):
         return out
 
     def _branch(self, branch: nn.Module, drop_path: nn.Module, y: Tensor) -> Tensor:
-        if not self.branch_drop_path:
-            drop_path = nn.Identity()
         if not hasattr(branch, "project"):
-            return self.scale * drop_path(branch(y))
+            out = branch(y)
+            return self.scale * (drop_path(out) if self.branch_drop_path else out)
         z = branch.hidden(y)
-        return branch.project(z, self.scale * keep_mask(drop_path, z))
+        return branch.project(z, self.scale * (keep_mask(drop_path, z) if self.branch_drop_path else 1.0))
 
 
 def keep_mask(drop_path: nn.Module, like: Tensor) -> Tensor | float:

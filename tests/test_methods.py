@@ -136,7 +136,7 @@ def test_tunable_state_round_trip_reproduces_logits(name, tmp_path):
     # A checkpoint holds the method's state and the head, never a frozen backbone weight (methods that wrap
     # a backbone Linear keep their branch under its path, e.g. `backbone.blocks.0.attn.qkv.branch`).
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen and frozen.isdisjoint(model.tunable_state_dict()) or name == "full"
+    assert (frozen and frozen.isdisjoint(model.tunable_state_dict())) or name == "full"
 
 
 def test_loading_a_mismatched_state_is_refused():
