@@ -205,7 +205,14 @@ class Wrapped(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.before is not None:
             x = self.before(x)
-        x = self.module(x, *args, **kwargs)
+        m = self.module
+        if isinstance(m, nn.LayerNorm) and m.weight is not None and hasattr(self.after, "output_affine"):
+            # An affine map after a LayerNorm is a LayerNorm with other affine parameters: one kernel, whose
+            # backward yields the gradients of both, instead of two more passes over the tokens.
+            scale, shift = self.after.output_affine()
+            bias = shift if m.bias is None else torch.addcmul(shift, m.bias, scale)
+            return F.layer_norm(x, m.normalized_shape, m.weight * scale, bias, m.eps)
+        x = m(x, *args, **kwargs)
         return x if self.after is None else self.after(x)
 
 
@@ -213,7 +220,8 @@ class ParallelLinear(nn.Module):
     """A frozen `nn.Linear` with a branch beside it: y = linear(x) + branch(x), the branch [.., out_features].
 
     A branch that is linear in x (no bias) exposes `delta_weight()` [out, in], the matrix it adds to the
-    weight, and folds into the Linear (`methods/_merge.py`).
+    weight, and folds into the Linear (`methods/_merge.py`). A branch with `add_to(y, x)` returns y plus
+    its output itself (e.g. through `addmm_into`), saving a pass over y.
     """
 
     def __init__(self, linear: nn.Linear, branch: nn.Module) -> None:
@@ -224,4 +232,12 @@ class ParallelLinear(nn.Module):
         self.branch = branch
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self.branch, "add_to"):  # the branch adds itself into the output inside its last matmul
+            return self.branch.add_to(self.linear(x), x)
         return self.linear(x) + self.branch(x)
+
+
+def addmm_into(y: Tensor, z: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """y + alpha · z weightᵀ for y [.., out], z [.., k], weight [out, k], as one matmul that accumulates into y
+    (no separate pass over y for the sum)."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), weight.t(), alpha=alpha).view(y.shape)

@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._inject import ParallelLinear, replace_module
+from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
 from methods._recipes import petl_recipe
 from methods._registry import register_method
@@ -116,6 +116,17 @@ class FacTBranch(nn.Module):
             raise ValueError(f"slot must be one of {SLOTS}, got {slot!r}")
         self.__dict__["factors"] = factors  # not a submodule: see the class docstring
         self.block, self.slot = block, slot
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        """y + forward(x): V (block-diagonal over the groups) accumulating into y in one matmul."""
+        f = self.factors
+        core = f.cores(self.block)[self.slot]
+        z = f.u(x.unflatten(-1, (f.ratio, -1))).flatten(-2) if self.slot == "fc2" else f.u(x)
+        z = f.dropout(z @ core)
+        v = f.v.weight
+        if self.slot in ("qkv", "fc1"):
+            v = torch.block_diag(*[v] * (z.shape[-1] // f.rank))
+        return addmm_into(y, z, v, f.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.factors

@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._inject import ParallelLinear, replace_module
+from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
 from methods._recipes import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
@@ -81,6 +81,11 @@ class LoRA(TunableModule):
     def forward(self, x: Tensor) -> Tensor:
         a, b = self._matrices()
         return F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        """y + forward(x), the B product accumulating into y."""
+        a, b = self._matrices()
+        return addmm_into(y, F.linear(self.dropout(x), a), b, self.scale)
 
     def delta_weight(self) -> Tensor:
         """The [out, in] matrix this branch adds to the Linear's weight: scale · B A."""
