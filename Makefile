@@ -44,6 +44,10 @@ pretrain-demo: $(STAMP)
 # Settings for the demo's synthetic tasks (the methods' per-task VTAB settings do not apply to them):
 # Convpass with s = 10, prompt lengths of 16, E2VPT's search reduced to 2 × 2 levels, LION's cheaper bound
 # and lr 0.01, PGN's warm-up 5 epochs (its paper recipe warms up for 50 of 100 epochs; the demo trains 30).
+# The baselines keep their recipes (AdamW, 10 warm-up epochs) and sizes, all of which fit the 64-wide,
+# 4-block backbone (LoRA r = 8, adapters h = 8, RepAdapter h = 8 in 2 groups); the per-task VTAB settings
+# are replaced by one: FacT-TT rank 8 and FacT-TK rank 16 with s = 10 (Convpass's demo scale), RepAdapter
+# s = 1; BitFit at lr 0.01 (the top of its grid: biases alone move slowly at 1e-3).
 demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 24 --image-size 32 --seed 0
 	$(DEMO_BENCH) --method linear --lr 0.05
@@ -55,6 +59,15 @@ demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(DEMO_BENCH) --method pgn --warmup-epochs 5
 	$(DEMO_BENCH) --method lion --set lipschitz=kernel --lr 0.01
 	$(DEMO_BENCH) --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
+	$(DEMO_BENCH) --method lora
+	$(DEMO_BENCH) --method adapter
+	$(DEMO_BENCH) --method adapter_houlsby
+	$(DEMO_BENCH) --method adaptformer
+	$(DEMO_BENCH) --method bitfit --lr 0.01
+	$(DEMO_BENCH) --method ssf
+	$(DEMO_BENCH) --method fact_tt --set per_task=false --set rank=8 --set scale=10
+	$(DEMO_BENCH) --method fact_tk --set per_task=false --set rank=16 --set scale=10
+	$(DEMO_BENCH) --method repadapter --set per_task=false --set scale=1
 	$(PY) -m benchmark compare --results $(DEMO_RESULTS)
 
 data: $(STAMP)

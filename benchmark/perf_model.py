@@ -372,7 +372,8 @@ def utc_now() -> str:
 # Item 5 of the performance targets: the most a method may cost over the floor at its token count.
 FLOOR_TARGETS = {
     "vpt_shallow": 1.05, "vpt_deep": 1.05, "e2vpt": 1.05, "convpass": 1.05, "convpass_attn": 1.05,
-    "lion": 1.5, "pgn": 1.5,
+    "lion": 1.5, "pgn": 1.5, "lora": 1.05, "bitfit": 1.05, "ssf": 1.05, "fact_tt": 1.05, "fact_tk": 1.05,
+    "repadapter": 1.05, "adapter": 1.05, "adaptformer": 1.05,
 }  # fmt: skip
 
 

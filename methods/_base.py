@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from methods import _checks
 from methods._recipe import OPTIMIZERS, SCHEDULES, Recipe  # noqa: F401 (Recipe's home is _recipe.py)
 
-HEAD_INITS = ("vpt", "torch")
+HEAD_INITS = ("vpt", "torch", "trunc_normal")
 # VPT's head bias: -log((1 - p) / p) with prior probability p = 0.01.
 VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
 
@@ -66,12 +66,15 @@ class TunableModule(nn.Module):
 
 
 def init_head(head: nn.Linear, how: str) -> None:
-    """Initialise the linear head: `vpt` (kaiming-normal fan_out weight, bias -4.5951) or `torch` (default)."""
+    """Initialise the linear head: `vpt` (kaiming-normal fan_out, bias -4.5951), `torch`, `trunc_normal` (NOAH's)."""
     if how == "vpt":
         nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
         nn.init.constant_(head.bias, VPT_HEAD_BIAS)
     elif how == "torch":
         head.reset_parameters()
+    elif how == "trunc_normal":  # weight truncated-normal std 0.02, bias 0
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
     else:
         raise ValueError(f"head_init must be one of {HEAD_INITS}, got {how!r}")
 

@@ -8,6 +8,11 @@
 - `KVExtendedAttention`: wraps a block's `Attention` and prepends extra per-head tokens to its keys and
   values (queries untouched), through `scaled_dot_product_attention` so fused kernels serve it (or the
   explicit softmax when timm's `fused_attn` flag of the wrapped attention is off).
+- `ParallelBranches`: wraps a block and adds scaled branches beside its attention and/or MLP sub-blocks.
+- `replace_module` with `Wrapped` (a module applied to a submodule's input and/or output) and `ParallelLinear`
+  (a frozen Linear plus a branch beside it): a submodule of the backbone (`attn.qkv`, `mlp.fc1`, `norm1`,
+  `drop_path2`, ...) is swapped for a wrapper that holds it, so the block's own forward calls the wrapper.
+  Both can be folded back into a plain module where their branch is affine (`methods/_merge.py`).
 """
 
 from __future__ import annotations
@@ -126,11 +131,15 @@ class ParallelBranches(nn.Module):
     masking its D-wide output instead would cost two more passes over a [B, L, D] tensor, forward and
     backward, in every block. The mask is drawn as timm's `drop_path` draws it, at the same point in the
     random stream, so both forms give the same numbers.
+
+    With `reads_stream`, a branch reads the sub-block's un-normalised input x instead (AdaptFormer's MLP
+    branch); with `branch_drop_path` off, the branches skip the drop-path (AdaptFormer's again).
     """
 
     def __init__(
-        self, block: nn.Module, *, attn_branch: nn.Module | None, mlp_branch: nn.Module | None, scale: float
-    ) -> None:
+        self, block: nn.Module, *, attn_branch: nn.Module | None, mlp_branch: nn.Module | None, scale: float,
+        reads_stream: bool = False, branch_drop_path: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
         for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
             if not hasattr(block, name):
@@ -139,24 +148,28 @@ class ParallelBranches(nn.Module):
         self.attn_branch = attn_branch
         self.mlp_branch = mlp_branch
         self.scale = scale
+        self.reads_stream = reads_stream
+        self.branch_drop_path = branch_drop_path
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         b = self.block
         y = b.norm1(x)
         out = x + b.drop_path1(b.ls1(b.attn(y, attn_mask=attn_mask, is_causal=is_causal)))
         if self.attn_branch is not None:
-            out = out + self._branch(self.attn_branch, b.drop_path1, y)
+            out = out + self._branch(self.attn_branch, b.drop_path1, x if self.reads_stream else y)
         y = b.norm2(out)
+        stream = out
         out = out + b.drop_path2(b.ls2(b.mlp(y)))
         if self.mlp_branch is not None:
-            out = out + self._branch(self.mlp_branch, b.drop_path2, y)
+            out = out + self._branch(self.mlp_branch, b.drop_path2, stream if self.reads_stream else y)
         return out
 
     def _branch(self, branch: nn.Module, drop_path: nn.Module, y: Tensor) -> Tensor:
         if not hasattr(branch, "project"):
-            return self.scale * drop_path(branch(y))
+            out = branch(y)
+            return self.scale * (drop_path(out) if self.branch_drop_path else out)
         z = branch.hidden(y)
-        return branch.project(z, self.scale * keep_mask(drop_path, z))
+        return branch.project(z, self.scale * (keep_mask(drop_path, z) if self.branch_drop_path else 1.0))
 
 
 def keep_mask(drop_path: nn.Module, like: Tensor) -> Tensor | float:
@@ -170,3 +183,63 @@ def keep_mask(drop_path: nn.Module, like: Tensor) -> Tensor | float:
     if keep > 0.0 and getattr(drop_path, "scale_by_keep", True):
         mask.div_(keep)
     return mask
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` where the submodule at dotted `path` (e.g. `blocks.3.attn.qkv`) of `root` is."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+class Wrapped(nn.Module):
+    """A submodule of the backbone with `before` applied to its input and/or `after` to its output.
+
+    The block keeps calling the submodule by its own name (`norm1`, `attn.qkv`, `drop_path2`, ...), so its
+    forward is unchanged; extra positional and keyword arguments (an attention mask) go to the submodule.
+    """
+
+    def __init__(self, module: nn.Module, *, before: nn.Module | None = None, after: nn.Module | None = None):
+        super().__init__()
+        self.module = module
+        self.before = before
+        self.after = after
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.before is not None:
+            x = self.before(x)
+        m = self.module
+        if isinstance(m, nn.LayerNorm) and m.weight is not None and hasattr(self.after, "output_affine"):
+            # An affine map after a LayerNorm is a LayerNorm with other affine parameters: one kernel, whose
+            # backward yields the gradients of both, instead of two more passes over the tokens.
+            scale, shift = self.after.output_affine()
+            bias = shift if m.bias is None else torch.addcmul(shift, m.bias, scale)
+            return F.layer_norm(x, m.normalized_shape, m.weight * scale, bias, m.eps)
+        x = m(x, *args, **kwargs)
+        return x if self.after is None else self.after(x)
+
+
+class ParallelLinear(nn.Module):
+    """A frozen `nn.Linear` with a branch beside it: y = linear(x) + branch(x), the branch [.., out_features].
+
+    A branch that is linear in x (no bias) exposes `delta_weight()` [out, in], the matrix it adds to the
+    weight, and folds into the Linear (`methods/_merge.py`). A branch with `add_to(y, x)` returns y plus
+    its output itself (e.g. through `addmm_into`), saving a pass over y.
+    """
+
+    def __init__(self, linear: nn.Linear, branch: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        self.linear = linear
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self.branch, "add_to"):  # the branch adds itself into the output inside its last matmul
+            return self.branch.add_to(self.linear(x), x)
+        return self.linear(x) + self.branch(x)
+
+
+def addmm_into(y: Tensor, z: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """y + alpha · z weightᵀ for y [.., out], z [.., k], weight [out, k], as one matmul that accumulates into y
+    (no separate pass over y for the sum)."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), weight.t(), alpha=alpha).view(y.shape)

@@ -24,7 +24,10 @@ from benchmark.reference import (
 )
 from tasks import GROUPS, TASKS
 
-SUITE_METHODS_WITH_NUMBERS = {"full", "linear", "vpt_shallow", "vpt_deep", "e2vpt", "convpass", "convpass_attn"}
+SUITE_METHODS_WITH_NUMBERS = {
+    "full", "linear", "vpt_shallow", "vpt_deep", "e2vpt", "convpass", "convpass_attn", "lora", "adapter",
+    "adapter_houlsby", "adaptformer", "bitfit", "ssf", "fact_tt", "fact_tk", "repadapter",
+}  # fmt: skip
 
 
 def test_shipped_reference_loads_with_canonical_columns_and_labels():

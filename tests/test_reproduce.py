@@ -39,7 +39,19 @@ def plan(method: str, budget: str = "full", tasks: str = "all", **kwargs):
 
 def test_reproducible_methods_are_those_with_reported_numbers():
     assert reproducible_methods(REFERENCE) == sorted(PAPER_PROTOCOLS)
-    assert set(PAPER_PROTOCOLS) == set(methods.list_methods()) - {"lion", "pgn"}
+    # The PEFT baselines' published protocols are not written down yet (their reproduce entries come separately).
+    baselines = {
+        "lora",
+        "adapter",
+        "adapter_houlsby",
+        "adaptformer",
+        "bitfit",
+        "ssf",
+        "fact_tt",
+        "fact_tk",
+        "repadapter",
+    }
+    assert set(PAPER_PROTOCOLS) == set(methods.list_methods()) - {"lion", "pgn"} - baselines
 
 
 @pytest.mark.parametrize("method", ["vpt_deep", "vpt_shallow", "e2vpt", "linear", "full"])

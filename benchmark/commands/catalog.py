@@ -12,6 +12,7 @@ from benchmark.commands._options import (
     positive_int,
     task_list,
 )
+from benchmark.errors import UserError
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -60,7 +61,10 @@ def cmd_params(args: argparse.Namespace) -> int:
             args.backbone, pretrained=False, image_size=args.image_size, device="meta", **base.backbone_kwargs()
         )
         for task in tasks:
-            model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            try:
+                model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+            except ValueError as e:
+                raise UserError(f"{cls.name} on {task.id}: {e}") from None
             out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})
     if args.json:
         print(json.dumps(out, indent=1))
