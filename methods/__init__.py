@@ -4,7 +4,7 @@ Adding a method takes two touches: its file in `methods/` and one import line be
 """
 
 # Each import registers the methods its module defines.
-from methods import baselines, convpass, e2vpt, lion, pgn, vpt  # noqa: F401
+from methods import baselines, convpass, e2vpt, lion, peft_tuners, pgn, vpt  # noqa: F401
 from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
 from methods._registry import UnknownMethodError, get_method, list_methods, register_method
 from methods._vit import vit_param_count
