@@ -331,6 +331,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         image_size=settings.image_size,
         **config.backbone_kwargs(),
     )
+    try:
+        config.check_backbone(backbone)
+    except ValueError as e:
+        raise UserError(f"{cls.name}: {e}") from None
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
     record = execute(spec, backbone, data, progress=not args.quiet)
     write_json(out, record)

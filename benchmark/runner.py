@@ -618,6 +618,11 @@ def sweep(
     check_writable(results)
     backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
+    for task in tasks:
+        try:
+            configs[task.id].check_backbone(backbone)
+        except ValueError as e:
+            raise UserError(f"{config.name} on {task.id}: {e}") from None
     state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
                    retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.

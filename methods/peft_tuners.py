@@ -266,9 +266,19 @@ class PeftTunerConfig(MethodConfig):
         return ["tuner", *(k for k in COMMON if k == "target_modules" or k in spec.common), *spec.own,
                 "drop_path_rate", "head_init"]  # fmt: skip
 
-    def peft_config(self):
-        """The tuner's peft config object (peft checks its own constraints here)."""
+    def peft_config(self, backbone: nn.Module | None = None):
+        """The tuner's peft config object (peft checks its own constraints here).
+
+        With `backbone`, the targets become the full names of the Linears they select: peft's suffix matching
+        would also wrap other module types (`proj` names the patch embedding's convolution too).
+        """
         values = self.settings()
+        targets: list[str] = self.targets()
+        if backbone is not None:
+            targets = [name for name, _ in targeted_linears(backbone, targets)]
+            if values.get("feedforward_modules"):
+                chosen = [name for name, _ in targeted_linears(backbone, values["feedforward_modules"])]
+                values["feedforward_modules"] = [name for name in chosen if name in targets]
         init = values.get("init_lora_weights")
         if init is not None and str(init).lower() not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights takes {', '.join(INIT_CHOICES)}: the others rewrite the frozen "
@@ -282,20 +292,19 @@ class PeftTunerConfig(MethodConfig):
         if not 0 <= values.get(TUNERS[self.tuner].common.get("dropout", ""), 0.0) < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:
-            return _peft_config_class(self.tuner)(target_modules=self.targets(), **values)
+            return _peft_config_class(self.tuner)(target_modules=targets, **values)
         except (ValueError, TypeError) as e:
             raise ValueError(f"peft refuses this {self.tuner} config: {str(e).splitlines()[0]}") from None
 
     # -- options from the command line ------------------------------------------------------------------
     def with_options(self, options: dict[str, str]) -> Self:
         """`--set`: the config's fields as usual; any other key is one of the tuner's own options."""
+        hints = typing.get_type_hints(type(self))
         own_fields = {f.name for f in dataclasses.fields(self)} - {"recipe", "options"}
-        mine = {k: v for k, v in options.items() if k in own_fields}
+        changes: dict[str, Any] = {k: _parse_option(k, v, hints[k]) for k, v in options.items() if k in own_fields}
         rest = {k: v for k, v in options.items() if k not in own_fields}
-        config = super().with_options(mine) if mine else self
-        if not rest:
-            return config
-        return dataclasses.replace(config, options={**config.options, **rest})
+        # One replacement, so that options that only make sense together (OFT's r and block size) are checked so.
+        return dataclasses.replace(self, **changes, options={**self.options, **rest})
 
     # -- the contract --------------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict[str, float]:
@@ -324,7 +333,8 @@ class PeftTunerConfig(MethodConfig):
         return vit_report(backbone, num_classes, self.tunable_count(backbone))
 
     def tunable_count(self, backbone: VisionTransformer) -> int:
-        """The tuner's parameter formula summed over the targeted Linears (in, out), from peft's shapes:
+        """The tuner's parameter formula summed over the targeted Linears (in, out) (only Linears are adapted,
+        whatever else a target's suffix names), from peft's shapes:
 
         - LoRA r·(in + out); DoRA adds a magnitude per output row (+ out); LoHa 2r·(in + out);
         - VeRA r + out (λ_d, λ_b; the shared random projections are frozen buffers);
@@ -373,7 +383,7 @@ class PeftTunerModel(PeftModel):
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
         super().__init__(backbone, num_classes, head_init=config.head_init)
-        peft_config = config.peft_config()
+        peft_config = config.peft_config(backbone)
         if config.tuner == "boft":
             _boft_fast_path_only()
         with warnings.catch_warnings():
