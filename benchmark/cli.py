@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from benchmark import export
 from benchmark.errors import UserError
 from tasks import UnknownTaskError, parse_tasks
 
@@ -283,6 +284,7 @@ def _sweep(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int],
         retry_failed=args.retry_failed,
         progress=not args.quiet,
         run_progress=args.run_progress,
+        save_tunable=getattr(args, "save_tunable", False),
         **kwargs,
     )
     write_leaderboard(results)
@@ -335,7 +337,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.check_backbone(backbone)
     except ValueError as e:
         raise UserError(f"{cls.name}: {e}") from None
-    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
+    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings,
+                   save_state=out.with_suffix("") if args.save_tunable else None)  # fmt: skip
     record = execute(spec, backbone, data, progress=not args.quiet)
     write_json(out, record)
     acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]
@@ -578,6 +581,8 @@ def build_parser() -> Parser:
         )
         p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--save-tunable", action="store_true",
+                       help="save each final run's tunable state beside its result (what `export` reads)")  # fmt: skip
 
     p = sub.add_parser(
         "run",
@@ -807,6 +812,7 @@ def build_parser() -> Parser:
     g.add_argument("--cache-dir", metavar="DIR", help="image cache for --data-root (default: the usual one)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_perf)
+    export.add_parser(sub)
     return parser
 
 
