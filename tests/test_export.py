@@ -48,7 +48,7 @@ def test_export_merge_end_to_end(synth_root, tmp_path, capsys):
     assert (meta["architecture"], meta["num_classes"], meta["image_size"]) == ("test_vit", "2", "32")
 
     # The adapted model, as the run left it, against the exported file loaded the two documented ways.
-    model, task = rebuild(record, result.with_suffix(".safetensors"))
+    model, _ = rebuild(record, result.with_suffix(".safetensors"))
     x = torch.randn(6, 3, 32, 32)
     by_state = timm.create_model("test_vit", num_classes=2, img_size=32)
     by_state.load_state_dict(load_file(str(out)))
