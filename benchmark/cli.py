@@ -392,7 +392,8 @@ def _method_names(text: str | None) -> list[str] | None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmark.compare import compare, summary_lines, write_comparison
+    from benchmark.compare import compare
+    from benchmark.compare_report import summary_lines, write_comparison
     from benchmark.reference import load_reference
     from benchmark.results import check_writable
 
@@ -408,7 +409,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmark.compare import check_sources, compare, summary_lines, write_comparison
+    from benchmark.compare import check_sources, compare
+    from benchmark.compare_report import summary_lines, write_comparison
     from benchmark.reference import load_reference
     from benchmark.reproduce import plan_reproduction
 

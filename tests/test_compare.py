@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.compare import backbone_identity, compare, markdown
+from benchmark.compare import backbone_identity, compare
+from benchmark.compare_report import markdown
 from benchmark.leaderboard import leaderboard_frame, plot, runs_frame, write_leaderboard
 from benchmark.reference import REFERENCE_CSV, load_reference
 from methods import list_methods
