@@ -399,6 +399,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     reference = load_reference(args.reference)
     results = Path(args.results).expanduser()
+    if args.table:
+        from benchmark.compare_table import write_table
+
+        check_writable(results)
+        md, text = write_table(results, reference, args.table)
+        print(f"{text}\ntable in {md} and {md.with_suffix('.csv')}")
+        return 0
     comparison = compare(results, reference, methods=_method_names(args.method), sources=args.source)
     check_writable(results)
     md, csv = write_comparison(comparison)
@@ -676,6 +683,8 @@ def build_parser() -> Parser:
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--method", help="comma-separated methods (default: every method with results)")
+    p.add_argument("--table", metavar="PAPER", help="lay ours out as a paper's VTAB-1k table: e2vpt, convpass or vpt "
+                   "(writes compare-PAPER.md and .csv)")  # fmt: skip
     reference_options(p)
     p.set_defaults(func=cmd_compare)
 

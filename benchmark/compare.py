@@ -151,7 +151,7 @@ class Variant:
         return text
 
 
-def _variants(frame: pd.DataFrame, method: str) -> list[Variant]:
+def method_variants(frame: pd.DataFrame, method: str) -> list[Variant]:
     out = []
     runs = frame[frame.method == method]
     for (protocol, budget), g in runs.groupby(["protocol", "budget"], sort=True):
@@ -198,7 +198,7 @@ def _ours_row(variant: Variant, row: str) -> dict[str, Any]:
     return out
 
 
-def _line(variant: Variant, ref: pd.Series, row: str, reference: ReferenceTable) -> dict[str, Any]:
+def comparison_line(variant: Variant, ref: pd.Series, row: str, reference: ReferenceTable) -> dict[str, Any]:
     ours = _ours_row(variant, row)
     reported = ref[row]
     diff = ours["ours_mean"] - reported if pd.notna(ours["ours_mean"]) and pd.notna(reported) else np.nan
@@ -347,10 +347,12 @@ def compare(
         if refs.empty:
             unreported.append(method)
         refs = refs[refs.source.map(lambda s: _selected(s, sources))]
-        for variant in _variants(frame, method):
+        for variant in method_variants(frame, method):
             variants.append(variant)
             for _, ref in refs.iterrows():
-                lines = pd.DataFrame([_line(variant, ref, row, reference) for row in ROWS], columns=CSV_COLUMNS)
+                lines = pd.DataFrame(
+                    [comparison_line(variant, ref, row, reference) for row in ROWS], columns=CSV_COLUMNS
+                )
                 blocks.append(Block(variant, ref, lines))
     return Comparison(blocks, variants, unreported, reference, results)
 
