@@ -507,6 +507,7 @@ def run(
         c = by_key[(row["method"], _variant(variants, row["variant"]))]
         row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
 
+    frozen_eval = merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, eval_repeats, device, say)
     for row in rows:
         if row["meets_target"] is False:
             c = by_key[(row["method"], _variant(variants, row["variant"]))]
@@ -531,6 +532,7 @@ def run(
         "memory_kind": memory_kind(device),
         "rows": rows,
         "floors": floor_rows(candidates),
+        "frozen_eval_images_per_s": frozen_eval,
     }
 
     linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
@@ -559,6 +561,47 @@ def run(
         )
     report["finished_at"] = utc_now()
     return report
+
+
+def plain_candidate(name: str, vit: VisionTransformer, variant: Variant, device: torch.device) -> Candidate:
+    """Evaluation of a plain timm ViT with its head (no training step): the frozen backbone or a merged model."""
+    vit = vit.to(device).eval().requires_grad_(False)
+    set_attention(vit, variant.attention)
+
+    @torch.inference_mode()
+    def evaluate(x: Tensor) -> Tensor:
+        with _autocast(device, variant):
+            return vit(x)
+
+    return Candidate(name, "plain", variant, 0, lambda: None, evaluate)
+
+
+def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repeats, device, say) -> dict[str, float]:
+    """Evaluation images/s of each re-parameterisable method's merged model (`PeftModel.merged_backbone` plus
+    its head: a plain timm ViT) into `merged_eval_images_per_s` of its rows (None for the others), and of the
+    frozen backbone with a head, per variant (returned): the two are the same network, so they should match."""
+    from methods._base import NotMergeableError
+
+    say("evaluation throughput of the merged models and of the frozen backbone")
+    frozen = {}
+    for variant in variants:
+        vit = copy.deepcopy(backbone)
+        vit.reset_classifier(task.num_classes)
+        c = plain_candidate("frozen backbone", vit, variant, device)
+        frozen[variant.label] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    by_name = {cfg.name: cfg for cfg in configs}
+    for row in rows:
+        model = by_name[row["method"]].for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+        try:
+            merged = model.merged_backbone()
+        except NotMergeableError:
+            row["merged_eval_images_per_s"] = None
+            continue
+        merged.reset_classifier(task.num_classes)
+        merged.head.load_state_dict(model.head.state_dict())
+        c = plain_candidate(f"{row['method']} merged", merged, _variant(variants, row["variant"]), device)
+        row["merged_eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    return frozen
 
 
 def _variant(variants: tuple[Variant, ...], label: str) -> Variant:

@@ -43,7 +43,11 @@ def markdown(report: dict[str, Any]) -> str:
         "- **× full**: over full fine-tuning's step (same variant). **peak MiB**: "
         f"{r['memory_kind']}, above the level before the model was built (its weights, gradients, optimiser "
         "state and a step's activations).",
-        f"- **eval img/s**: inference-mode forward at batch {r['eval_batch_size']}.",
+        f"- **eval img/s**: inference-mode forward at batch {r['eval_batch_size']}. **merged eval img/s**: the same "
+        "for a re-parameterisable method's merged model (`export --merge`: the method folded into the weights, a "
+        "plain timm ViT), beside the frozen backbone with a head: "
+        + (", ".join(f"{v}: {ips:.1f} img/s" for v, ips in (r.get("frozen_eval_images_per_s") or {}).items()) or "-")
+        + ".",
         "",
     ]
     table = [
@@ -61,6 +65,7 @@ def markdown(report: dict[str, Any]) -> str:
             "peak MiB": _fmt(x["peak_memory_mb"], ".0f"),
             "mem × full": _fmt(x["memory_x_full"], ".3f"),
             "eval img/s": _fmt(x.get("eval_images_per_s"), ".1f"),
+            "merged eval img/s": _fmt(x.get("merged_eval_images_per_s"), ".1f"),
             "tunable": _fmt(x["tunable_params"], ","),
         }
         for x in r["rows"]

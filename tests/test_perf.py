@@ -49,6 +49,11 @@ def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
             assert row["hot_spots"]  # a missed target names its hot spots
     full = next(r for r in report["rows"] if r["method"] == "full")
     assert full["x_full"] == 1.0 and full["memory_x_full"] == 1.0
+    # Merged models (plain timm ViTs) beside the frozen backbone; the non-mergeable have none.
+    merged = {r["method"]: r["merged_eval_images_per_s"] for r in report["rows"]}
+    assert all(merged[m] > 0 for m in methods if m.startswith("peft") or m in ("linear", "full"))
+    assert merged["convpass"] is None and merged["vpt_deep"] is None
+    assert report["frozen_eval_images_per_s"]["fp32/fused"] > 0
     assert report["linear_task"]["epochs"] == 100
     sweep = {s["method"]: s for s in report["sweep"]}
     assert list(sweep) == methods
