@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -455,85 +454,7 @@ def head_candidate(config: MethodConfig, backbone: VisionTransformer, task: Task
     return Candidate(f"{config.name} (head on features)", "head", Variant(), 0, step)
 
 
-def tokens_per_task(config: MethodConfig, backbone: VisionTransformer, tasks: Iterable[Task], image_size: int,
-                    device: torch.device) -> dict[str, int]:  # fmt: skip
-    """The token count entering the first block for each task's settings (e.g. VPT's per-task prompt length);
-    one model per distinct setting."""
-    import json
-
-    seen: dict[str, int] = {}
-    out = {}
-    for task in tasks:
-        cfg = config.for_task(task.id)
-        key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "recipe"}, sort_keys=True, default=str)
-        if key not in seen:
-            model = cfg.build(copy.deepcopy(backbone), task.num_classes).to(device)
-            seen[key] = count_tokens(model, image_size, device)
-            del model
-        out[task.id] = seen[key]
-    return out
-
-
-@dataclass
-class SweepCosts:
-    """Measured rates one sweep prediction combines (seconds per image are the reciprocals)."""
-
-    step_ms: float  # training step of the method at `tokens` (our precision)
-    step_ms_fp32: float  # the same in fp32 (the official trainers' numerics)
-    batch_size: int
-    tokens: int
-    eval_ips: float  # evaluation images/s at our large batch
-    eval_ips_official: float  # evaluation images/s at the training batch, fp32
-    decode_ips: float  # image decode + resize images/s
-    floor_ms: dict[int, float]  # floor step per token count (for the per-task token counts)
-    floor_ms_fp32: dict[int, float]
-    head_ips: float | None = None  # frozen-feature methods: head steps on cached features, images/s
-
-
-def predict_sweep(costs: SweepCosts, tasks: Iterable[Task], tokens: dict[str, int], epochs: int,
-                  train_images: int = 1000) -> dict[str, float]:  # fmt: skip
-    """Predicted seconds of one method's VTAB-1k final run per task set (one seed; `epochs` on train800val200,
-    then the test split), ours against the official trainers' pattern.
-
-    Ours: each split decoded once into the uint8 cache; training at the measured step; the test split
-    evaluated once at the large batch. Frozen-feature methods: features of both splits once, then the head.
-    Official pattern: fp32, every image decoded every epoch and the whole test split evaluated after every
-    epoch at the training batch; decoding is assumed to overlap compute perfectly (DataLoader workers on
-    spare cores), which is the most favourable case for it. A task's token count scales both patterns by
-    the floor's step at that count over the floor's step at the measured count: the method's ratio to the
-    floor is assumed to hold across token counts.
-    """
-    ours = dict(decode=0.0, train=0.0, eval=0.0)
-    official = dict(train=0.0, eval=0.0)
-    for task in tasks:
-        scale = costs.floor_ms[tokens[task.id]] / costs.floor_ms[costs.tokens]
-        scale32 = costs.floor_ms_fp32[tokens[task.id]] / costs.floor_ms_fp32[costs.tokens]
-        n, m = train_images, task.test_size
-        ours["decode"] += (n + m) / costs.decode_ips
-        if costs.head_ips is not None:
-            ours["eval"] += (n + m) / costs.eval_ips * scale  # features once
-            ours["train"] += epochs * n / costs.head_ips
-        else:
-            ours["train"] += epochs * n * costs.step_ms / 1000 / costs.batch_size * scale
-            ours["eval"] += m / costs.eval_ips * scale
-        train32 = n * costs.step_ms_fp32 / 1000 / costs.batch_size * scale32
-        official["train"] += epochs * max(train32, n / costs.decode_ips)
-        official["eval"] += epochs * max(m / costs.eval_ips_official * scale32, m / costs.decode_ips)
-    ours_s, official_s = sum(ours.values()), sum(official.values())
-    return {
-        "ours_s": ours_s,
-        **{f"ours_{k}_s": v for k, v in ours.items()},
-        "official_s": official_s,
-        **{f"official_{k}_s": v for k, v in official.items()},
-        "speedup": official_s / ours_s,
-    }
-
-
 # -- the command ----------------------------------------------------------------------------------------
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
-
-
 def run(
     *,
     backbone_name: str,
@@ -554,6 +475,7 @@ def run(
 ) -> dict[str, Any]:
     """Measure everything `perf` reports; returns the report (see `write_report` for its files)."""
     from benchmark.backbone import create_backbone
+    from benchmark.perf_sweep import sweep_rows, tokens_per_task
     from tasks import TASKS
 
     say = progress or (lambda s: None)
@@ -586,6 +508,7 @@ def run(
         c = by_key[(row["method"], _variant(variants, row["variant"]))]
         row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
 
+    frozen_eval = merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, eval_repeats, device, say)
     for row in rows:
         if row["meets_target"] is False:
             c = by_key[(row["method"], _variant(variants, row["variant"]))]
@@ -610,6 +533,7 @@ def run(
         "memory_kind": memory_kind(device),
         "rows": rows,
         "floors": floor_rows(candidates),
+        "frozen_eval_images_per_s": frozen_eval,
     }
 
     linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
@@ -640,179 +564,46 @@ def run(
     return report
 
 
+def plain_candidate(name: str, vit: VisionTransformer, variant: Variant, device: torch.device) -> Candidate:
+    """Evaluation of a plain timm ViT with its head (no training step): the frozen backbone or a merged model."""
+    vit = vit.to(device).eval().requires_grad_(False)
+    set_attention(vit, variant.attention)
+
+    @torch.inference_mode()
+    def evaluate(x: Tensor) -> Tensor:
+        with _autocast(device, variant):
+            return vit(x)
+
+    return Candidate(name, "plain", variant, 0, lambda: None, evaluate)
+
+
+def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repeats, device, say) -> dict[str, float]:
+    """Evaluation images/s of each re-parameterisable method's merged model (`PeftModel.merged_backbone` plus
+    its head: a plain timm ViT) into `merged_eval_images_per_s` of its rows (None for the others), and of the
+    frozen backbone with a head, per variant (returned): the two are the same network, so they should match."""
+    from methods._base import NotMergeableError
+
+    say("evaluation throughput of the merged models and of the frozen backbone")
+    frozen = {}
+    for variant in variants:
+        vit = copy.deepcopy(backbone)
+        vit.reset_classifier(task.num_classes)
+        c = plain_candidate("frozen backbone", vit, variant, device)
+        frozen[variant.label] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    by_name = {cfg.name: cfg for cfg in configs}
+    for row in rows:
+        model = by_name[row["method"]].for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+        try:
+            merged = model.merged_backbone()
+        except NotMergeableError:
+            row["merged_eval_images_per_s"] = None
+            continue
+        merged.reset_classifier(task.num_classes)
+        merged.head.load_state_dict(model.head.state_dict())
+        c = plain_candidate(f"{row['method']} merged", merged, _variant(variants, row["variant"]), device)
+        row["merged_eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    return frozen
+
+
 def _variant(variants: tuple[Variant, ...], label: str) -> Variant:
     return next(v for v in variants if v.label == label)
-
-
-def sweep_rows(candidates, rows, variants, configs, sweep_tokens, x_eval, decode_ips, head_ips, spec, device, say):
-    """Predicted 19-task wall time per method (see `predict_sweep`), ours against the official pattern."""
-    from tasks import TASKS
-
-    ours_v = variants[0]
-    fp32 = [v for v in variants if v.precision == "32"]
-    official_v = next((v for v in fp32 if v.attention == "explicit"), fp32[0] if fp32 else None)
-    floors = {(c.variant, c.tokens): step_ms(c) for c in candidates if c.kind == "floor"}
-    by_key = {(c.name, c.variant): c for c in candidates if c.kind == "method"}
-    say("decode throughput")
-    decode = decode_ips() if decode_ips else float("inf")
-    say(f"evaluation throughput at the training batch ({spec.batch_size}), official pattern")
-    x_small = x_eval[: spec.batch_size]
-    out = []
-    for cfg in configs:
-        ours = by_key[(cfg.name, ours_v)]
-        off = by_key[(cfg.name, official_v)] if official_v else ours
-        row = next(r for r in rows if r["method"] == cfg.name and r["variant"] == ours_v.label)
-        costs = SweepCosts(
-            step_ms=step_ms(ours),
-            step_ms_fp32=step_ms(off),
-            batch_size=spec.batch_size,
-            tokens=ours.tokens,
-            eval_ips=row["eval_images_per_s"],
-            eval_ips_official=eval_throughput(off, x_small, repeats=spec.eval_repeats, device=device),
-            decode_ips=decode,
-            floor_ms={t: ms for (v, t), ms in floors.items() if v == ours_v},
-            floor_ms_fp32={t: ms for (v, t), ms in floors.items() if v == (official_v or ours_v)},
-            head_ips=head_ips if cfg.name == "linear" else None,
-        )
-        pred = predict_sweep(costs, TASKS, sweep_tokens[cfg.name], cfg.recipe.epochs)
-        out.append(
-            {
-                "method": cfg.name,
-                "ours_variant": ours_v.label,
-                "official_variant": (official_v or ours_v).label,
-                "epochs": cfg.recipe.epochs,
-                "tokens": sorted(set(sweep_tokens[cfg.name].values())),
-                "decode_images_per_s": round(decode, 1),
-                "eval_images_per_s_official": round(costs.eval_ips_official, 2),
-                **{k: round(v, 1) if k.endswith("_s") else round(v, 2) for k, v in pred.items()},
-            }
-        )
-    return out
-
-
-# -- report files ---------------------------------------------------------------------------------------
-def report_stem(report: dict[str, Any]) -> str:
-    device = "cpu" if report["device_type"] == "cpu" else _slug(report["device"])
-    return f"{device}-{_slug(report['backbone'])}-{report['started_at'][:10]}"
-
-
-def _fmt(value: Any, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    return format(value, spec)
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown page: settings, the step table, misses with their hot spots, floors, the
-    linear probe's cost over a task, and the sweep prediction when measured."""
-    import pandas as pd
-
-    r = report
-    lines = [
-        f"# Training-step performance: {r['device']}, {r['started_at'][:10]}",
-        "",
-        f"Backbone `{r['backbone']}` (random weights; speed does not depend on them) at {r['image_size']} px, "
-        f"batch {r['batch_size']}, task `{r['task']}` ({r['num_classes']} classes, its per-task method settings); "
-        f"torch {r['torch']}; {r['warmup_steps']} warm-up steps, then the median of {r['repeats']} interleaved "
-        f"rounds; torch.compile {'on' if r['compile'] else 'off'}. Measured {r['started_at']} to "
-        f"{r['finished_at']} by `python -m benchmark perf`.",
-        "",
-        "- **× floor**: the method's training step over the floor at its token count: the frozen backbone's "
-        "forward and backward with respect to its input tokens, no weight gradients.",
-        "- **× full**: over full fine-tuning's step (same variant). **peak MiB**: "
-        f"{r['memory_kind']}, above the level before the model was built (its weights, gradients, optimiser "
-        "state and a step's activations).",
-        f"- **eval img/s**: inference-mode forward at batch {r['eval_batch_size']}.",
-        "",
-    ]
-    table = [
-        {
-            "method": x["method"],
-            "variant": x["variant"],
-            "tokens": x["tokens"],
-            "step ms": _fmt(x["step_ms"], ".0f"),
-            "img/s": _fmt(x["images_per_s"], ".2f"),
-            "floor ms": _fmt(x["floor_ms"], ".0f"),
-            "× floor": _fmt(x["x_floor"], ".3f"),
-            "target": _fmt(x["target_x_floor"], ".2f"),
-            "meets": _fmt(x["meets_target"]),
-            "× full": _fmt(x["x_full"], ".3f"),
-            "peak MiB": _fmt(x["peak_memory_mb"], ".0f"),
-            "mem × full": _fmt(x["memory_x_full"], ".3f"),
-            "eval img/s": _fmt(x.get("eval_images_per_s"), ".1f"),
-            "tunable": _fmt(x["tunable_params"], ","),
-        }
-        for x in r["rows"]
-    ]
-    lines += [pd.DataFrame(table).to_markdown(index=False), ""]
-    misses = [x for x in r["rows"] if x["meets_target"] is False]
-    if misses:
-        lines += ["Targets missed (hot spots: the operators with the most self time in one profiled step):", ""]
-        for x in misses:
-            over = 100 * (x["x_floor"] / x["target_x_floor"] - 1)
-            lines.append(
-                f"- `{x['method']}` ({x['variant']}): {x['x_floor']:.3f}× the floor, {over:.0f}% over its "
-                f"{x['target_x_floor']}× target; hot spots: {', '.join(x.get('hot_spots', [])) or '-'}."
-            )
-        lines.append("")
-    lines += ["## Floor", "", pd.DataFrame(r["floors"]).to_markdown(index=False), ""]
-    if "linear_task" in r:
-        lt = r["linear_task"]
-        lines += [
-            "## Linear probe over one task",
-            "",
-            f"`{lt['task']}`: features of the {lt['images']:,} train800val200 and test images once "
-            f"({lt['features_s']} s at the evaluation throughput), then {lt['epochs']} epochs of the head on "
-            f"cached features ({lt['head_images_per_s']:,} images/s: {lt['head_training_s']} s): "
-            f"{lt['features_s'] + lt['head_training_s']:.1f} s in all, against {lt['end_to_end_s']} s training "
-            "end to end through the frozen backbone.",
-            "",
-        ]
-    if "sweep" in r:
-        lines += [
-            "## Predicted 19-task VTAB-1k run (one seed, final protocol)",
-            "",
-            "Each method's run: every task's train800val200 (1,000 images) for its recipe's epochs, then the "
-            "test split. **ours**: splits decoded once into the uint8 cache, the measured training step, the "
-            "test split evaluated once at the large batch (the linear probe: features once, then the head). "
-            "**official pattern**: fp32, every image decoded every epoch and the whole test split evaluated "
-            "after every epoch at the training batch, decoding overlapped with compute (the case most "
-            "favourable to it). Per-task token counts (prompt lengths) scale both by the floor at that count. "
-            "A grid search multiplies a method's cost by its grid points; E²VPT's pruning search adds a "
-            "dense run and one rewind run per candidate.",
-            "",
-        ]
-        table = [
-            {
-                "method": s["method"],
-                "tokens": ",".join(map(str, s["tokens"])),
-                "ours h": f"{s['ours_s'] / 3600:.2f}",
-                "decode / train / eval s": f"{s['ours_decode_s']:.0f} / {s['ours_train_s']:.0f} / {s['ours_eval_s']:.0f}",
-                "official h": f"{s['official_s'] / 3600:.2f}",
-                "train / eval s": f"{s['official_train_s']:.0f} / {s['official_eval_s']:.0f}",
-                "speed-up": f"{s['speedup']:.1f}×",
-            }
-            for s in r["sweep"]
-        ]
-        decode = r["sweep"][0]["decode_images_per_s"] if r["sweep"] else None
-        lines += [
-            pd.DataFrame(table).to_markdown(index=False),
-            "",
-            f"Decode and resize: {decode} images/s; ours uses {r['sweep'][0]['ours_variant']}, the official "
-            f"pattern {r['sweep'][0]['official_variant']}.",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """`out/<device>-<backbone>-<date>.json` and `.md`, written atomically."""
-    from benchmark.results import atomic_write_bytes, write_json
-
-    stem = report_stem(report)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    write_json(json_path, report)
-    atomic_write_bytes(md_path, markdown(report).encode())
-    return json_path, md_path

@@ -16,6 +16,13 @@ that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md`
   the official configs), so the `final` protocol with that recipe and the same five seeds. The
   published numbers were selected on the test set (best of ten test evaluations, one seed); the suite
   never does that, so `compare` marks the protocols as different and last-epoch numbers run lower.
+- The table baselines (`specs/baselines_peft.md`), keyed by name: `lora`, `adapter` (NOAH's fixed recipe,
+  §1.3), `fact_tt`, `fact_tk` (per-task rank and scale, fixed lr, §6) and `repadapter` (per-task scale, fixed
+  lr, §7) the `final` protocol with their recipes (published numbers test-selected, as Convpass's);
+  `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf` PETL_Vision's val-tuned grid (§10: AdamW lr {1e-2, 1e-3}
+  × weight decay {1e-4, 1e-3} at batch 64; its per-task search over method sizes is not rerun), the only
+  published protocol of theirs the spec pins down; the `peft` tuners have no published numbers (§9), so
+  the same grid on val200 with the suite's seeds, and `compare` lists them as unreported.
 
 `--budget quick` keeps one seed (42) and a 2 × 1 grid (and, for E²VPT, 3 × 2 pruning levels); every
 result records the budget, so the leaderboard and `compare` label it. Known gap: VPT-shallow's prompt
@@ -25,6 +32,7 @@ covers lr × weight decay only, so VPT-shallow uses the per-task lengths of its 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +71,7 @@ class PaperProtocol:
         quick_base_lrs: the quick budget's base learning rates.
         quick_wds: the quick budget's weight decays.
         quick_options: method options of the quick budget (e.g. fewer pruning levels).
+        recipe: recipe fields the protocol sets on top of the method's (e.g. the optimiser its grid is for).
         spec: where the suite's specs describe the protocol.
     """
 
@@ -72,8 +81,17 @@ class PaperProtocol:
     quick_base_lrs: tuple[float, ...] = ()
     quick_wds: tuple[float, ...] = ()
     quick_options: dict[str, str] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
     spec: str = ""
 
+
+# PETL_Vision's AdamW grid (`baselines_peft.md` §10): lr {1e-2, 1e-3} at batch 64 (per 256: {0.04, 0.004}) ×
+# weight decay {1e-4, 1e-3}; the quick budget keeps both lrs and the smaller weight decay.
+PETL_BASE_LRS, PETL_WDS = (0.04, 0.004), (1e-4, 1e-3)
+PETL_VISION_GRID = PaperProtocol("grid", PETL_BASE_LRS, PETL_WDS, PETL_BASE_LRS, PETL_WDS[:1],
+                                 recipe={"optimizer": "adamw"}, spec="baselines_peft.md §10")  # fmt: skip
+# Methods without published numbers: the same grid on val200, the suite's seeds (the suite's choice).
+SUITE_GRID = dataclasses.replace(PETL_VISION_GRID, spec="baselines_peft.md §9 (no published numbers; suite grid)")
 
 PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     "vpt_deep": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
@@ -90,6 +108,16 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     "full": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="baselines_and_protocols.md §6"),
     "convpass": PaperProtocol("final", spec="convpass.md §6"),
     "convpass_attn": PaperProtocol("final", spec="convpass.md §6"),
+    "lora": PaperProtocol("final", spec="baselines_peft.md §1.3"),
+    "adapter": PaperProtocol("final", spec="baselines_peft.md §1.3"),
+    "fact_tt": PaperProtocol("final", spec="baselines_peft.md §6"),
+    "fact_tk": PaperProtocol("final", spec="baselines_peft.md §6"),
+    "repadapter": PaperProtocol("final", spec="baselines_peft.md §7"),
+    **{m: PETL_VISION_GRID for m in ("adapter_houlsby", "adaptformer", "bitfit", "ssf")},
+    **{
+        m: SUITE_GRID
+        for m in ("peft", *(f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")))
+    },
 }
 
 
@@ -215,10 +243,11 @@ class Plan:
 
 
 def reproducible_methods(reference: ReferenceTable) -> list[str]:
-    """Registered methods that have reported numbers and a paper protocol."""
+    """Registered methods with a protocol: their paper's (reported numbers to compare with), or the suite's grid
+    where nothing is published (`compare` then lists them as unreported)."""
     import methods
 
-    return sorted(m for m in methods.list_methods() if m in PAPER_PROTOCOLS and not reference.rows(m).empty)
+    return sorted(m for m in methods.list_methods() if m in PAPER_PROTOCOLS)
 
 
 def plan_reproduction(
@@ -245,7 +274,7 @@ def plan_reproduction(
     """
     name = config.name
     if name not in reproducible_methods(reference):
-        raise UserError(f"{name} has no reported VTAB-1k numbers to reproduce; methods with some: "
+        raise UserError(f"{name} has no published VTAB-1k protocol to reproduce; methods with one: "
                         f"{', '.join(reproducible_methods(reference))}")  # fmt: skip
     if budget not in ("full", "quick"):
         raise UserError(f"unknown budget {budget!r}; pick full or quick")
@@ -260,7 +289,7 @@ def plan_reproduction(
             cfg = config.for_task(task.id).with_options(options)
         except ValueError as e:
             raise UserError(f"{name} on {task.id}: {e}") from None
-        overrides: dict[str, Any] = {"epochs": epochs} if epochs else {}
+        overrides: dict[str, Any] = {**protocol.recipe, **({"epochs": epochs} if epochs else {})}
         if protocol.protocol == "grid":
             # Base lrs are per 256 images: the spec's lr for this task's batch size.
             overrides["lr_grid"] = tuple(b * cfg.recipe.batch_size / 256 for b in base_lrs)

@@ -295,7 +295,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             model.apply_pruning(spec.prune_state)
         if spec.settings.compile:
             model.compile()  # in place: forward goes through torch.compile; the state dict keeps its keys
-        if spec.save_state is not None:
+        if spec.save_state is not None and spec.pruning is not None:  # a pruning stage rewinds to these values
             spec.save_state.parent.mkdir(parents=True, exist_ok=True)
             model.save_tunable(spec.save_state.with_name(spec.save_state.name + "-init.safetensors"))
         record["params"] = model.param_report().as_dict()
@@ -345,7 +345,9 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         trainer.test(module, datamodule=datamodule, verbose=False)
         record["test_acc" if eval_split == "test" else "val_acc"] = module.eval_accuracy
         if spec.save_state is not None:
+            spec.save_state.parent.mkdir(parents=True, exist_ok=True)
             model.save_tunable(spec.save_state.with_name(spec.save_state.name + ".safetensors"))
+            record["tunable_state"] = spec.save_state.name + ".safetensors"  # beside the result file
         record["train_loss"] = module.epoch_losses
         if module.diagnostics["train"] or module.diagnostics["eval"]:
             record["diagnostics"] = module.diagnostics

@@ -139,8 +139,10 @@ class _Sweep:
     """The runs of one method over tasks and seeds: grid search, pruning stage, final runs; resumable."""
 
     def __init__(self, config: MethodConfig, *, protocol: str, settings: Settings, results: Path,
-                 backbone: VisionTransformer, data: SweepData, retry_failed: bool, run_progress: bool) -> None:  # fmt: skip
+                 backbone: VisionTransformer, data: SweepData, retry_failed: bool, run_progress: bool,
+                 save_tunable: bool = False) -> None:  # fmt: skip
         self.name, self.protocol, self.settings, self.results = config.name, protocol, settings, results
+        self.save_tunable = save_tunable
         self.backbone, self.data = backbone, data
         self.retry_failed, self.run_progress = retry_failed, run_progress
         self.executed: list[dict[str, Any]] = []
@@ -214,8 +216,10 @@ class _Sweep:
 
     def final_plans(self, cfg: MethodConfig, task: Task, seeds: list[int]) -> list[Plan]:
         mode = "tune" if self.protocol == "tune" else "final"
-        return [Plan(RunSpec(cfg, task, seed, mode, self.protocol, self.settings),
-                     run_path(self.results, self.name, task.id, self.protocol, seed)) for seed in seeds]  # fmt: skip
+        paths = [run_path(self.results, self.name, task.id, self.protocol, seed) for seed in seeds]
+        return [Plan(RunSpec(cfg, task, seed, mode, self.protocol, self.settings,
+                             save_state=path.with_suffix("") if self.save_tunable else None), path)
+                for seed, path in zip(seeds, paths, strict=True)]  # fmt: skip
 
     def dense_plan(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None) -> Plan:
         stem = self.task_dir(task) / f"{self.protocol}-prune" / "dense"
@@ -308,6 +312,7 @@ def sweep(
     retry_failed: bool = False,
     progress: bool = True,
     run_progress: bool = False,
+    save_tunable: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
 
@@ -316,7 +321,9 @@ def sweep(
     seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
     from a different configuration) is checked before the first run, and nothing is written before then.
     `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
-    learning rates scaled by each task's batch size). Returns the records of the runs this call executed.
+    learning rates scaled by each task's batch size). `save_tunable` saves each final run's trained tunable
+    state (plus head) beside its result (`<protocol>-s<seed>.safetensors`, for `export`). Returns the records
+    of the runs this call executed.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
@@ -342,7 +349,7 @@ def sweep(
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
     data = prepare_data(data_root, tasks, splits, settings, cache_dir)
     state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
-                   retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
+                   retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.
     known: list[tuple[Plan, bool]] = []
     for task in tasks:

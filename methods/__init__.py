@@ -14,6 +14,7 @@ from methods import (  # noqa: F401
     fact,
     lion,
     lora,
+    peft_tuners,
     pgn,
     repadapter,
     ssf,

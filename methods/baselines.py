@@ -9,6 +9,7 @@ grids for these baselines are unconfirmed).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -37,12 +38,18 @@ class LinearProbe(PeftModel):
     def tunable_modules(self) -> list[nn.Module]:
         return []
 
+    def merged_backbone(self) -> VisionTransformer:
+        return copy.deepcopy(self.backbone).requires_grad_(False)  # nothing to fold in
+
 
 class FullFinetune(PeftModel):
     """Every backbone weight and the head are trained."""
 
     def tunable_modules(self) -> list[nn.Module]:
         return [self.backbone]
+
+    def merged_backbone(self) -> VisionTransformer:
+        return copy.deepcopy(self.backbone).requires_grad_(False)  # the fine-tuned backbone itself
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmark import perf_model as pm
+from benchmark import perf_report, perf_sweep
 from benchmark.cli import main
 from benchmark.data import SplitArrays, VTABDataModule
 from benchmark.module import ClassificationModule
@@ -26,7 +27,7 @@ PERF_TINY += ["--eval-repeats", "1", "--eval-batch-size", "8"]
 
 def tiny_model(name: str, task: str = "cifar100"):
     t = get_task(task)
-    return get_method(name)().for_task(t.id).build(tiny_vit(), t.num_classes), t
+    return get_method(name).tiny().for_task(t.id).build(tiny_vit(), t.num_classes), t
 
 
 def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
@@ -48,6 +49,11 @@ def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
             assert row["hot_spots"]  # a missed target names its hot spots
     full = next(r for r in report["rows"] if r["method"] == "full")
     assert full["x_full"] == 1.0 and full["memory_x_full"] == 1.0
+    # Merged models (plain timm ViTs) beside the frozen backbone; the non-mergeable have none.
+    merged = {r["method"]: r["merged_eval_images_per_s"] for r in report["rows"]}
+    assert all(merged[m] > 0 for m in methods if m.startswith("peft") or m in ("linear", "full"))
+    assert merged["convpass"] is None and merged["vpt_deep"] is None
+    assert report["frozen_eval_images_per_s"]["fp32/fused"] > 0
     assert report["linear_task"]["epochs"] == 100
     sweep = {s["method"]: s for s in report["sweep"]}
     assert list(sweep) == methods
@@ -56,9 +62,9 @@ def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
         assert s["speedup"] > 0
     # VPT-deep's per-task prompt lengths (1 to 200) give several token counts; the linear probe one.
     assert len(sweep["vpt_deep"]["tokens"]) > 3 and len(sweep["linear"]["tokens"]) == 1
-    md = (tmp_path / f"{pm.report_stem(report)}.md").read_text()
+    md = (tmp_path / f"{perf_report.report_stem(report)}.md").read_text()
     assert "× floor" in md and "Predicted 19-task" in md
-    assert json.loads((tmp_path / f"{pm.report_stem(report)}.json").read_text())["rows"] == report["rows"]
+    assert json.loads((tmp_path / f"{perf_report.report_stem(report)}.json").read_text())["rows"] == report["rows"]
 
 
 def test_perf_table_and_variants(tmp_path, capsys):
@@ -89,11 +95,11 @@ def test_perf_bad_input_is_one_line(extra, message, tmp_path, capsys):
 
 def test_predict_sweep_arithmetic():
     task = TASKS[0]
-    costs = pm.SweepCosts(
+    costs = perf_sweep.SweepCosts(
         step_ms=100.0, step_ms_fp32=200.0, batch_size=10, tokens=197, eval_ips=50.0, eval_ips_official=25.0,
         decode_ips=1000.0, floor_ms={197: 10.0, 297: 20.0}, floor_ms_fp32={197: 10.0, 297: 30.0},
     )  # fmt: skip
-    p = pm.predict_sweep(costs, [task], {task.id: 297}, epochs=2, train_images=100)
+    p = perf_sweep.predict_sweep(costs, [task], {task.id: 297}, epochs=2, train_images=100)
     m = task.test_size
     assert p["ours_decode_s"] == pytest.approx((100 + m) / 1000)
     assert p["ours_train_s"] == pytest.approx(2 * 100 * 0.1 / 10 * 2.0)  # twice the floor at 297 tokens
@@ -103,7 +109,7 @@ def test_predict_sweep_arithmetic():
     assert p["speedup"] == pytest.approx(p["official_s"] / p["ours_s"])
     # Frozen features: both splits through the backbone once, then the head's epochs.
     costs.head_ips = 1e4
-    q = pm.predict_sweep(costs, [task], {task.id: 197}, epochs=2, train_images=100)
+    q = perf_sweep.predict_sweep(costs, [task], {task.id: 197}, epochs=2, train_images=100)
     assert q["ours_eval_s"] == pytest.approx((100 + m) / 50) and q["ours_train_s"] == pytest.approx(2 * 100 / 1e4)
 
 
@@ -149,6 +155,9 @@ class _SyncOps(TorchDispatchMode):
 # LION's equilibrium solves stop early once the residual is small, which torchdeq decides on the host
 # after each solver iteration: inherent to an adaptive solver, and the one exception.
 HOST_READS_BY_DESIGN = {"lion"}
+# peft's LoHa and LoKr (module dropout) and BOFT (multiplicative dropout) draw a random number on the CPU and read
+# it in Python every step: a read of a CPU tensor, which does not wait for the device.
+HOST_READS_BY_DESIGN |= {"peft_boft", "peft_loha", "peft_lokr"}
 
 
 @pytest.mark.parametrize("name", sorted(set(list_methods()) - HOST_READS_BY_DESIGN))

@@ -38,9 +38,12 @@ def test_shipped_reference_loads_with_canonical_columns_and_labels():
     assert set(frame.selection_protocol) <= set(SELECTION_PROTOCOLS)
     numbers = frame[[*TASK_COLUMNS, *GROUPS, "avg_groups", "avg_19"]]
     assert ((numbers >= 0) & (numbers <= 100) | numbers.isna()).all().all()
-    # Every registered method has reported numbers except the two the papers never ran on VTAB-1k.
-    assert set(methods.list_methods()) & set(table.methods()) == SUITE_METHODS_WITH_NUMBERS
-    assert set(methods.list_methods()) - set(table.methods()) == {"lion", "pgn"}
+    # Every registered method has reported numbers except the two the papers never ran on VTAB-1k and the peft
+    # tuners, which no VTAB-1k table prints (specs/baselines_peft.md §9).
+    registered = set(methods.list_methods())
+    assert (registered & set(table.methods())) >= SUITE_METHODS_WITH_NUMBERS
+    unreported = {m for m in registered - set(table.methods()) if m != "peft" and not m.startswith("peft_")}
+    assert unreported == {"lion", "pgn"}
     vpt = frame[(frame.method == "vpt_deep") & frame.source.str.contains("V-PETL")].iloc[0]
     assert (vpt.cifar100, vpt.avg_groups, vpt.avg_19, vpt.line) == (78.8, 71.96, 69.43, 7)
 

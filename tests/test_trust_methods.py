@@ -245,7 +245,11 @@ def test_every_option_is_refused_up_front_or_trains(method, option):
         ("e2vpt", {"dropout": "nan"}, "dropout=nan must be a finite number; set dropout=0.1"),
         ("e2vpt", {"kv_dropout": "1"}, "kv_dropout=1.0 must be in [0, 1); set kv_dropout=0.0"),
         ("vpt_deep", {"num_tokens": "0"}, "num_tokens=0 must be at least 1; set num_tokens=10"),
-        ("vpt_shallow", {"head_init": "zeros"}, "head_init='zeros' is not one of vpt, torch, trunc_normal; set head_init='vpt'"),
+        (
+            "vpt_shallow",
+            {"head_init": "zeros"},
+            "head_init='zeros' is not one of vpt, torch, trunc_normal; set head_init='vpt'",
+        ),
         ("convpass", {"hidden": "0"}, "hidden=0 must be at least 1; set hidden=8"),
         ("convpass_attn", {"drop_path_rate": "1"}, "drop_path_rate=1.0 must be in [0, 1); set drop_path_rate=0.1"),
         ("pgn", {"num_prompts": "-2"}, "num_prompts=-2 must be at least 1; set num_prompts=16"),
@@ -258,7 +262,11 @@ def test_every_option_is_refused_up_front_or_trains(method, option):
         ("lion", {"in_groups": "3"}, "in_groups=3 does not divide in_channels 8; set in_groups=4"),
         ("lion", {"out_dim": "0"}, "out_dim=0 must be at least 1; set out_dim=64"),
         ("lion", {"tol": "0"}, "tol=0.0 must be in (0, inf); set tol=0.0001"),
-        ("linear", {"head_init": "kaiming"}, "head_init='kaiming' is not one of vpt, torch, trunc_normal; set head_init='vpt'"),
+        (
+            "linear",
+            {"head_init": "kaiming"},
+            "head_init='kaiming' is not one of vpt, torch, trunc_normal; set head_init='vpt'",
+        ),
     ],
 )
 def test_impossible_options_say_what_to_set(method, options, message):

@@ -216,6 +216,8 @@ def data_and_results(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--save-tunable", action="store_true",
+                   help="save each final run's tunable state beside its result (what `export` reads)")  # fmt: skip
 
 
 def reference_options(p: argparse.ArgumentParser) -> None:

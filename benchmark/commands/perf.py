@@ -48,7 +48,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
 def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Path | None) -> int:
     import torch
 
-    from benchmark import perf, perf_model
+    from benchmark import perf, perf_model, perf_report
     from benchmark.backbone import default_image_size
     from benchmark.results import check_writable
     from methods import list_methods
@@ -94,11 +94,11 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
         device=device,
         progress=say,
     )
-    json_path, md_path = perf_model.write_report(report, out)
+    json_path, md_path = perf_report.write_report(report, out)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(perf_model.markdown(report))
+        print(perf_report.markdown(report))
         print(f"written: {md_path} and {json_path.name}")
     return 0
 

@@ -29,12 +29,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmark.compare import compare, summary_lines, write_comparison
+    from benchmark.compare import compare
+    from benchmark.compare_report import summary_lines, write_comparison
     from benchmark.reference import load_reference
     from benchmark.results import check_writable
 
     reference = load_reference(args.reference)
     results = Path(args.results).expanduser()
+    if args.table:
+        from benchmark.compare_table import write_table
+
+        check_writable(results)
+        md, text = write_table(results, reference, args.table)
+        print(f"{text}\ntable in {md} and {md.with_suffix('.csv')}")
+        return 0
     comparison = compare(results, reference, methods=method_names(args.method), sources=args.source)
     check_writable(results)
     md, csv = write_comparison(comparison)
@@ -72,5 +80,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--method", help="comma-separated methods (default: every method with results)")
+    p.add_argument("--table", metavar="PAPER", help="lay ours out as a paper's VTAB-1k table: e2vpt, convpass or vpt "
+                   "(writes compare-PAPER.md and .csv)")  # fmt: skip
     reference_options(p)
     p.set_defaults(func=cmd_compare)

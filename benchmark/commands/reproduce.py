@@ -23,7 +23,8 @@ from benchmark.errors import UserError
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmark.compare import check_sources, compare, summary_lines, write_comparison
+    from benchmark.compare import check_sources, compare
+    from benchmark.compare_report import summary_lines, write_comparison
     from benchmark.reference import load_reference
     from benchmark.reproduce import plan_reproduction
 

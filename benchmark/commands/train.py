@@ -39,6 +39,7 @@ def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: 
         retry_failed=args.retry_failed,
         progress=not args.quiet,
         run_progress=args.run_progress,
+        save_tunable=getattr(args, "save_tunable", False),
         **kwargs,
     )
     write_leaderboard(results)
@@ -91,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
                         args.cache_dir)  # fmt: skip
-    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings)
+    spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings,
+                   save_state=out.with_suffix("") if args.save_tunable else None)  # fmt: skip
     claim = try_claim(out)  # the one way to run a result path: a sweep on the same directory waits for it
     if claim is None:
         owner = read_owner(claim_path(out)) or {}
