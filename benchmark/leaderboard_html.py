@@ -81,8 +81,9 @@ def _num(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
-def _td(text: str, sort: float | None = None, title: str | None = None) -> str:
+def _td(text: str, sort: float | None = None, title: str | None = None, *, cls: str | None = None) -> str:
     attrs = "" if sort is None else f' data-v="{sort:.6g}"'
+    attrs += "" if cls is None else f' class="{cls}"'
     attrs += "" if title is None else f' title="{_esc(title)}"'
     return f"<td{attrs}>{_esc(text)}</td>"
 
@@ -94,16 +95,22 @@ def _row_attrs(key: str, r: pd.Series, reported: bool) -> str:
 
 
 def _identity(r: pd.Series, reported: bool) -> list[str]:
-    cells = [_td(r.kind)] if reported else []
-    cells += [_td(r.method), _td(r.protocol, title=explain_protocol(r.protocol))]
-    return cells + ([_td(r.source or "", title=r.get("source_full") or None)] if reported else [])
+    cells = [_td(r.kind, cls="text")] if reported else []
+    cells += [_td(r.method, cls="text"), _td(r.protocol, title=explain_protocol(r.protocol), cls="text")]
+    return cells + ([_td(r.source or "", title=r.get("source_full") or None, cls="text")] if reported else [])
+
+
+TEXT_COLUMNS = ("kind", "method", "protocol", "source")
 
 
 def _table(table_id: str, headers: list[tuple[str, str]], rows: list[str]) -> str:
-    head = "".join(f'<th scope="col" title="{_esc(tip)}">{_esc(name)}</th>' for name, tip in headers)
+    """A table in a horizontally scrolling box; the text columns are left-aligned (class `text`)."""
+    cls = {name: ' class="text"' for name in TEXT_COLUMNS}
+    head = "".join(f'<th scope="col"{cls.get(n, "")} title="{_esc(tip)}">{_esc(n)}</th>' for n, tip in headers)
     body = "\n".join(rows) if rows else f'<tr><td colspan="{len(headers)}">(no results)</td></tr>'
     return (
-        f'<table id="{table_id}" class="board">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>'
+        f'<div class="scroll"><table id="{table_id}" class="board">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+        f"{body}\n</tbody>\n</table></div>"
     )
 
 
@@ -202,7 +209,7 @@ def plot_svg(board: pd.DataFrame) -> str:
     points = [p for p in points if p[1] > 0]
     if not points:
         return '<p class="empty">No row has both an accuracy and a parameter count to plot.</p>'
-    width, height, left, right, top, bottom = 860, 440, 64, 24, 20, 52
+    width, height, left, right, top, bottom = 860, 460, 64, 24, 40, 52
     xs, ys = [math.log10(p[1]) for p in points], [p[2] for p in points]
     x0, x1 = math.floor(min(xs) - 0.2), math.ceil(max(xs) + 0.2)
     yt = _ticks(min(ys) - 1, max(ys) + 1)
@@ -267,9 +274,10 @@ def plot_svg(board: pd.DataFrame) -> str:
                        '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
     if front:
         legend.append(("Pareto front of our rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
-    for j, (text, mark) in enumerate(legend):
-        out.append(f'<g class="legend" transform="translate({left + 12} {top + 14 + 16 * j})">{mark}'
-                   f'<text x="22" y="4">{_esc(text)}</text></g>')  # fmt: skip
+    x = left  # the legend: one row above the plotting area
+    for text, mark in legend:
+        out.append(f'<g class="legend" transform="translate({x} 16)">{mark}<text x="22" y="4">{_esc(text)}</text></g>')
+        x += 40 + 6 * len(text)
     out.append("</svg>")
     return "\n".join(out)
 
