@@ -6,7 +6,7 @@ reads without JavaScript. The inline script (`leaderboard_page.js`) only adds so
 the text and protocol filters, the plot's tooltips and the toggle for the papers' reported rows.
 
 The plot is drawn here as SVG rather than by a plotting library's browser bundle: plotly's offline bundle
-alone is about 4.5 MB of JavaScript per page, and a server-side SVG also shows without JavaScript. The page
+alone is several MB of JavaScript in every page, and a server-side SVG also shows without JavaScript. The page
 fetches nothing: styles and script are inline, and its Content-Security-Policy forbids every request.
 """
 
