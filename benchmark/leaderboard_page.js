@@ -40,7 +40,16 @@
 
   for (const table of tables) {
     table.classList.add("sortable");
-    for (const th of table.tHead.rows[0].cells) th.addEventListener("click", () => sortBy(table, th));
+    for (const th of table.tHead.rows[0].cells) {
+      th.tabIndex = 0; // sortable from the keyboard too
+      th.addEventListener("click", () => sortBy(table, th));
+      th.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") {
+          event.preventDefault();
+          sortBy(table, th);
+        }
+      });
+    }
   }
 
   // A row is shown when it matches the text filter and the protocol, and is not a hidden reported row.

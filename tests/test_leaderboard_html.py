@@ -199,6 +199,7 @@ def column(driver, table: str, header: str) -> list[float]:
 def test_page_in_chromium(browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
 
     driver, board, uri = browser
     ours, reported = (board.kind == "ours").sum(), (board.kind == "reported").sum()
@@ -221,6 +222,11 @@ def test_page_in_chromium(browser):
     )
     driver.find_element(By.ID, "filter").clear()
     driver.execute_script("document.getElementById('filter').dispatchEvent(new Event('input'))")
+    # The protocol filter: only pgn ran `final`.
+    Select(driver.find_element(By.ID, "protocol-filter")).select_by_value("fixed-hparams-last-epoch-2seeds")
+    shown = [r for r in driver.find_elements(By.CSS_SELECTOR, "#per-task tbody tr") if r.is_displayed()]
+    assert [r.text.split()[1] for r in shown] == ["pgn"]
+    Select(driver.find_element(By.ID, "protocol-filter")).select_by_value("")
     # The plot: one filled point per row of ours, one hollow one per reported row with a parameter count.
     points = driver.find_elements(By.CSS_SELECTOR, ".pt.ours")
     placeable = board[(board.kind == "reported") & (board.tunable > 0)]
