@@ -244,6 +244,8 @@ def plot_svg(board: pd.DataFrame) -> str:
         if p[2] > best:
             front.append(p)
             best = p[2]
+    if len(front) < 2:
+        front = []  # a front of one point is no line
     if front:
         line = " ".join(f"{px(p[1]):.1f},{py(p[2]):.1f}" for p in front)
         out.append(f'<polyline id="pareto" points="{line}"><title>Pareto front of our rows</title></polyline>')
