@@ -371,7 +371,7 @@ def write_leaderboard(
     written, so bad input leaves the previous files as they were; files whose content would not change are
     left untouched.
     """
-    from benchmark.leaderboard_html import html_page, page_meta
+    from benchmark.leaderboard_html import html_page, page_meta  # here: that module imports this one
 
     results = Path(results)
     records = load_results(results)
