@@ -21,7 +21,7 @@ DEMO_TASKS := svhn,eurosat,clevr_count,dsprites_ori
 DEMO_ARGS := --backbone peft_bench_demo_vit --weights $(DEMO_WEIGHTS) --epochs 30 --batch-size 32 --seeds 42,44
 DEMO_BENCH = $(PY) -m benchmark bench --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
-.PHONY: install test demo pretrain-demo data bench leaderboard compare reproduce perf lint format clean
+.PHONY: install test demo pretrain-demo data bench leaderboard compare reproduce perf screenshot lint format clean
 
 install: $(STAMP)
 
@@ -91,6 +91,10 @@ reproduce: $(STAMP)
 # Every method's training step against the floor, and the predicted 19-task sweep, into results/perf/.
 perf: $(STAMP)
 	$(PY) -m benchmark perf --sweep $(ARGS)
+
+# The README's picture of the demo's leaderboard.html, taken in headless Chromium (after `make demo`).
+screenshot: $(STAMP)
+	$(PY) -m benchmark.browser $(DEMO_RESULTS)/leaderboard.html docs/leaderboard.png
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

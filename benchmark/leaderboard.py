@@ -77,6 +77,8 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "head": params.get("head"),
                 "backbone": params.get("backbone"),
                 "nonzero_tunable": params.get("nonzero_tunable"),
+                "images_per_s": r.get("train_images_per_s"),
+                "peak_memory_mb": r.get("peak_memory_mb"),
             }
         )
     columns = [
@@ -93,6 +95,8 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         "head",
         "backbone",
         "nonzero_tunable",
+        "images_per_s",
+        "peak_memory_mb",
     ]
     return pd.DataFrame(rows, columns=columns)
 
@@ -155,7 +159,8 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
             "tasks": len(tasks),
             "runs_failed": int((g.status != "ok").sum()),
         }
-        row.update({k: v for k, v in aggregate(per_seed).items() if not k.endswith("_n")})
+        # `<task>_n`: the seeds behind a task's mean ± std.
+        row.update({k: v for k, v in aggregate(per_seed).items() if not k.endswith("_n") or k[:-2] in tasks})
         params = g.dropna(subset=["tunable"])
         if not params.empty:
             row["tunable"] = float(params.groupby("task").tunable.first().mean())
@@ -163,6 +168,11 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
             row["head"] = float(params.groupby("task")["head"].first().mean())
             row["backbone"] = float(params.backbone.iloc[0])
             row["tunable_pct"] = 100.0 * row["tunable"] / row["backbone"]
+        # Training throughput (median over runs) and peak memory (max over runs), where the runs carry them.
+        if ok.images_per_s.notna().any():
+            row["images_per_s"] = float(ok.images_per_s.median())
+        if ok.peak_memory_mb.notna().any():
+            row["peak_memory_mb"] = float(ok.peak_memory_mb.max())
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty and "avg_tasks_mean" in frame:
@@ -213,7 +223,7 @@ def with_reported(board: pd.DataFrame, reference: ReferenceTable, which: str = "
     return frame.reindex(columns=first + [c for c in frame.columns if c not in first])
 
 
-def _cell(mean: Any, std: Any) -> str:
+def format_mean_std(mean: Any, std: Any) -> str:
     if mean is None or pd.isna(mean):
         return "—"
     return f"{mean:.1f}" if pd.isna(std) or std == 0 else f"{mean:.1f} ± {std:.1f}"
@@ -227,7 +237,7 @@ def printed(value: Any) -> str:
     return text[:-1] if text.endswith("0") else text
 
 
-def _count(n: Any) -> str:
+def format_count(n: Any) -> str:
     if n is None or pd.isna(n):
         return "—"
     return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{round(n):,}"
@@ -262,17 +272,17 @@ def markdown(board: pd.DataFrame) -> str:
         if reported:
             row["source"] = r.source
         row["tasks"] = f"{r.tasks}/19" if ours or r.tasks else "—"
-        cell = _cell if ours else lambda mean, std: printed(mean)
+        cell = format_mean_std if ours else lambda mean, std: printed(mean)
         for g in GROUPS:
             text = cell(r.get(f"{g}_mean"), r.get(f"{g}_std"))
             n = r.get(f"{g}_tasks", 0)
             row[g] = text if n in (0, GROUP_SIZES[g]) or text == "—" else f"{text} ({n}/{GROUP_SIZES[g]})"
         row["avg (groups)"] = cell(r.get("avg_groups_mean"), r.get("avg_groups_std"))
         row["avg (tasks)"] = cell(r.get("avg_tasks_mean"), r.get("avg_tasks_std"))
-        row["tunable"] = _count(r.get("tunable"))
-        row["nonzero"] = _count(r.get("nonzero_tunable"))
+        row["tunable"] = format_count(r.get("tunable"))
+        row["nonzero"] = format_count(r.get("nonzero_tunable"))
         row["%"] = "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}"
-        row["head"] = _count(r.get("head"))
+        row["head"] = format_count(r.get("head"))
         row["failed"] = int(r.runs_failed) if ours else "—"
         summary.append(row)
     lines += [pd.DataFrame(summary).to_markdown(index=False) if summary else "(no results)", ""]
@@ -287,7 +297,7 @@ def markdown(board: pd.DataFrame) -> str:
             if reported and r.kind == "reported":
                 row.update({t: printed(r.get(f"{t}_mean")) for t in tasks})
             else:
-                row.update({t: _cell(r.get(f"{t}_mean"), r.get(f"{t}_std")) for t in tasks})
+                row.update({t: format_mean_std(r.get(f"{t}_mean"), r.get(f"{t}_std")) for t in tasks})
             per_task.append(row)
         lines += [pd.DataFrame(per_task).to_markdown(index=False), ""]
     if reported and (board.kind == "reported").any():
@@ -296,6 +306,12 @@ def markdown(board: pd.DataFrame) -> str:
         lines += [f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()]
         lines.append("")
     return "\n".join(lines)
+
+
+def trained_params(row: pd.Series) -> float:
+    """A row's x on the accuracy-versus-parameters plots: tunable parameters plus the head (when counted)."""
+    head = row.get("head", np.nan)
+    return float(row.tunable + (head if pd.notna(head) else 0.0))
 
 
 def plot(board: pd.DataFrame) -> bytes:
@@ -315,8 +331,7 @@ def plot(board: pd.DataFrame) -> bytes:
     placed: list[tuple[float, float]] = []
     span = max(1.0, float(shown.avg_tasks_mean.max() - shown.avg_tasks_mean.min())) if len(shown) else 1.0
     for _, r in shown.iterrows():
-        head = r.get("head", np.nan)
-        x = r.tunable + (head if pd.notna(head) else 0.0)
+        x = trained_params(r)
         if x <= 0:
             continue
         # Labels of points that nearly coincide (e.g. one paper's numbers quoted with different parameter
@@ -357,16 +372,26 @@ def plot(board: pd.DataFrame) -> bytes:
 def write_leaderboard(
     results: Path, *, reference: ReferenceTable | None = None, reported: str = "methods"
 ) -> pd.DataFrame:
-    """Regenerate `leaderboard.md`, `leaderboard.csv` and `accuracy_vs_params.png` under `results`.
+    """Regenerate `leaderboard.md`, `.csv`, `.html` and `accuracy_vs_params.png` under `results`.
 
     With `reference`, the tables and the plot also hold its rows: those of the methods in the results
-    (`reported="methods"`) or all of them (`"all"`). Files whose content would not change are left untouched.
+    (`reported="methods"`) or all of them (`"all"`). Every file's content is built before the first one is
+    written, so bad input leaves the previous files as they were; files whose content would not change are
+    left untouched.
     """
+    from benchmark.leaderboard_html import html_page, page_meta  # here: that module imports this one
+
     results = Path(results)
-    board = leaderboard_frame(runs_frame(load_results(results)))
+    records = load_results(results)
+    board = leaderboard_frame(runs_frame(records))
     if reference is not None:
         board = with_reported(board, reference, reported)
-    atomic_write_bytes(results / "leaderboard.md", markdown(board).encode())
-    atomic_write_bytes(results / "leaderboard.csv", board.to_csv(index=False, float_format="%.4f").encode())
-    atomic_write_bytes(results / "accuracy_vs_params.png", plot(board))
+    files = {
+        "leaderboard.md": markdown(board).encode(),
+        "leaderboard.csv": board.to_csv(index=False, float_format="%.4f").encode(),
+        "accuracy_vs_params.png": plot(board),
+        "leaderboard.html": html_page(board, page_meta(records)).encode(),
+    }
+    for name, data in files.items():
+        atomic_write_bytes(results / name, data)
     return board

@@ -4,7 +4,7 @@ Layout of a results directory:
 
     <results>/runs/<method>/<task>/<protocol>-s<seed>.json        reported runs (final, tune, grid)
     <results>/runs/<method>/<task>/grid-tune/lr<lr>-wd<wd>.json   the grid protocol's tuning runs
-    <results>/leaderboard.md, leaderboard.csv, accuracy_vs_params.png
+    <results>/leaderboard.md, leaderboard.csv, leaderboard.html, accuracy_vs_params.png
 """
 
 from __future__ import annotations

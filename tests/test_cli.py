@@ -62,7 +62,7 @@ def test_bench_end_to_end_then_resume_changes_nothing(synth_root, tmp_path, caps
     assert bench(synth_root, results) == 0
     assert bench(synth_root, results, "--lr", "0.01", method="full") == 0
     files = {p.name for p in results.iterdir()}
-    assert {"leaderboard.md", "leaderboard.csv", "accuracy_vs_params.png", "runs"} <= files
+    assert {"leaderboard.md", "leaderboard.csv", "leaderboard.html", "accuracy_vs_params.png", "runs"} <= files
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
     assert len(records) == 2 * 2 * 2
     for r in records:
