@@ -7,6 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
+# The process's umask, read once (reading it means setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 # A full disk, or a full quota: the write cannot succeed until space is freed.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -22,6 +25,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what `open` would have given, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

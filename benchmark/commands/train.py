@@ -44,7 +44,10 @@ def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: 
     )
     write_leaderboard(results)
     failed = sum(r["status"] != "ok" for r in executed)
-    print(f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'}")
+    print(
+        f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'} "
+        f"(in a browser: {results / 'leaderboard.html'})"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
