@@ -21,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from benchmark.backbone import NORMALIZATIONS, create_backbone
+from benchmark.claims import claimed
 from benchmark.data import SplitArrays, VTABDataModule
 from benchmark.errors import UserError
 from benchmark.results import check_writable, grid_tune_path, read_json, run_path, write_json
@@ -148,20 +149,34 @@ class _Sweep:
         return record is None or (self.retry_failed and record.get("status") != "ok")
 
     def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
-        """The plan's result: the stored one when it exists, else a new run, written atomically."""
+        """The plan's result: the stored one when it exists, else a new run, written atomically.
+
+        The run is claimed first (`benchmark.claims`), so that no other process runs it at the same time;
+        a live owner's run is waited for, and its result taken.
+        """
         if conflict := _conflict(plan.path, plan.spec, self.data, deferred=deferred):
             raise UserError(f"{conflict}; use another --results directory or delete the old results")
         if not self.needs_run(plan.path):
             return read_json(plan.path)
-        spec = plan.spec
-        self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
-        record = execute(spec, self.backbone, self.data, progress=self.run_progress)
-        write_json(plan.path, record)
+        with claimed(plan.path, wait=float("inf")) as claim:
+            if claim.reclaimed_from:
+                tqdm.write(f"{plan.path}: took over the claim of {claim.reclaimed_from}", file=sys.stderr)
+            if not self.needs_run(plan.path):  # its owner finished it while we waited
+                return read_json(plan.path)
+            spec = plan.spec
+            self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
+            record = execute(spec, self.backbone, self.data, progress=self.run_progress)
+            write_json(plan.path, record)
         if record["status"] != "ok":
             tqdm.write(f"run {self.name}/{spec.task.id}/{plan.path.stem} failed: {record['error']}", file=sys.stderr)
         self.executed.append(record)
         self.bar.update(1)
         return record
+
+    def settle(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A stage's records, once every one exists: the inline sweep has just run them. (A launcher's driver
+        overrides this to stop at a stage whose runs are still to come.)"""
+        return records
 
     def add_to_plan(self, n: int) -> None:
         self.bar.total = (self.bar.total or 0) + n
@@ -195,7 +210,7 @@ class _Sweep:
         state_files = [plan.spec.save_state.with_name(f"dense{s}.safetensors") for s in ("", "-init")]
         if not all(f.is_file() for f in state_files) and not self.needs_run(plan.path):
             plan.path.unlink()  # a result without its saved state cannot seed the pruning decision
-        dense = self.run(plan)
+        dense = self.settle([self.run(plan)])[0]
         if dense["status"] != "ok":
             raise StageError(f"the dense stage failed ({dense['error']})")
         pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
@@ -212,14 +227,18 @@ class _Sweep:
             chosen, search = candidates[0], []
         else:
             self.add_to_plan(sum(self.needs_run(plan.path.with_name(f"rewind-{c.key}.json")) for c in candidates))
-            scored = []
-            for c in candidates:
-                # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
-                spec = RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
-                               prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info})  # fmt: skip
-                record = self.run(Plan(spec, plan.path.with_name(f"rewind-{c.key}.json")))
-                if record["status"] == "ok":
-                    scored.append((record["val_acc"], *c.preference, c))
+            # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
+            records = self.settle([
+                self.run(Plan(RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
+                                      prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info}),
+                              plan.path.with_name(f"rewind-{c.key}.json")))
+                for c in candidates
+            ])  # fmt: skip
+            scored = [
+                (r["val_acc"], *c.preference, c)
+                for r, c in zip(records, candidates, strict=True)
+                if r["status"] == "ok"
+            ]
             if not scored:
                 raise StageError("every rewind run failed, so no pruning candidate could be selected")
             chosen = max(scored, key=lambda t: t[:-1])[-1]
@@ -233,7 +252,7 @@ class _Sweep:
         finals = self.final_plans(cfg, task, seeds)
         try:
             if self.protocol == "grid":
-                selection = select_grid_point([self.run(p) for p in self.grid_plans(cfg, task)])
+                selection = select_grid_point(self.settle([self.run(p) for p in self.grid_plans(cfg, task)]))
                 cfg = cfg.with_recipe(lr=selection["lr"], weight_decay=selection["weight_decay"])
             pruning = self.prune(cfg, task, selection) if cfg.prunes else None
         except StageError as e:
@@ -255,7 +274,7 @@ def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settin
         yield dm.on_after_batch_transfer((x.to(device), y.to(device)), 0)
 
 
-def sweep(
+def prepare_sweep(
     config: MethodConfig,
     tasks: list[Task],
     seeds: list[int],
@@ -269,17 +288,13 @@ def sweep(
     task_overrides: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
     retry_failed: bool = False,
-    progress: bool = True,
     run_progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
+    sweep_cls: type[_Sweep] = _Sweep,
+) -> tuple[_Sweep, dict[str, MethodConfig], list[tuple[Plan, bool]]]:
+    """Everything a sweep checks and loads before its first run: per-task configs, data, backbone, conflicts.
 
-    Per task: the grid search (protocol `grid`), the pruning stage (methods that prune: a dense run on
-    train800, the method's candidates, a rewind run of each scored on val200), then one final run per
-    seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
-    from a different configuration) is checked before the first run, and nothing is written before then.
-    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
-    learning rates scaled by each task's batch size). Returns the records of the runs this call executed.
+    Returns the sweep's state (a `sweep_cls`), each task's config, and the runs whose identity is known
+    before any training, each with whether it is deferred (see `_identity`). Nothing is written.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
@@ -301,8 +316,8 @@ def sweep(
     check_writable(results)
     backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
-    state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
-                   retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
+    state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
+                      retry_failed=retry_failed, run_progress=run_progress)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.
     known: list[tuple[Plan, bool]] = []
     for task in tasks:
@@ -315,11 +330,32 @@ def sweep(
     conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, data, deferred=deferred))]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
+    return state, configs, known
 
-    if not run_progress:
+
+def sweep(
+    config: MethodConfig,
+    tasks: list[Task],
+    seeds: list[int],
+    *,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
+
+    Per task: the grid search (protocol `grid`), the pruning stage (methods that prune: a dense run on
+    train800, the method's candidates, a rewind run of each scored on val200), then one final run per
+    seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
+    from a different configuration) is checked before the first run, and nothing is written before then.
+    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
+    learning rates scaled by each task's batch size). The keyword arguments are `prepare_sweep`'s.
+    Returns the records of the runs this call executed.
+    """
+    state, configs, known = prepare_sweep(config, tasks, seeds, **kwargs)
+    if not state.run_progress:
         quiet_lightning()
     todo = sum(state.needs_run(p.path) for p, _ in known)
-    todo += sum(configs[t.id].prunes and protocol == "grid" for t in tasks)  # the dense runs after a grid
+    todo += sum(configs[t.id].prunes and state.protocol == "grid" for t in tasks)  # the dense runs after a grid
     state.bar = tqdm(total=todo, desc=config.name, unit="run", disable=not progress)
     try:
         for task in tasks:
