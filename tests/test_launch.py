@@ -198,3 +198,13 @@ def test_reproduce_plan_shows_the_waves(capsys):
     assert "1. grid points (train800 → val200): 40 runs" in out
     assert "2. dense runs of the pruning stage: 1 runs" in out
     assert "4. final seeds (train800val200 → test): 5 runs" in out
+
+
+def test_a_run_inside_a_slurm_job_stays_one_silent_single_device_process(synth_root, tmp_path):
+    env = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "peft", "SLURM_NODELIST": "x",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    args = argv(f"run --method linear --task camelyon --data-root {synth_root} --results {tmp_path}", "--epochs", "1")
+    out = subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=PROJECT, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "srun" not in out.stderr and "SLURM" not in out.stderr, out.stderr

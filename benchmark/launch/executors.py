@@ -34,7 +34,6 @@ def make_executor(launcher: str, folder: Path, params: dict[str, Any], name: str
     """submitit's local or SLURM executor, logging under `folder` (`<job id>_<task>_log.err` and `.out`)."""
     import submitit
 
-    # submitit asks sacct for job states; a cluster without accounting answers with an error each time.
     logging.getLogger("submitit").setLevel(logging.ERROR)
     folder.mkdir(parents=True, exist_ok=True)
     if launcher == "local":
@@ -49,13 +48,13 @@ def make_executor(launcher: str, folder: Path, params: dict[str, Any], name: str
 def job_finished(job: Any) -> bool:
     """Whether a submitted job has ended, however it ended.
 
-    submitit knows a job has ended once its result file exists or sacct says so; on a cluster without
-    accounting (or a job killed before it could write a result) sacct cannot tell, so squeue decides.
+    A local job: its process has ended. A SLURM job: its result file exists, or squeue no longer runs it
+    (submitit would ask sacct, which clusters without accounting cannot answer).
     """
-    if job.done():
-        return True
     if type(job).__name__ != "SlurmJob":
-        return False
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
     from benchmark.claims import _slurm_job_running
 
     return _slurm_job_running(str(job.job_id)) is False
