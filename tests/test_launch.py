@@ -208,3 +208,42 @@ def test_a_run_inside_a_slurm_job_stays_one_silent_single_device_process(synth_r
                          text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "srun" not in out.stderr and "SLURM" not in out.stderr, out.stderr
+
+
+class _DeadJob:
+    """A submitted job whose worker died before writing anything (as after an out-of-memory kill)."""
+
+    job_id = "1234"
+    paths = type("Paths", (), {"result_pickle": Path("/nonexistent/result.pkl")})()
+
+    def done(self) -> bool:
+        return True
+
+    def stderr(self) -> str:
+        return "loading...\nRuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+
+    def cancel(self, check: bool = True) -> None:
+        pass
+
+
+def test_a_run_whose_worker_dies_twice_is_recorded_failed_with_the_cause(synth_root, tmp_path, monkeypatch, capsys):
+    submitted = []
+
+    def submit(executor, launch, ctx, wave):
+        submitted.append(sorted(j.path.name for j in wave))
+        return [_DeadJob()]
+
+    monkeypatch.setattr("benchmark.launch.driver._submit", submit)
+    monkeypatch.setattr("benchmark.launch.driver.POLL_S", 0.01)
+    results = tmp_path / "r"
+    args = bench_args("linear", "camelyon", synth_root, results, "--seeds", "42,44", "--launcher", "local")
+    assert main(args) == 0
+    assert submitted == [["final-s42.json", "final-s44.json"]] * 2  # submitted, then once again
+    for seed in (42, 44):
+        r = json.loads((results / f"runs/linear/camelyon/final-s{seed}.json").read_text())
+        assert r["status"] == "failed" and r["test_acc"] is None
+        assert "died, twice" in r["error"] and "CUDA out of memory" in r["error"]
+        assert "CUDA out of memory" in r["traceback"] and r["config"]["seed"] == seed
+    err = capsys.readouterr().err
+    assert "submitted again" in err and "recorded as failed" in err
+    assert not leftovers(results)
