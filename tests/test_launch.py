@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.cli import main
 from tests.conftest import argv
@@ -62,6 +63,16 @@ def leftovers(results: Path) -> list[Path]:
     return [p for p in results.rglob("*") if p.suffix in (".claim", ".tmp")]
 
 
+@pytest.fixture
+def one_thread():
+    """Inline runs with one torch thread, as each worker has: reductions split over other thread counts may
+    round differently (LION's equilibrium solver shows it in the 5th digit of a loss)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def driver(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "benchmark", *args], cwd=PROJECT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -69,11 +80,12 @@ def driver(args: list[str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(PIPELINES))
-def test_local_workers_give_the_inline_results(method, synth_root, tmp_path):
+def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one_thread):
     tasks, extra = PIPELINES[method]
     assert main(bench_args(method, tasks, synth_root, tmp_path / "inline", *extra)) == 0
     local = tmp_path / "local"
-    assert main(bench_args(method, tasks, synth_root, local, *extra, "--launcher", "local", "--workers", "2")) == 0
+    workers = ["--launcher", "local", "--workers", "2", "--threads", "1"]
+    assert main(bench_args(method, tasks, synth_root, local, *extra, *workers)) == 0
     assert outcomes(local) == outcomes(tmp_path / "inline")
     if method in ("e2vpt", "lion"):
         assert any("final-prune" in p for p in outcomes(local))
@@ -142,13 +154,14 @@ def slurm_unavailable() -> str | None:
 
 
 @pytest.mark.slow
-def test_slurm_launcher_gives_the_inline_results(synth_root, tmp_path):
+def test_slurm_launcher_gives_the_inline_results(synth_root, tmp_path, one_thread):
     if why := slurm_unavailable():
         pytest.skip(why)
     tasks, extra = PIPELINES["vpt_deep"]
     assert main(bench_args("vpt_deep", tasks, synth_root, tmp_path / "inline", *extra)) == 0
     results = tmp_path / "slurm"
-    slurm = ["--launcher", "slurm", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1", "--slurm-time", "20"]
+    slurm = ["--launcher", "slurm", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1", "--slurm-time", "20",
+             "--threads", "1"]  # fmt: skip
     assert main(bench_args("vpt_deep", tasks, synth_root, results, *extra, *slurm)) == 0
     assert outcomes(results) == outcomes(tmp_path / "inline")
     assert list((results / "logs").rglob("*_log.err"))

@@ -212,6 +212,8 @@ def drive(
                     if (record := read_json(job.path)) is not None:
                         executed.append(record)
                     continue
+                if (owner := read_owner(claim_path(job.path))) is not None and stale_reason(owner) is None:
+                    continue  # another process runs it: waited for in the next wave
                 attempts[job.path] += 1
                 cause, log = dead.get(str(job.path)) or dead.get("*") or ("its job ended without a result", "")
                 if attempts[job.path] < ATTEMPTS:
