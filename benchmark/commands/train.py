@@ -38,6 +38,10 @@ def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: 
 
         run_sweep: Any = functools.partial(drive, launch=launch)
     else:
+        if launch.threads:
+            import torch
+
+            torch.set_num_threads(launch.threads)
         run_sweep = sweep
     executed = run_sweep(
         config,

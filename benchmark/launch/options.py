@@ -31,7 +31,7 @@ class LaunchOptions:
         launcher: `inline`, `local` or `slurm`.
         workers: local worker processes.
         gpus: the GPU each local worker is pinned to (`CUDA_VISIBLE_DEVICES`), or None on a CPU.
-        threads: torch threads per worker.
+        threads: torch threads per worker (inline: of this process; 0 leaves torch's default).
         slurm: submitit's SLURM parameters (partition, time limit, GPUs, CPUs, memory, array parallelism,
             additional directives).
     """
@@ -58,7 +58,9 @@ def launcher_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=positive_int, help="local workers (default: one per visible GPU, 1 on a CPU)")
     g.add_argument("--runs-per-gpu", type=positive_int, help="local workers packed on each GPU (default: 1)")
     g.add_argument(
-        "--threads", type=positive_int, help="torch threads per worker (default: this machine's CPUs / workers)"
+        "--threads",
+        type=positive_int,
+        help="torch threads per worker, or of this process inline (default: CPUs / workers; inline: torch's)",
     )
     g.add_argument("--slurm-partition", metavar="NAME", help="partition (default: the cluster's)")
     g.add_argument("--slurm-time", metavar="MIN|H:MM:SS", help="time limit of one run's job (default: 4:00:00)")
@@ -127,7 +129,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
         raise UserError(f"{local_given[0]} needs --launcher local (it is {launcher})")
     cpus = len(os.sched_getaffinity(0))
     if launcher == "inline":
-        return LaunchOptions()
+        return LaunchOptions(threads=args.threads or 0)
     if launcher == "local":
         gpus = visible_gpus()
         per_gpu = args.runs_per_gpu or 1
