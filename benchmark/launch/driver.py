@@ -42,6 +42,8 @@ PENDING: dict[str, Any] = {"status": "pending"}
 # Submissions of a run per driver: the first, and one retry after its worker died.
 ATTEMPTS = 2
 POLL_S = 1.0
+# SLURM's default MaxArraySize is 1001 (indices 0-1000): larger waves go as several arrays.
+MAX_ARRAY = 1000
 
 
 class _Waiting(Exception):
@@ -234,17 +236,20 @@ def drive(
 
 def _submit(executor: Any, launch: LaunchOptions, ctx: WorkerContext, wave: list[RunJob]) -> list[Any]:
     """Local: the launcher's workers, each given the whole wave from its own offset (claims share it out).
-    SLURM: one array task per run."""
+    SLURM: one array task per run, in arrays of at most `MAX_ARRAY` tasks."""
     if launch.launcher == "local":
-        jobs = []
-        for i in range(min(launch.workers, len(wave))):
+        jobs, n = [], min(launch.workers, len(wave))
+        for i in range(n):
             gpu = launch.gpus[i]
             executor.update_parameters(gpus_per_node=0 if gpu is None else 1,
                                        visible_gpus=() if gpu is None else (gpu,))  # fmt: skip
-            jobs.append(executor.submit(Worker(), ctx, wave, i * len(wave) // launch.workers))
+            jobs.append(executor.submit(Worker(), ctx, wave, i * len(wave) // n))
         return jobs
-    n = len(wave)
-    return executor.map_array(Worker(), [ctx] * n, [[j] for j in wave], [0] * n)
+    jobs = []
+    for start in range(0, len(wave), MAX_ARRAY):
+        chunk = wave[start : start + MAX_ARRAY]
+        jobs += executor.map_array(Worker(), [ctx] * len(chunk), [[j] for j in chunk], [0] * len(chunk))
+    return jobs
 
 
 def _wait_elsewhere(state: WaveSweep, bar: _Progress) -> None:
