@@ -51,11 +51,14 @@ def outcomes(results: Path) -> dict[str, tuple]:
     return out
 
 
-def starts_and_ends(results: Path) -> tuple[Counter, Counter]:
-    """How often each run was started and finished, from the workers' logs."""
+def starts_and_ends(results: Path) -> tuple[Counter, Counter, Counter]:
+    """How often each run was started, executed to the end, and left to another process that had claimed it
+    first (waiting for its result), from the workers' logs."""
     text = "\n".join(p.read_text() for p in (results / "logs").rglob("*_log.err"))
-    return Counter(re.findall(r"^peft-bench: run (\S+)$", text, re.M)), Counter(
-        re.findall(r"^peft-bench: done (\S+) \w+$", text, re.M)
+    return (
+        Counter(re.findall(r"^peft-bench: run (\S+)$", text, re.M)),
+        Counter(re.findall(r"^peft-bench: done (\S+) \w+$", text, re.M)),
+        Counter(re.findall(r"^peft-bench: skipped (\S+) ", text, re.M)),
     )
 
 
@@ -89,8 +92,8 @@ def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one
     assert outcomes(local) == outcomes(tmp_path / "inline")
     if method in ("e2vpt", "lion"):
         assert any("final-prune" in p for p in outcomes(local))
-    starts, ends = starts_and_ends(local)
-    assert set(starts.values()) == {1} and starts == ends
+    starts, ends, skips = starts_and_ends(local)
+    assert set(ends.values()) == {1} and starts == ends + skips
     assert not leftovers(local)
 
 
@@ -123,9 +126,9 @@ def test_killed_driver_or_worker_loses_and_repeats_nothing(victim, synth_root, t
     assert main(args) == 0  # run again: submits only what is missing, waits for what others still run
     finals = sorted((results / "runs").rglob("final-s*.json"))
     assert len(finals) == 8 and all(json.loads(p.read_text())["status"] == "ok" for p in finals)
-    starts, ends = starts_and_ends(results)
-    assert set(ends) == {str(p) for p in finals} and set(ends.values()) == {1}  # each finished exactly once
-    assert sum(starts.values()) - sum(ends.values()) == (victim == "worker")  # the killed one's run started twice
+    starts, ends, skips = starts_and_ends(results)
+    assert set(ends) == {str(p) for p in finals} and set(ends.values()) == {1}  # each executed exactly once
+    assert starts.total() - ends.total() - skips.total() == (victim == "worker")  # the killed run started twice
     assert not leftovers(results)
 
 
@@ -137,9 +140,9 @@ def test_two_drivers_at_once_run_every_run_exactly_once(synth_root, tmp_path):
     for proc in procs:
         assert proc.wait(timeout=600) == 0, proc.stdout.read()
     finals = sorted((results / "runs").rglob("final-s*.json"))
-    starts, ends = starts_and_ends(results)
+    starts, ends, skips = starts_and_ends(results)
     assert len(finals) == 8 and set(ends) == {str(p) for p in finals}
-    assert set(starts.values()) == {1} and set(ends.values()) == {1}
+    assert set(ends.values()) == {1} and starts == ends + skips  # each executed once, by one of the drivers
     assert not leftovers(results)
 
 

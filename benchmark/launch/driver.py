@@ -161,7 +161,8 @@ def _dead_runs(jobs: list[Any]) -> dict[str, tuple[str, str]]:
             continue
         text = job.stderr() or ""
         started = [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("peft-bench: run ")]
-        finished = {line.split(" ", 3)[2] for line in text.splitlines() if line.startswith("peft-bench: done ")}
+        finished = {line.split(" ", 3)[2] for line in text.splitlines()
+                    if line.startswith(("peft-bench: done ", "peft-bench: skipped "))}  # fmt: skip
         for path in [p for p in started if p not in finished] or ["*"]:
             out[path] = (cause, stderr_tail(job))
     return out

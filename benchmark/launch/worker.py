@@ -5,8 +5,9 @@ its own offset, skips those already done or claimed by a live owner, and runs th
 `_Sweep.run`, which claims each run before it starts; so local workers share a wave without a queue, and
 a run is never executed twice, whoever else (another driver, a user's own `bench`) works on the same
 results directory. Each job is one process on one device; it prints `peft-bench: run <path>` before a
-run and `peft-bench: done <path> <status>` after, which the driver reads back from the job's log to
-name the run a dead job was on.
+run and `peft-bench: done <path> <status>` after (`skipped` when another process claimed the run first
+and the job waited for its result), which the driver reads back from the job's log to name the run a
+dead job was on.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ class Worker(submitit.helpers.Checkpointable):
                 state.bar = tqdm(disable=True)
             state.retry_failed = job.seen is not None
             print(f"peft-bench: run {job.path}", file=sys.stderr, flush=True)
+            executed = len(state.executed)
             record = state.run(Plan(job.spec, job.path), deferred=job.deferred)
-            print(f"peft-bench: done {job.path} {record['status']}", file=sys.stderr, flush=True)
+            if len(state.executed) > executed:
+                print(f"peft-bench: done {job.path} {record['status']}", file=sys.stderr, flush=True)
+            else:  # claimed by another process between our look and our claim: we waited for its result
+                print(f"peft-bench: skipped {job.path} (run by another process)", file=sys.stderr, flush=True)
             out.append({"path": str(job.path), "status": record["status"], "error": record.get("error")})
         return out
