@@ -24,7 +24,7 @@ from safetensors.torch import save
 from timm.models.vision_transformer import VisionTransformer
 
 from benchmark.errors import UserError
-from benchmark.results import check_writable, read_json
+from benchmark.results import check_writable, read_result
 from tasks.atomic import atomic_write_bytes
 
 # The largest logit difference (fp32) export accepts between the merged and the adapted model.
@@ -109,9 +109,9 @@ def rebuild(record: dict[str, Any], state_path: Path) -> tuple[Any, Any]:
 
 def export_merged(result: Path, out: Path) -> dict[str, Any]:
     """Write the merged checkpoint of the run whose result is `result` to `out`; return what was written."""
-    record = read_json(result)
+    record = read_result(result)  # validated against the result schema
     if record is None:
-        raise UserError(f"cannot read a result from {result}; pass a run's result JSON")
+        raise UserError(f"{result} does not exist; pass a run's result JSON")
     if record.get("status") != "ok":
         raise UserError(f"{result} is a failed run ({record.get('error')}); export a successful one")
     state_path = result.with_name(record.get("tunable_state") or f"{result.stem}.safetensors")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments import LightningEnvironment
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -47,6 +48,9 @@ from tasks import DataError, Task
 from tasks.atomic import DISK_FULL
 
 log = logging.getLogger("peft_bench")
+# Each run is one single-device process (see the Trainer's plugins): Lightning's hint to launch it through
+# srun, given wherever srun exists, does not apply.
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 PROTOCOLS = ("final", "tune", "grid")
 # Which split trains and which is evaluated, per run mode.
@@ -251,13 +255,11 @@ def _disk_full(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno in DISK_FULL) or "No space left on device" in str(e)
 
 
-def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, progress: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; return its result record. Failures become `status: failed` records."""
-    started = datetime.now(UTC)
-    t0 = time.perf_counter()
+def new_record(spec: RunSpec, data: SweepData) -> dict[str, Any]:
+    """A run's record before it runs: what it is and what it trains on, `status: failed` until it succeeds."""
     train_split, eval_split = MODE_SPLITS[spec.mode]
     arrays = data.arrays[spec.task.id]
-    record: dict[str, Any] = {
+    return {
         "schema": SCHEMA_VERSION,
         "method": spec.config.name,
         "task": spec.task.id,
@@ -285,6 +287,15 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             "eval_split": {"name": eval_split, "size": len(arrays[eval_split]), "sha256": arrays[eval_split].sha256},
         },
     }
+
+
+def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, progress: bool = False) -> dict[str, Any]:
+    """Train and evaluate one run; return its result record. Failures become `status: failed` records."""
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    train_split, eval_split = MODE_SPLITS[spec.mode]
+    arrays = data.arrays[spec.task.id]
+    record = new_record(spec, data)
     module = None
     try:
         pl.seed_everything(spec.seed, workers=True, verbose=False)
@@ -340,6 +351,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             num_sanity_val_steps=0,
             inference_mode=True,  # evaluation under torch.inference_mode
             callbacks=[timer],
+            plugins=[LightningEnvironment()],  # one single-device process: never SLURM's, even inside a job
         )
         trainer.fit(module, datamodule=datamodule)
         trainer.test(module, datamodule=datamodule, verbose=False)

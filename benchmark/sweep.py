@@ -202,6 +202,11 @@ class _Sweep:
             time.sleep(CLAIM_POLL_S)
         return claim
 
+    def settle(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A stage's records, once every one exists: the inline sweep has just run them. (A launcher's driver
+        overrides this to stop at a stage whose runs are still to come.)"""
+        return records
+
     def add_to_plan(self, n: int) -> None:
         self.bar.total = (self.bar.total or 0) + n
         self.bar.refresh()
@@ -236,7 +241,7 @@ class _Sweep:
         state_files = [plan.spec.save_state.with_name(f"dense{s}.safetensors") for s in ("", "-init")]
         if not all(f.is_file() for f in state_files) and not self.needs_run(plan.path):
             plan.path.unlink()  # a result without its saved state cannot seed the pruning decision
-        dense = self.run(plan)
+        dense = self.settle([self.run(plan)])[0]
         if dense["status"] != "ok":
             raise StageError(f"the dense stage failed ({dense['error']})")
         pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
@@ -253,14 +258,18 @@ class _Sweep:
             chosen, search = candidates[0], []
         else:
             self.add_to_plan(sum(self.needs_run(plan.path.with_name(f"rewind-{c.key}.json")) for c in candidates))
-            scored = []
-            for c in candidates:
-                # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
-                spec = RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
-                               prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info})  # fmt: skip
-                record = self.run(Plan(spec, plan.path.with_name(f"rewind-{c.key}.json")))
-                if record["status"] == "ok":
-                    scored.append((record["val_acc"], *c.preference, c))
+            # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
+            records = self.settle([
+                self.run(Plan(RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
+                                      prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info}),
+                              plan.path.with_name(f"rewind-{c.key}.json")))
+                for c in candidates
+            ])  # fmt: skip
+            scored = [
+                (r["val_acc"], *c.preference, c)
+                for r, c in zip(records, candidates, strict=True)
+                if r["status"] == "ok"
+            ]
             if not scored:
                 raise StageError("every rewind run failed, so no pruning candidate could be selected")
             chosen = max(scored, key=lambda t: t[:-1])[-1]
@@ -274,7 +283,7 @@ class _Sweep:
         finals = self.final_plans(cfg, task, seeds)
         try:
             if self.protocol == "grid":
-                selection = select_grid_point([self.run(p) for p in self.grid_plans(cfg, task)])
+                selection = select_grid_point(self.settle([self.run(p) for p in self.grid_plans(cfg, task)]))
                 cfg = cfg.with_recipe(lr=selection["lr"], weight_decay=selection["weight_decay"])
             pruning = self.prune(cfg, task, selection) if cfg.prunes else None
         except StageError as e:
@@ -296,7 +305,7 @@ def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settin
         yield dm.on_after_batch_transfer((x.to(device), y.to(device)), 0)
 
 
-def sweep(
+def prepare_sweep(
     config: MethodConfig,
     tasks: list[Task],
     seeds: list[int],
@@ -310,20 +319,15 @@ def sweep(
     task_overrides: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
     retry_failed: bool = False,
-    progress: bool = True,
     run_progress: bool = False,
     save_tunable: bool = False,
-) -> list[dict[str, Any]]:
-    """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
+    sweep_cls: type[_Sweep] = _Sweep,
+) -> tuple[_Sweep, dict[str, MethodConfig], list[tuple[Plan, bool]]]:
+    """Everything a sweep checks and loads before its first run: per-task configs, backbone, data, conflicts.
 
-    Per task: the grid search (protocol `grid`), the pruning stage (methods that prune: a dense run on
-    train800, the method's candidates, a rewind run of each scored on val200), then one final run per
-    seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
-    from a different configuration) is checked before the first run, and nothing is written before then.
-    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
-    learning rates scaled by each task's batch size). `save_tunable` saves each final run's trained tunable
-    state (plus head) beside its result (`<protocol>-s<seed>.safetensors`, for `export`). Returns the records
-    of the runs this call executed.
+    Returns the sweep's state (a `sweep_cls`), each task's config, and the runs whose identity is known
+    before any training, each with whether it is deferred (see `_identity`). Nothing is written; leftovers of
+    killed runs (orphan temporary files, stale claims) are removed.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
@@ -348,8 +352,8 @@ def sweep(
     backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
     data = prepare_data(data_root, tasks, splits, settings, cache_dir)
-    state = _Sweep(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
-                   retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable)  # fmt: skip
+    state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
+                      retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.
     known: list[tuple[Plan, bool]] = []
     for task in tasks:
@@ -364,13 +368,36 @@ def sweep(
     conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, data, deferred=deferred))]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
-
     for path in clean_orphans(results / "runs" / config.name):
         tqdm.write(f"removed {path}, left by a run that was killed", file=sys.stderr)
-    if not run_progress:
+    return state, configs, known
+
+
+def sweep(
+    config: MethodConfig,
+    tasks: list[Task],
+    seeds: list[int],
+    *,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
+
+    Per task: the grid search (protocol `grid`), the pruning stage (methods that prune: a dense run on
+    train800, the method's candidates, a rewind run of each scored on val200), then one final run per
+    seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
+    from a different configuration) is checked before the first run, and nothing is written before then.
+    `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
+    learning rates scaled by each task's batch size). `save_tunable` saves each final run's trained tunable
+    state (plus head) beside its result (`<protocol>-s<seed>.safetensors`, for `export`). The keyword
+    arguments are `prepare_sweep`'s.
+    Returns the records of the runs this call executed.
+    """
+    state, configs, known = prepare_sweep(config, tasks, seeds, **kwargs)
+    if not state.run_progress:
         quiet_lightning()
     todo = sum(state.needs_run(p.path) for p, _ in known)
-    todo += sum(configs[t.id].prunes and protocol == "grid" for t in tasks)  # the dense runs after a grid
+    todo += sum(configs[t.id].prunes and state.protocol == "grid" for t in tasks)  # the dense runs after a grid
     state.bar = tqdm(total=todo, desc=config.name, unit="run", disable=not progress)
     try:
         for task in tasks:

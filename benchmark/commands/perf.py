@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.commands._options import (
+    int_list,
     method_class,
     number_type,
     one_task,
@@ -20,6 +21,9 @@ from benchmark.errors import UserError
 
 def cmd_perf(args: argparse.Namespace) -> int:
     from benchmark import perf
+
+    if args.scaleout:
+        return _scaleout(args)
 
     data_root = Path(args.data_root).expanduser() if args.data_root else None
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
@@ -43,6 +47,18 @@ def cmd_perf(args: argparse.Namespace) -> int:
             print(perf.format_rows(rows))
         return 0
     return _model_perf(args, data_root, cache_dir)
+
+
+def _scaleout(args: argparse.Namespace) -> int:
+    from benchmark.launch.scaleout import markdown, measure
+
+    if min(args.scaleout) < 1:
+        raise UserError(f"--scaleout takes worker counts of at least 1, got {args.scaleout}")
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    json_path, md_path = measure(args.scaleout, runs=args.runs, epochs=args.epochs, out=Path(args.out), say=say)
+    print(markdown(json.loads(json_path.read_text())))
+    print(f"written: {md_path} and {json_path.name}")
+    return 0
 
 
 def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Path | None) -> int:
@@ -125,6 +141,12 @@ def register(sub: Any) -> None:
         "--sweep", action="store_true", help="also predict each method's 19-task VTAB-1k run, ours vs official"
     )
     mode.add_argument("--data", action="store_true", help="data loading only: cached arrays vs decoding files")
+    mode.add_argument(
+        "--scaleout",
+        type=int_list,
+        metavar="N,M,..",
+        help="wall time of one synthetic sweep with N, M, .. local workers (one torch thread each), e.g. 1,2",
+    )
     from benchmark.backbone import DEFAULT_BACKBONE
 
     g = p.add_argument_group("model options")
@@ -161,5 +183,7 @@ def register(sub: Any) -> None:
         help="DataLoader worker processes, both loaders (default: 0)",
     )
     g.add_argument("--cache-dir", metavar="DIR", help="image cache for --data-root (default: the usual one)")
+    g = p.add_argument_group("--scaleout options (--epochs: of each run)")
+    g.add_argument("--runs", type=positive_int, default=8, help="runs in the sweep (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_perf)

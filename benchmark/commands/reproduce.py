@@ -18,6 +18,7 @@ from benchmark.commands._options import (
 )
 from benchmark.commands.train import sweep_and_report
 from benchmark.errors import UserError
+from benchmark.launch.options import launcher_options
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -34,7 +35,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                              cache_features=not args.no_feature_cache)  # fmt: skip
     check_sources(reference, [cls.name], args.source)  # before hours of training, not after
     if args.plan:
+        from benchmark.launch.waves import describe_waves
+
         print(plan.describe())
+        print(describe_waves(plan))
         return 0
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
     settings = dataclasses.replace(run_settings(args), budget=args.budget)
@@ -85,4 +89,5 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     reference_options(p)
     backbone_options(p)
+    launcher_options(p)
     p.set_defaults(func=cmd_reproduce)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,29 @@ from benchmark.commands._options import (
     training_options,
 )
 from benchmark.errors import UserError
+from benchmark.launch.options import launcher_options
 
 
 def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int], *, results: Path,
            **kwargs: Any) -> None:  # fmt: skip
-    """`sweep.sweep` with the command line's data, cache and progress options, then the leaderboard."""
+    """`sweep.sweep` (or, with `--launcher local|slurm`, its driver) with the command line's data, cache and
+    progress options, then the leaderboard."""
+    from benchmark.launch.options import launch_options
     from benchmark.leaderboard import write_leaderboard
     from benchmark.sweep import sweep
 
-    executed = sweep(
+    launch = launch_options(args)  # checked before anything is written or submitted
+    if launch.launcher != "inline":
+        from benchmark.launch.driver import drive
+
+        run_sweep: Any = functools.partial(drive, launch=launch)
+    else:
+        if launch.threads:
+            import torch
+
+            torch.set_num_threads(launch.threads)
+        run_sweep = sweep
+    executed = run_sweep(
         config,
         tasks,
         seeds,
@@ -150,4 +165,5 @@ def register(sub: Any) -> None:
     data_and_results(p)
     backbone_options(p)
     training_options(p)
+    launcher_options(p)
     p.set_defaults(func=cmd_bench)
