@@ -83,7 +83,7 @@ def test_export_refuses_what_it_cannot_merge(synth_root, tmp_path, capsys):
     for args, message in [
         (["export", str(plain)], "pass --merge"),
         (["export", "--merge", str(plain)], "has no saved tunable state (final-s42.safetensors); run it again"),
-        (["export", "--merge", str(tmp_path / "nope.json")], "cannot read a result"),
+        (["export", "--merge", str(tmp_path / "nope.json")], "nope.json does not exist; pass a run's result JSON"),
     ]:
         capsys.readouterr()
         assert main(args) == 2
