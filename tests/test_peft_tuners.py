@@ -152,7 +152,7 @@ def test_options_map_onto_each_tuners_config():
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [
-        ("peft", {"tuner": "adalora"}, r"tuner must be one of"),
+        ("peft", {"tuner": "adalora"}, r"tuner='adalora' is not one of lora, dora"),
         ("peft", {"r": "two"}, r"option r takes a int, got 'two'"),
         ("peft", {"r": "0"}, r"r must be positive"),
         ("peft", {"dropout": "1.5"}, r"dropout must be in \[0, 1\)"),
