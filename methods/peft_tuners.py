@@ -287,8 +287,8 @@ class PeftTunerConfig(MethodConfig):
             raise ValueError("boft_n_butterfly_factor must be 1: peft builds more factors only with its CUDA "
                              "extension, which the suite does not compile")  # fmt: skip
         for key in ("r", "lora_alpha", "alpha"):
-            if key in values and (values[key] < (0 if self.tuner == "oft" else 1)):
-                raise ValueError(f"{key} must be positive, got {values[key]}")
+            if key in values and not (math.isfinite(values[key]) and values[key] >= (0 if self.tuner == "oft" else 1)):
+                raise ValueError(f"{key} must be a positive finite number, got {values[key]}")
         if not 0 <= values.get(TUNERS[self.tuner].common.get("dropout", ""), 0.0) < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:

@@ -154,7 +154,7 @@ def test_options_map_onto_each_tuners_config():
     [
         ("peft", {"tuner": "adalora"}, r"tuner='adalora' is not one of lora, dora"),
         ("peft", {"r": "two"}, r"option r takes a int, got 'two'"),
-        ("peft", {"r": "0"}, r"r must be positive"),
+        ("peft", {"r": "0"}, r"r must be a positive finite number, got 0"),
         ("peft", {"dropout": "1.5"}, r"dropout must be in \[0, 1\)"),
         ("peft", {"tuner": "ia3", "r": "4"}, r"ia3 has no r; its options: tuner, target_modules, feedforward"),
         ("peft", {"bias": "all"}, r"peft \(lora\) has no option 'bias'; options: tuner, r, alpha"),
