@@ -4,7 +4,7 @@ A claim is a small JSON file beside the run's result (`<result>.claim`), created
 (`O_CREAT | O_EXCL`, atomic on local and NFS file systems), holding its owner: host, pid, SLURM job id
 (when inside a job), start time and a heartbeat that the owner refreshes while the run is in flight.
 Whoever holds the claim is the only one who may write the result: it re-checks the result's identity
-under the claim, right before the atomic rename (`Claim.write_result`). The claim is removed after the
+under the claim, right before the atomic rename (`sweep._Sweep.run`). The claim is removed after the
 result is written, or when the run is abandoned.
 
 A claim whose owner is gone is stale and may be taken over: a dead pid on this host, a SLURM job that is

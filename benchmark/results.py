@@ -41,14 +41,6 @@ def write_json(path: Path, obj: Any) -> bool:
     return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n").encode())
 
 
-def read_json(path: Path) -> Any | None:
-    """A JSON file's content, or None when it is missing or unreadable. Result files go through `read_result`."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 class ResultFileError(UserError):
     """A result file that cannot be trusted: unreadable, truncated, or not of the result schema."""
 
