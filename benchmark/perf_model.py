@@ -20,155 +20,37 @@ its rounds, so slow drifts of a shared machine hit every candidate alike and rat
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
-import platform
 import statistics
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from benchmark.module import ClassificationModule
 from benchmark.perf import sync
-from methods import MethodConfig, PeftModel
+from benchmark.perf_report import floor_rows, result_rows
+from benchmark.perf_timing import (
+    Candidate,
+    PeakMemory,
+    Variant,
+    autocast,
+    count_tokens,
+    device_name,
+    eval_throughput,
+    interleaved,
+    measure_memory,
+    memory_kind,
+    set_attention,
+    time_call,
+)
+from methods import MethodConfig
 from methods._inject import embed, insert_tokens, pool, run_blocks
 from tasks import Task
-
-ATTENTION = ("fused", "explicit")
-PRECISION_DTYPES = {"32": None, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A numerics setting measured side by side with the others: autocast precision and attention kernel."""
-
-    precision: str = "32"
-    attention: str = "fused"
-
-    @property
-    def label(self) -> str:
-        return f"{'fp32' if self.precision == '32' else self.precision}/{self.attention}"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def set_attention(model: nn.Module, kind: str) -> None:
-    """Route every timm `Attention` (and our key-value-extended wrapper, which reads the same flag) through
-    `scaled_dot_product_attention` (`fused`) or through the explicit softmax(QKᵀ)V (`explicit`)."""
-    if kind not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused_attn = kind == "fused"
-
-
-def count_tokens(model: PeftModel, image_size: int, device: torch.device) -> int:
-    """How many tokens enter the model's first block, measured on one image (prompts included)."""
-    seen: list[int] = []
-    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return seen[0]
-
-
-# -- memory ---------------------------------------------------------------------------------------------
-def memory_kind(device: torch.device) -> str:
-    return "cuda max allocated" if device.type == "cuda" else "resident set (VmHWM, reset per phase)"
-
-
-class PeakMemory:
-    """The peak memory of one phase. CUDA: the caching allocator's peak. CPU: the process's resident set,
-    its high-water mark reset through Linux's `/proc/self/clear_refs`.
-
-    No library measures a per-phase peak RSS, hence this. On the CPU, glibc's malloc keeps freed memory
-    resident, which a later phase would reuse without raising the resident set; `settle` hands it back
-    (`malloc_trim`) before a phase's baseline is read.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.kind = memory_kind(device)
-        self._trim: Callable[[int], int] | None = None
-        self.available = device.type == "cuda" or self._prepare_cpu()
-
-    def _prepare_cpu(self) -> bool:
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except (OSError, AttributeError):
-            return False
-
-    def settle(self) -> None:
-        """Free what is garbage and return the allocator's free memory to the system (CPU)."""
-        gc.collect()
-        if self._trim is not None:
-            self._trim(0)
-
-    def _status(self, key: str) -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-        raise OSError(f"no {key} in /proc/self/status")
-
-    def current(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        return self._status("VmRSS") if self.available else 0.0
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.available:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return self._status("VmHWM") if self.available else 0.0
-
-
-# -- candidates -----------------------------------------------------------------------------------------
-@dataclass
-class Candidate:
-    """Something whose training step is timed: a method's model, or the floor at a token count."""
-
-    name: str
-    kind: str  # "method" | "floor"
-    variant: Variant
-    tokens: int
-    step: Callable[[], None]
-    evaluate: Callable[[Tensor], Tensor] | None = None
-    params: dict[str, int] | None = None
-    memory_mb: float | None = None
-    warm: bool = False  # warmed up already (methods are, when their memory is measured)
-    times: list[float] = field(default_factory=list)
-
-
-def _autocast(device: torch.device, variant: Variant):
-    dtype = PRECISION_DTYPES[variant.precision]
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def training_step(
@@ -180,7 +62,7 @@ def training_step(
     module.on_train_epoch_start()
 
     def step() -> None:
-        with _autocast(device, variant):
+        with autocast(device, variant):
             loss = module.training_step(batch, 0)
         loss.backward()
         optimizer.step()
@@ -211,7 +93,7 @@ def method_candidate(
     @torch.inference_mode()
     def evaluate(x: Tensor) -> Tensor:
         module.eval()
-        with _autocast(device, variant):
+        with autocast(device, variant):
             out = module(x)
         module.train()
         return out
@@ -242,7 +124,7 @@ def floor_candidate(
     prefix = vit.num_prefix_tokens
 
     def step() -> None:
-        with _autocast(device, variant):
+        with autocast(device, variant):
             with torch.no_grad():
                 seq = embed(vit, x)
             seq = insert_tokens(seq, extra, prefix) if len(extra) else seq
@@ -252,54 +134,6 @@ def floor_candidate(
         loss.backward()
 
     return Candidate(f"floor@{tokens}", "floor", variant, tokens, step)
-
-
-# -- measuring ------------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(candidates: list[Candidate], *, warmup: int, repeats: int, device: torch.device,
-                progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
-    """Warm up every candidate not yet warm, then time `repeats` rounds of one step each, in a rotated order
-    per round."""
-    for c in candidates:
-        for _ in range(0 if c.warm else warmup):
-            c.step()
-        c.warm = True
-    for r in range(repeats):
-        order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
-        for c in order:
-            c.times.append(time_call(c.step, device))
-        if progress:
-            progress(f"round {r + 1}/{repeats}")
-
-
-def measure_memory(candidate: Candidate, memory: PeakMemory, before_build: float) -> None:
-    """Peak memory of one training step above the level before the candidate was built (so: its own copy of
-    the model, gradients, optimiser state and the step's activations). The caller has already warmed the
-    candidate up (optimiser state exists)."""
-    if not memory.available:
-        return
-    sync(memory.device)
-    memory.settle()
-    memory.reset()
-    candidate.step()
-    sync(memory.device)
-    candidate.memory_mb = memory.peak() - before_build
-
-
-def eval_throughput(candidate: Candidate, x: Tensor, *, repeats: int, device: torch.device) -> float:
-    """Images per second of the candidate's evaluation forward (inference mode) on batch `x`; median of
-    `repeats` after one warm-up call."""
-    assert candidate.evaluate is not None
-    candidate.evaluate(x)
-    times = [time_call(lambda: candidate.evaluate(x), device) for _ in range(repeats)]
-    return len(x) / statistics.median(times)
 
 
 @dataclass
@@ -365,64 +199,6 @@ def measure_models(
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# -- tables ---------------------------------------------------------------------------------------------
-# Item 5 of the performance targets: the most a method may cost over the floor at its token count.
-FLOOR_TARGETS = {
-    "vpt_shallow": 1.05, "vpt_deep": 1.05, "e2vpt": 1.05, "convpass": 1.05, "convpass_attn": 1.05,
-    "lion": 1.5, "pgn": 1.5, "lora": 1.05, "bitfit": 1.05, "ssf": 1.05, "fact_tt": 1.05, "fact_tk": 1.05,
-    "repadapter": 1.05, "adapter": 1.05, "adaptformer": 1.05,
-}  # fmt: skip
-
-
-def step_ms(c: Candidate) -> float:
-    return 1000 * statistics.median(c.times)
-
-
-def result_rows(candidates: list[Candidate], batch_size: int) -> list[dict[str, Any]]:
-    """One row per method and variant: step time, images/s, ratios to the floor and to full fine-tuning,
-    peak memory and its ratio to full fine-tuning's."""
-    floors = {(c.variant, c.tokens): c for c in candidates if c.kind == "floor"}
-    full = {c.variant: c for c in candidates if c.kind == "method" and c.name == "full"}
-    rows = []
-    for c in candidates:
-        if c.kind != "method":
-            continue
-        ms = step_ms(c)
-        floor = floors[(c.variant, c.tokens)]
-        ref = full.get(c.variant)
-        target = FLOOR_TARGETS.get(c.name)
-        x_floor = ms / step_ms(floor)
-        rows.append(
-            {
-                "method": c.name,
-                "variant": c.variant.label,
-                "tokens": c.tokens,
-                "step_ms": round(ms, 2),
-                "images_per_s": round(batch_size * 1000 / ms, 2),
-                "floor_ms": round(step_ms(floor), 2),
-                "x_floor": round(x_floor, 3),
-                "target_x_floor": target,
-                "meets_target": None if target is None else bool(x_floor <= target),
-                "x_full": round(ms / step_ms(ref), 3) if ref else None,
-                "peak_memory_mb": None if c.memory_mb is None else round(c.memory_mb, 1),
-                "memory_x_full": (
-                    round(c.memory_mb / ref.memory_mb, 3) if ref and c.memory_mb and ref.memory_mb else None
-                ),
-                "tunable_params": c.params["tunable"] if c.params else None,
-                "step_ms_all": [round(1000 * t, 2) for t in c.times],
-            }
-        )
-    return rows
-
-
-def floor_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
-    return [
-        {"variant": c.variant.label, "tokens": c.tokens, "step_ms": round(step_ms(c), 2)}
-        for c in candidates
-        if c.kind == "floor"
-    ]
 
 
 def hot_spots(c: Candidate, top: int = 3) -> list[str]:
@@ -571,7 +347,7 @@ def plain_candidate(name: str, vit: VisionTransformer, variant: Variant, device:
 
     @torch.inference_mode()
     def evaluate(x: Tensor) -> Tensor:
-        with _autocast(device, variant):
+        with autocast(device, variant):
             return vit(x)
 
     return Candidate(name, "plain", variant, 0, lambda: None, evaluate)

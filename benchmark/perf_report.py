@@ -1,9 +1,15 @@
-"""`perf`'s report files: the measured report as JSON and as a Markdown page (moved out of `perf_model.py`)."""
+"""`perf`'s report: the rows of the measured tables (ratios to the floor and to full fine-tuning, the targets),
+and the report as JSON and as a Markdown page."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from benchmark.perf_timing import (
+    Candidate,
+    step_ms,
+)
 
 
 def _slug(text: str) -> str:
@@ -140,3 +146,57 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     write_json(json_path, report)
     atomic_write_bytes(md_path, markdown(report).encode())
     return json_path, md_path
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+# Item 5 of the performance targets: the most a method may cost over the floor at its token count.
+FLOOR_TARGETS = {
+    "vpt_shallow": 1.05, "vpt_deep": 1.05, "e2vpt": 1.05, "convpass": 1.05, "convpass_attn": 1.05,
+    "lion": 1.5, "pgn": 1.5, "lora": 1.05, "bitfit": 1.05, "ssf": 1.05, "fact_tt": 1.05, "fact_tk": 1.05,
+    "repadapter": 1.05, "adapter": 1.05, "adaptformer": 1.05,
+}  # fmt: skip
+
+
+def result_rows(candidates: list[Candidate], batch_size: int) -> list[dict[str, Any]]:
+    """One row per method and variant: step time, images/s, ratios to the floor and to full fine-tuning,
+    peak memory and its ratio to full fine-tuning's."""
+    floors = {(c.variant, c.tokens): c for c in candidates if c.kind == "floor"}
+    full = {c.variant: c for c in candidates if c.kind == "method" and c.name == "full"}
+    rows = []
+    for c in candidates:
+        if c.kind != "method":
+            continue
+        ms = step_ms(c)
+        floor = floors[(c.variant, c.tokens)]
+        ref = full.get(c.variant)
+        target = FLOOR_TARGETS.get(c.name)
+        x_floor = ms / step_ms(floor)
+        rows.append(
+            {
+                "method": c.name,
+                "variant": c.variant.label,
+                "tokens": c.tokens,
+                "step_ms": round(ms, 2),
+                "images_per_s": round(batch_size * 1000 / ms, 2),
+                "floor_ms": round(step_ms(floor), 2),
+                "x_floor": round(x_floor, 3),
+                "target_x_floor": target,
+                "meets_target": None if target is None else bool(x_floor <= target),
+                "x_full": round(ms / step_ms(ref), 3) if ref else None,
+                "peak_memory_mb": None if c.memory_mb is None else round(c.memory_mb, 1),
+                "memory_x_full": (
+                    round(c.memory_mb / ref.memory_mb, 3) if ref and c.memory_mb and ref.memory_mb else None
+                ),
+                "tunable_params": c.params["tunable"] if c.params else None,
+                "step_ms_all": [round(1000 * t, 2) for t in c.times],
+            }
+        )
+    return rows
+
+
+def floor_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    return [
+        {"variant": c.variant.label, "tokens": c.tokens, "step_ms": round(step_ms(c), 2)}
+        for c in candidates
+        if c.kind == "floor"
+    ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from benchmark.perf_model import count_tokens, eval_throughput, step_ms
+from benchmark.perf_timing import count_tokens, eval_throughput, step_ms
 from methods import MethodConfig
 from tasks import Task
 

@@ -9,7 +9,6 @@ resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from benchmark.claims import claim_path, clean_orphans, read_owner, try_claim
 from benchmark.data import SplitArrays, VTABDataModule
 from benchmark.errors import UserError
 from benchmark.results import check_result_path, check_writable, grid_tune_path, read_result, run_path, write_json
+from benchmark.resume import conflict
 from benchmark.runner import (
-    MODE_SPLITS,
     PROTOCOL_SPLITS,
     PROTOCOLS,
-    SPEED_ONLY,
     TUNING_SEED,
     RunSpec,
     Settings,
@@ -91,50 +89,6 @@ class Plan:
     path: Path
 
 
-def _identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str, Any]:
-    """A stored or planned run config as compared for resuming (through JSON, as stored: tuples become lists).
-
-    A run planned before an earlier stage decides part of its config (the grid's lr and weight decay, a
-    pruning stage's candidate) is compared without those parts: the earlier stage's own results pin them.
-    """
-    config = json.loads(json.dumps(config))
-    for key in SPEED_ONLY:
-        config.pop(key, None)
-    if deferred:
-        config.pop("selection", None)
-        config.pop("pruning", None)
-        if grid:
-            for key in ("lr", "weight_decay"):
-                config.get("method_config", {}).get("recipe", {}).pop(key, None)
-    return config
-
-
-def _conflict(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
-    """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
-    record = read_result(path)
-    if record is None:
-        return None
-    splits = data.arrays[spec.task.id]
-    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
-        if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
-            return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
-    grid = spec.protocol == "grid"
-    old = _identity(record.get("config", {}), deferred=deferred, grid=grid)
-    new = _identity(spec.config_dict(), deferred=deferred, grid=grid)
-    if old == new:
-        return None
-    return f"{path} was produced with a different configuration ({'; '.join(_diff(old, new)[:3])})"
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(old.keys() | new.keys()):
-            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 class _Sweep:
     """The runs of one method over tasks and seeds: grid search, pruning stage, final runs; resumable."""
 
@@ -156,8 +110,8 @@ class _Sweep:
         return record is None or (self.retry_failed and record["status"] != "ok")
 
     def check(self, plan: Plan, deferred: bool) -> None:
-        if conflict := _conflict(plan.path, plan.spec, self.data, deferred=deferred):
-            raise UserError(f"{conflict}; use another --results directory or delete the old results")
+        if why := conflict(plan.path, plan.spec, self.data, deferred=deferred):
+            raise UserError(f"{why}; use another --results directory or delete the old results")
 
     def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
         """The plan's result: the stored one when it exists, else a new run, written atomically.
@@ -305,6 +259,37 @@ def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settin
         yield dm.on_after_batch_transfer((x.to(device), y.to(device)), 0)
 
 
+def task_configs(
+    config: MethodConfig,
+    tasks: list[Task],
+    *,
+    protocol: str,
+    settings: Settings,
+    options: dict[str, str] | None = None,
+    recipe_overrides: dict[str, Any] | None = None,
+    task_overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, MethodConfig]:
+    """Each task's config of the sweep (`prepare_sweep`'s arguments), checked against the backbone's structure;
+    anything wrong is a `UserError`. Nothing is loaded: a command sweeping several methods checks them all
+    before the first run."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
+    overrides = dict(recipe_overrides or {})
+    configs = {}
+    for task in tasks:
+        try:
+            task_recipe = {**overrides, **(task_overrides or {}).get(task.id, {})}
+            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**task_recipe)
+        except ValueError as e:
+            raise UserError(f"{config.name} on {task.id}: {e}") from None
+        r = configs[task.id].recipe
+        if protocol == "grid" and (not r.lr_grid or not r.wd_grid):
+            raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
+    for task in tasks:  # options the backbone cannot take (e.g. segments that do not divide its width)
+        check_config(configs[task.id], settings, f" on {task.id}")
+    return configs
+
+
 def prepare_sweep(
     config: MethodConfig,
     tasks: list[Task],
@@ -326,24 +311,11 @@ def prepare_sweep(
     """Everything a sweep checks and loads before its first run: per-task configs, backbone, data, conflicts.
 
     Returns the sweep's state (a `sweep_cls`), each task's config, and the runs whose identity is known
-    before any training, each with whether it is deferred (see `_identity`). Nothing is written; leftovers of
+    before any training, each with whether it is deferred (see `resume.identity`). Nothing is written; leftovers of
     killed runs (orphan temporary files, stale claims) are removed.
     """
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
-    overrides = dict(recipe_overrides or {})
-    configs = {}
-    for task in tasks:
-        try:
-            task_recipe = {**overrides, **(task_overrides or {}).get(task.id, {})}
-            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**task_recipe)
-        except ValueError as e:
-            raise UserError(f"{config.name} on {task.id}: {e}") from None
-        r = configs[task.id].recipe
-        if protocol == "grid" and (not r.lr_grid or not r.wd_grid):
-            raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
-    for task in tasks:  # options the backbone cannot take (e.g. segments that do not divide its width)
-        check_config(configs[task.id], settings, f" on {task.id}")
+    configs = task_configs(config, tasks, protocol=protocol, settings=settings, options=options,
+                           recipe_overrides=recipe_overrides, task_overrides=task_overrides)  # fmt: skip
     # A pruning stage decides on train800 -> val200 whatever the protocol.
     pruning = any(c.prunes for c in configs.values())
     splits = PROTOCOL_SPLITS["grid"] if pruning else PROTOCOL_SPLITS[protocol]
@@ -365,7 +337,7 @@ def prepare_sweep(
         known += [(p, True) for p in state.final_plans(cfg, task, seeds)]
     for p, _ in known:
         check_result_path(p.path, results)
-    conflicts = [c for p, deferred in known if (c := _conflict(p.path, p.spec, data, deferred=deferred))]
+    conflicts = [c for p, deferred in known if (c := conflict(p.path, p.spec, data, deferred=deferred))]
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
     for path in clean_orphans(results / "runs" / config.name):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmark import perf_model as pm
-from benchmark import perf_report, perf_sweep
+from benchmark import perf_report, perf_sweep, perf_timing
 from benchmark.cli import main
 from benchmark.data import SplitArrays, VTABDataModule
 from benchmark.module import ClassificationModule
@@ -41,7 +40,7 @@ def test_perf_json_reports_every_method_and_the_sweep(tmp_path, capsys):
         assert row["tokens"] in floors
         assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["eval_images_per_s"] > 0
         assert row["x_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-2)
-        assert row["target_x_floor"] == pm.FLOOR_TARGETS.get(row["method"])
+        assert row["target_x_floor"] == perf_report.FLOOR_TARGETS.get(row["method"])
         assert (row["meets_target"] is None) == (row["target_x_floor"] is None)
         assert row["peak_memory_mb"] is not None
         assert len(row["step_ms_all"]) == 1
@@ -130,7 +129,7 @@ def test_explicit_attention_matches_fused(name):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused = model.eval()(x)
-        pm.set_attention(model, "explicit")
+        perf_timing.set_attention(model, "explicit")
         explicit = model(x)
     torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
 
@@ -207,7 +206,7 @@ def test_resident_splits_serve_the_same_batches():
 
 
 def test_peak_memory_sees_an_allocation():
-    memory = pm.PeakMemory(torch.device("cpu"))
+    memory = perf_timing.PeakMemory(torch.device("cpu"))
     if not memory.available:
         pytest.skip("no /proc/self/clear_refs here")
     memory.settle()
@@ -218,15 +217,15 @@ def test_peak_memory_sees_an_allocation():
     del block
 
 
-def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
+def test_speed_only_settings_are_recorded_but_not_part_of_a_runsidentity():
     from dataclasses import asdict, replace
 
+    from benchmark.resume import identity
     from benchmark.runner import SPEED_ONLY, Settings
-    from benchmark.sweep import _identity
 
     base = Settings(backbone="test_vit")
     fast = replace(base, compile=True, data_on_device="on", eval_batch_size=1024)
     assert {k for k, v in asdict(fast).items() if asdict(base)[k] != v} == set(SPEED_ONLY)
-    assert _identity(asdict(fast), deferred=False, grid=False) == _identity(asdict(base), deferred=False, grid=False)
+    assert identity(asdict(fast), deferred=False, grid=False) == identity(asdict(base), deferred=False, grid=False)
     slow = replace(base, precision="bf16")  # numerics are part of it
-    assert _identity(asdict(slow), deferred=False, grid=False) != _identity(asdict(base), deferred=False, grid=False)
+    assert identity(asdict(slow), deferred=False, grid=False) != identity(asdict(base), deferred=False, grid=False)

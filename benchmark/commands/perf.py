@@ -64,7 +64,7 @@ def _scaleout(args: argparse.Namespace) -> int:
 def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Path | None) -> int:
     import torch
 
-    from benchmark import perf, perf_model, perf_report
+    from benchmark import perf, perf_model, perf_report, perf_timing
     from benchmark.backbone import default_image_size
     from benchmark.results import check_writable
     from methods import list_methods
@@ -73,9 +73,9 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     check_writable(out, option="--out", what="the perf tables")
     names = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     configs = [method_class(name)() for name in names]
-    variants = tuple(perf_model.Variant(p, a) for p in args.precision.split(",") for a in args.attention.split(","))
+    variants = tuple(perf_timing.Variant(p, a) for p in args.precision.split(",") for a in args.attention.split(","))
     for v in variants:
-        if v.precision not in perf_model.PRECISION_DTYPES or v.attention not in perf_model.ATTENTION:
+        if v.precision not in perf_timing.PRECISION_DTYPES or v.attention not in perf_timing.ATTENTION:
             raise UserError(
                 f"unknown variant {v.precision}/{v.attention}: --precision takes 32 and/or bf16, "
                 "--attention fused and/or explicit (comma-separated)"

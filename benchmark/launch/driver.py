@@ -32,8 +32,9 @@ from benchmark.launch.executors import job_failure, job_finished, make_executor,
 from benchmark.launch.options import LaunchOptions
 from benchmark.launch.worker import RunJob, Worker, WorkerContext, _mtime
 from benchmark.results import provenance, read_result, write_json
+from benchmark.resume import conflict
 from benchmark.runner import new_record, quiet_lightning
-from benchmark.sweep import Plan, _conflict, _Sweep, prepare_sweep
+from benchmark.sweep import Plan, _Sweep, prepare_sweep
 from methods import MethodConfig
 from tasks import Task
 
@@ -62,8 +63,8 @@ class WaveSweep(_Sweep):
         self.announced: set[str] = set()
 
     def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
-        if conflict := _conflict(plan.path, plan.spec, self.data, deferred=deferred):
-            raise UserError(f"{conflict}; use another --results directory or delete the old results")
+        if why := conflict(plan.path, plan.spec, self.data, deferred=deferred):
+            raise UserError(f"{why}; use another --results directory or delete the old results")
         self.seen.add(plan.path)
         record = read_result(plan.path)
         if record is not None and not (self.retry_failed and record.get("status") != "ok"

@@ -24,7 +24,7 @@ from benchmark.runner import RunSpec, Settings
 
 @dataclass
 class RunJob:
-    """One run of a wave: its spec, its result path, whether its config was deferred (see `sweep._identity`),
+    """One run of a wave: its spec, its result path, whether its config was deferred (see `resume.identity`),
     and the result file's modification time when the driver planned it (None: absent; a failed result
     the driver wants run again otherwise)."""
 
