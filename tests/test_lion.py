@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.cli import main
-from methods.lion import (
-    InputImplicitLayer,
-    LIONConfig,
-    OutputImplicitLayer,
-    conv_operator_bound,
-    kernel_bound,
-    magnitude_masks,
-)
+from methods._lipschitz import conv_operator_bound, kernel_bound
+from methods.lion import InputImplicitLayer, LIONConfig, OutputImplicitLayer, magnitude_masks
 from tests.conftest import argv, tiny_vit
 
 C = 5
