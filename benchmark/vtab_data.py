@@ -1,9 +1,9 @@
 """`python -m benchmark data`: fetch the community VTAB-1k archive, validate, install, cache, export.
 
 The archive is `vtab-1k.zip` in the Hugging Face dataset repo `XiN0919/VTAB-1k` (NOAH's folder format);
-`--from` takes a local copy instead. The data handling itself lives in `tasks.archive`; this module adds
-the download, the report, the uint8 image cache (`benchmark.data.load_split_images`) and the export
-as Hugging Face `datasets`.
+`--from` takes a local copy instead. The data handling itself lives in `tasks.archive` and `tasks.sources`;
+this module adds the download, the report, the uint8 image cache (`benchmark.data.load_split_images`) and
+the export as Hugging Face `datasets`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from benchmark.errors import UserError
 from benchmark.results import check_writable
-from tasks import SPLITS, DataError, SplitFile, Task, read_split
+from tasks import SPLITS, DataError, SplitFile, Task, read_split, sources
 from tasks import archive as arc
 
 REPO_ID = "XiN0919/VTAB-1k"
@@ -137,7 +137,7 @@ def export_hf(out: Path, task: Task, splits: dict[str, SplitFile]) -> tuple[Path
         pass
     hf_root.mkdir(parents=True, exist_ok=True)
     arc.clean_leftovers(hf_root)
-    tmp = hf_root / f"{arc.STAGING_PREFIX}{task.id}-{secrets.token_hex(4)}"
+    tmp = hf_root / f"{sources.STAGING_PREFIX}{task.id}-{secrets.token_hex(4)}"
     old = hf_root / f"{arc.OLD_PREFIX}{task.id}-{secrets.token_hex(4)}"
     bars = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -187,9 +187,9 @@ def run(
             raise UserError(f"--from {source} does not exist; pass the downloaded {FILENAME} or an unpacked folder")
     check_writable(out, option="--out", what="data directory")
 
-    def get_source() -> arc.Source:
+    def get_source() -> sources.Source:
         path = source if source is not None else download(revision)
-        return arc.open_source(path)
+        return sources.open_source(path)
 
     try:
         reports = arc.prepare(out, tasks, get_source, workers=workers, log=_say)

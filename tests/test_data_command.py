@@ -19,7 +19,7 @@ import pytest
 from benchmark.cli import main
 from benchmark.data import default_cache_dir
 from tasks import SPLITS, find_task_dir, get_task, read_split
-from tasks.archive import MARKER, STAGING_PREFIX
+from tasks.sources import MARKER, STAGING_PREFIX
 from tasks.synth import SynthConfig, write_task
 
 KITTI = get_task("kitti")
