@@ -71,6 +71,12 @@ def real(
         raise invalid(config, name, f"must be in {interval}")
 
 
+def rates(config: Any, *names: str) -> None:
+    """Each named field is a drop rate (dropout, drop-path): a finite number in [0, 1)."""
+    for name in names:
+        real(config, name, 0.0, 1.0, high_open=True)
+
+
 def choice(config: Any, name: str, allowed: tuple[Any, ...]) -> None:
     """Field `name` holds one of `allowed`."""
     if getattr(config, name) not in allowed:

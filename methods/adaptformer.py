@@ -76,8 +76,7 @@ class AdaptFormerConfig(MethodConfig):
         self.check_choices({"head_init": HEAD_INITS})
         _checks.integer(self, "hidden", 1)
         _checks.real(self, "scale")
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "drop_path_rate")
 
     def backbone_kwargs(self) -> dict[str, float]:
         return {"drop_path_rate": self.drop_path_rate}

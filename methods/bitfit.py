@@ -76,7 +76,7 @@ class BitFitConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choices({"head_init": HEAD_INITS})
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "drop_path_rate")
 
     def backbone_kwargs(self) -> dict[str, float]:
         return {"drop_path_rate": self.drop_path_rate}

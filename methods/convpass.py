@@ -167,8 +167,7 @@ class _ConvpassConfig(MethodConfig):
         super().__post_init__()
         _checks.real(self, "scale")
         _checks.integer(self, "hidden", 1)
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "drop_path_rate")
         _checks.choice(self, "head_init", HEAD_INITS)
 
     def check_backbone(self, backbone: VisionTransformer) -> None:

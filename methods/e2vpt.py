@@ -287,8 +287,7 @@ class E2VPTConfig(MethodConfig):
         self.check_choices(choices)
         _checks.integer(self, "num_tokens", 1)
         _checks.integer(self, "num_kv_tokens", 0)
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
-        _checks.real(self, "kv_dropout", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "kv_dropout")
         _checks.integer(self, "num_segments", 1)
         # The levels mask at most P − min_kept_tokens tokens and S − min_kept_segments segments per token.
         _checks.integer(self, "min_kept_tokens", 0, self.num_tokens, high_is="num_tokens")

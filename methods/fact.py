@@ -202,8 +202,7 @@ class _FacTConfig(MethodConfig):
         self.check_choices({"head_init": HEAD_INITS})
         _checks.integer(self, "rank", 1)
         _checks.real(self, "scale")
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "drop_path_rate")
 
     def check_backbone(self, backbone: VisionTransformer) -> None:
         d = backbone.embed_dim

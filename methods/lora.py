@@ -144,8 +144,7 @@ class LoRAConfig(MethodConfig):
         _checks.integer(self, "rank", 1)
         if self.alpha is not None:  # none: alpha = rank
             _checks.real(self, "alpha", 0.0, low_open=True)
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "drop_path_rate")
 
     @property
     def scale(self) -> float:

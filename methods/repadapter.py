@@ -141,9 +141,8 @@ class RepAdapterConfig(MethodConfig):
         _checks.integer(self, "groups", 1)
         _checks.divisor(self, "groups", self.hidden, "hidden")
         _checks.real(self, "scale")
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout", "drop_path_rate")
         _checks.real(self, "sparse_lambda", 0.0)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
 
     def check_backbone(self, backbone: VisionTransformer) -> None:
         if backbone.embed_dim % self.groups:

@@ -108,7 +108,7 @@ class SSFConfig(MethodConfig):
         super().__post_init__()
         self.check_choices({"head_init": HEAD_INITS})
         _checks.real(self, "init_std", 0.0)
-        _checks.real(self, "drop_path_rate", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "drop_path_rate")
 
     def check_backbone(self, backbone: VisionTransformer) -> None:
         for path in ssf_points(backbone):

@@ -141,7 +141,7 @@ class _VPTConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _checks.integer(self, "num_tokens", 1)
-        _checks.real(self, "dropout", 0.0, 1.0, high_open=True)
+        _checks.rates(self, "dropout")
         _checks.choice(self, "head_init", HEAD_INITS)
 
     def for_task(self, task_id: str) -> Self:
