@@ -89,6 +89,28 @@ def test_bench_end_to_end_then_resume_changes_nothing(synth_root, tmp_path, caps
     assert snapshot(results) == before
 
 
+def test_bench_sweeps_several_methods_with_one_leaderboard(synth_root, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert bench(synth_root, results, "--seeds", "42", "--epochs", "2", method="linear,bitfit", tasks="svhn") == 0
+    out = capsys.readouterr().out
+    assert "2 run(s) executed, 0 failed" in out
+    runs = sorted(str(p.relative_to(results / "runs")) for p in (results / "runs").rglob("*.json"))
+    assert runs == ["bitfit/svhn/final-s42.json", "linear/svhn/final-s42.json"]
+    board = (results / "leaderboard.md").read_text()
+    assert "| linear" in board and "| bitfit" in board
+
+
+def test_bench_checks_every_method_before_the_first_run(synth_root, tmp_path, capsys):
+    results = tmp_path / "results"
+    # linear would run first; lora has the option, linear does not: nothing may be written.
+    assert bench(synth_root, results, "--set", "rank=4", method="linear,lora", tasks="svhn") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "linear on svhn: linear has no option 'rank'" in err, err
+    assert not results.exists() or not any(results.rglob("*.json"))
+    assert bench(synth_root, results, method="linear,nope", tasks="svhn") == 2
+    assert "nope" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_grid_protocol_selects_on_val200_and_records_the_choice(synth_root, tmp_path):
     results = tmp_path / "results"
@@ -344,3 +366,19 @@ def test_results_from_another_configuration_or_other_data_are_refused_not_mixed(
     assert bench(other, results, "--epochs", "1", "--seeds", "42", tasks="camelyon") == 2
     assert "from a different test.txt of camelyon" in capsys.readouterr().err
     assert snapshot(results) == before
+
+
+def test_make_demo_runs_every_registered_method_once():
+    """The demo's commands, as `make -n` prints them: every method in exactly one `bench` command."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True).stdout
+    benches = [line.split() for line in out.splitlines() if " -m benchmark bench " in line]
+    named = [m for words in benches for m in words[words.index("--method") + 1].split(",")]
+    # `peft` is the generic tuner method; its default configuration is `peft_lora`'s, which the demo runs.
+    assert sorted(named) == sorted(m for m in list_methods() if m != "peft")
+    assert all("--threads" in words and "--epochs" in words for words in benches)

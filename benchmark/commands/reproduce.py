@@ -43,7 +43,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
     settings = dataclasses.replace(run_settings(args), budget=args.budget)
     sweep_and_report(
-        args, cls(), [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
+        args, [cls()], [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
         protocol=plan.protocol.protocol, settings=settings, options=plan.options, task_overrides=plan.task_overrides(),
     )  # fmt: skip
     try:

@@ -12,6 +12,7 @@ from benchmark.commands._options import (
     backbone_options,
     data_and_results,
     method_class,
+    method_names,
     method_options,
     one_task,
     recipe_overrides,
@@ -25,15 +26,20 @@ from benchmark.errors import UserError
 from benchmark.launch.options import launcher_options
 
 
-def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: list[int], *, results: Path,
-           **kwargs: Any) -> None:  # fmt: skip
-    """`sweep.sweep` (or, with `--launcher local|slurm`, its driver) with the command line's data, cache and
-    progress options, then the leaderboard."""
+def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, seeds: list[int], *,
+                     results: Path, **kwargs: Any) -> None:  # fmt: skip
+    """`sweep.sweep` (or, with `--launcher local|slurm`, its driver) of each config in turn, with the command
+    line's data, cache and progress options, then the leaderboard. Every config is checked against every task
+    before the first run (`sweep.task_configs`)."""
     from benchmark.launch.options import launch_options
     from benchmark.leaderboard import write_leaderboard
-    from benchmark.sweep import sweep
+    from benchmark.sweep import sweep, task_configs
 
     launch = launch_options(args)  # checked before anything is written or submitted
+    if len(configs) > 1:
+        checked = ("protocol", "settings", "options", "recipe_overrides", "task_overrides")
+        for config in configs:
+            task_configs(config, tasks, **{k: v for k, v in kwargs.items() if k in checked})
     if launch.launcher != "inline":
         from benchmark.launch.driver import drive
 
@@ -44,19 +50,21 @@ def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: 
 
             torch.set_num_threads(launch.threads)
         run_sweep = sweep
-    executed = run_sweep(
-        config,
-        tasks,
-        seeds,
-        data_root=Path(args.data_root).expanduser(),
-        results=results,
-        cache_dir=args.cache_dir,
-        retry_failed=args.retry_failed,
-        progress=not args.quiet,
-        run_progress=args.run_progress,
-        save_tunable=getattr(args, "save_tunable", False),
-        **kwargs,
-    )
+    executed = []
+    for config in configs:
+        executed += run_sweep(
+            config,
+            tasks,
+            seeds,
+            data_root=Path(args.data_root).expanduser(),
+            results=results,
+            cache_dir=args.cache_dir,
+            retry_failed=args.retry_failed,
+            progress=not args.quiet,
+            run_progress=args.run_progress,
+            save_tunable=getattr(args, "save_tunable", False),
+            **kwargs,
+        )
     write_leaderboard(results)
     failed = sum(r["status"] != "ok" for r in executed)
     print(
@@ -66,9 +74,11 @@ def sweep_and_report(args: argparse.Namespace, config: Any, tasks: list, seeds: 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    cls = method_class(args.method)
+    names = method_names(args.method)
+    if not names:
+        raise UserError("--method needs at least one method name (`python -m benchmark methods` lists them)")
     sweep_and_report(
-        args, cls(), task_list(args.tasks), args.seeds, results=Path(args.results).expanduser(),
+        args, [method_class(n)() for n in names], task_list(args.tasks), args.seeds, results=Path(args.results).expanduser(),
         protocol=args.protocol, settings=run_settings(args), options=method_options(args), recipe_overrides=recipe_overrides(args),
     )  # fmt: skip
     return 0
@@ -155,9 +165,13 @@ def register(sub: Any) -> None:
         "bench",
         help="the sweep: every (task, seed), resumable, then the leaderboard",
         description="Example: python -m benchmark bench --method linear --tasks dtd,eurosat "
-        "--data-root ~/vtab-1k --seeds 42,44 --results results/bench",
+        "--data-root ~/vtab-1k --seeds 42,44 --results results/bench (several methods: --method lora,adapter,ssf)",
     )
-    p.add_argument("--method", required=True, help="a registered method (`python -m benchmark methods`)")
+    p.add_argument(
+        "--method", required=True,
+        help="a registered method (`python -m benchmark methods`), or several, comma-separated: swept one after "
+        "another with the same options, one leaderboard at the end",
+    )  # fmt: skip
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--seeds", type=seed_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
