@@ -7,7 +7,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -44,6 +44,17 @@ default_cfgs = generate_default_cfgs({
 def peft_bench_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """The demo's tiny ViT: 32 px input, 8 px patches (a 4×4 grid), width 64, 4 blocks, 4 heads."""
     return _create_vision_transformer(DEMO_BACKBONE, pretrained=pretrained, **dict(DEMO_VIT_ARGS, **kwargs))
+
+
+def meta_backbone(name: str, image_size: int | None = None, **kwargs: Any) -> VisionTransformer:
+    """`create_backbone`'s structure on the meta device (shapes, no weights), built once per arguments and shared:
+    for checks, which only read it. Never attach a method to it (build your own with `device="meta"`)."""
+    return _meta_backbone(name, image_size, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=64)
+def _meta_backbone(name: str, image_size: int | None, kwargs: tuple[tuple[str, Any], ...]) -> VisionTransformer:
+    return create_backbone(name, pretrained=False, image_size=image_size, device="meta", **dict(kwargs))
 
 
 def _check_name(name: str) -> None:

@@ -34,7 +34,7 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from benchmark.backbone import NORMALIZATIONS, create_backbone
+from benchmark.backbone import NORMALIZATIONS, meta_backbone
 from benchmark.data import SplitArrays, TaskData, VTABDataModule, load_split_images, normalize, scan_task
 from benchmark.errors import UserError
 from benchmark.module import ClassificationModule
@@ -242,8 +242,7 @@ def _peak_memory() -> tuple[float, str]:
 def check_config(config: MethodConfig, settings: Settings, where: str = "") -> None:
     """The method's structural checks (`MethodConfig.check_backbone`) against the backbone's structure, built on
     the meta device in milliseconds: a config that cannot be built stops the command before any work."""
-    meta = create_backbone(settings.backbone, pretrained=False, image_size=settings.image_size, device="meta",
-                           **config.backbone_kwargs())  # fmt: skip
+    meta = meta_backbone(settings.backbone, settings.image_size, **config.backbone_kwargs())
     try:
         config.check_backbone(meta)
     except ValueError as e:

@@ -240,16 +240,11 @@ def method_names(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(method_class(n.strip()).name for n in text.split(",") if n.strip()))
 
 
-def _meta_backbone(name: str, image_size: int | None, **kwargs: Any):
-    """The backbone's structure on the meta device: shapes without weights, in milliseconds."""
-    from benchmark.backbone import create_backbone
-
-    return create_backbone(name, pretrained=False, image_size=image_size, device="meta", **kwargs)
-
-
 def check_image_size(backbone: str, image_size: int) -> None:
     """The image side must be a whole number of patches (at least one): else every run would fail later."""
-    patch = _meta_backbone(backbone, None).patch_embed.patch_size
+    from benchmark.backbone import meta_backbone
+
+    patch = meta_backbone(backbone).patch_embed.patch_size
     p = patch[0] if isinstance(patch, tuple | list) else int(patch)
     if image_size < p or image_size % p:
         fits = max(p, image_size // p * p)
