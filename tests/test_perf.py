@@ -217,7 +217,7 @@ def test_peak_memory_sees_an_allocation():
     del block
 
 
-def test_speed_only_settings_are_recorded_but_not_part_of_a_runsidentity():
+def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
     from dataclasses import asdict, replace
 
     from benchmark.resume import identity
