@@ -19,8 +19,6 @@ DEMO_WEIGHTS ?= $(HOME)/.cache/peft-bench/demo/peft_bench_demo_vit.safetensors
 # One natural, one specialized and two structured tasks of the procedural mini-VTAB.
 DEMO_TASKS := svhn,eurosat,clevr_count,dsprites_ori
 DEMO_ARGS := --backbone peft_bench_demo_vit --weights $(DEMO_WEIGHTS) --epochs 30 --batch-size 32 --seeds 42
-comma := ,
-DEMO_PEFT := peft_lora peft_dora peft_vera peft_ia3 peft_boft peft_oft peft_loha peft_lokr
 DEMO_BENCH = $(PY) -m benchmark bench --tasks $(DEMO_TASKS) --data-root $(DEMO_DATA) --results $(DEMO_RESULTS) $(DEMO_ARGS)
 
 .PHONY: install test demo pretrain-demo data bench leaderboard compare reproduce perf screenshot lint format clean
@@ -56,7 +54,7 @@ pretrain-demo: $(STAMP)
 # end together.
 DEMO_GROUPS := lion peft e2vpt baselines convpass full pgn fact_tt fact_tk vpt_deep vpt_shallow repadapter linear
 DEMO_RUN_lion := --method lion --set lipschitz=kernel --lr 0.01
-DEMO_RUN_peft := --method $(subst $(eval) ,$(comma),$(DEMO_PEFT))
+DEMO_RUN_peft := --method peft_lora,peft_dora,peft_vera,peft_ia3,peft_boft,peft_oft,peft_loha,peft_lokr
 DEMO_RUN_e2vpt := --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
 DEMO_RUN_baselines := --method lora,adapter,adapter_houlsby,adaptformer,ssf
 DEMO_RUN_convpass := --method convpass,convpass_attn --set per_task=false --set scale=10
@@ -68,9 +66,9 @@ DEMO_RUN_vpt_deep := --method vpt_deep --set num_tokens=16 --lr 0.1
 DEMO_RUN_vpt_shallow := --method vpt_shallow --set num_tokens=16 --lr 0.25
 DEMO_RUN_repadapter := --method repadapter --set per_task=false --set scale=1
 DEMO_RUN_linear := --method linear --lr 0.05
-# The commands run DEMO_JOBS at a time (default: one per core, at most 2), each on one torch thread (the tiny
-# backbone's small matrices leave a second thread of one process mostly idle); each command's output
-# appears when it ends.
+# The commands run DEMO_JOBS at a time (default: one per core, at most 2), each on one torch thread: on 2 cores,
+# two such processes finish about 1.3x the runs of one process on two threads (the tiny backbone's small
+# matrices keep a second thread busy only part of the time). Each command's output appears when it ends.
 DEMO_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 2 ] && echo 2 || echo $$n)
 
 demo: $(STAMP) $(DEMO_WEIGHTS)
