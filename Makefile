@@ -103,7 +103,7 @@ perf: $(STAMP)
 
 # The README's picture of the demo's leaderboard.html, taken in headless Chromium (after `make demo`).
 screenshot: $(STAMP)
-	$(PY) -m benchmark.browser $(DEMO_RESULTS)/leaderboard.html docs/leaderboard.png
+	$(PY) -m benchmark.report.screenshot $(DEMO_RESULTS)/leaderboard.html docs/leaderboard.png
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

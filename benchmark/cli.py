@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmark.commands import COMMAND_MODULES
-from benchmark.commands._options import Parser
-from benchmark.errors import Interrupted, UserError
-from benchmark.signals import interruptible
+from benchmark.commands.options import Parser
+from benchmark.core.errors import Interrupted, UserError
+from benchmark.core.signals import interruptible
 from tasks.atomic import DISK_FULL
 
 

@@ -20,20 +20,34 @@ from methods import (  # noqa: F401
     ssf,
     vpt,
 )
-from methods._base import MethodConfig, ParamReport, PeftModel, PruneCandidate, Recipe, TunableModule
+from methods._base import (
+    MethodConfig,
+    NotMergeableError,
+    ParamReport,
+    PeftModel,
+    PruneCandidate,
+    Recipe,
+    TunableModule,
+)
+from methods._inject import embed, insert_tokens, pool, run_blocks
 from methods._registry import UnknownMethodError, get_method, list_methods, register_method
 from methods._vit import vit_param_count
 
 __all__ = [
     "MethodConfig",
+    "NotMergeableError",
     "ParamReport",
     "PeftModel",
     "PruneCandidate",
     "Recipe",
     "TunableModule",
     "UnknownMethodError",
+    "embed",
     "get_method",
+    "insert_tokens",
     "list_methods",
+    "pool",
     "register_method",
+    "run_blocks",
     "vit_param_count",
 ]

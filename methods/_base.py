@@ -244,7 +244,7 @@ class PruneCandidate:
     preference: tuple[float, ...] = ()
 
 
-def _parse_option(key: str, text: str, hint: Any) -> Any:
+def parse_option(key: str, text: str, hint: Any) -> Any:
     """Convert `text` to a config field's type (bool, int, float, str, or one of them or None)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if args and text.lower() == "none":
@@ -377,7 +377,7 @@ class MethodConfig:
             if key not in hints or key == "recipe" or key not in {f.name for f in fields(self)}:
                 known = sorted(f.name for f in fields(self) if f.name != "recipe")
                 raise ValueError(f"{self.name} has no option {key!r}; options: {', '.join(known)}")
-            changes[key] = _parse_option(key, text, hints[key])
+            changes[key] = parse_option(key, text, hints[key])
         return dataclasses.replace(self, **changes)
 
     def with_recipe(self, **overrides: Any) -> Self:

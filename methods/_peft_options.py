@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from methods._base import _parse_option
+from methods._base import parse_option
 
 ADAPTER = "default"
 # LoRA initialisations the suite allows (PiSSA, OLoRA, EVA, LoftQ, CorDA rewrite the frozen weights or need data).
@@ -108,7 +108,7 @@ def convert_option(key: str, text: str, hint: Any) -> Any:
         except ValueError:
             raise ValueError(f"option {key} takes a comma list of {args[0].__name__}s, got {text!r}") from None
     if hint in (bool, int, float, str):
-        return _parse_option(key, text, hint)
+        return parse_option(key, text, hint)
     raise ValueError(f"option {key} cannot be set from the command line")
 
 

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Self
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, _parse_option
+from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, parse_option
 from methods._peft_options import (
     ADAPTER,
     COMMON,
@@ -182,7 +182,7 @@ class PeftTunerConfig(MethodConfig):
         """`--set`: the config's fields as usual; any other key is one of the tuner's own options."""
         hints = typing.get_type_hints(type(self))
         own_fields = {f.name for f in dataclasses.fields(self)} - {"recipe", "options"}
-        changes: dict[str, Any] = {k: _parse_option(k, v, hints[k]) for k, v in options.items() if k in own_fields}
+        changes: dict[str, Any] = {k: parse_option(k, v, hints[k]) for k, v in options.items() if k in own_fields}
         rest = {k: v for k, v in options.items() if k not in own_fields}
         # One replacement, so that options that only make sense together (OFT's r and block size) are checked so.
         return dataclasses.replace(self, **changes, options={**self.options, **rest})

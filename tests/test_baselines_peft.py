@@ -9,8 +9,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
+from benchmark.run.backbone import create_backbone
 from methods import PeftModel, TunableModule, get_method, list_methods, vit_param_count
 from methods._base import NotMergeableError
 from methods._inject import ParallelLinear, Wrapped

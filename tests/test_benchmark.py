@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
-from benchmark.data import ArrayDataset, SplitArrays, VTABDataModule, load_split_images, scan_task
-from benchmark.results import atomic_write_bytes
+from benchmark.data.arrays import ArrayDataset, SplitArrays, VTABDataModule, load_split_images, scan_task
+from benchmark.run.backbone import create_backbone
+from benchmark.run.results import atomic_write_bytes
 from tasks import get_task
 from tests.conftest import argv
 

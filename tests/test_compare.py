@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.compare import backbone_identity, compare
-from benchmark.compare_report import markdown
-from benchmark.leaderboard import leaderboard_frame, plot, runs_frame, write_leaderboard
-from benchmark.reference import REFERENCE_CSV, load_reference
+from benchmark.papers.reference import REFERENCE_CSV, load_reference
+from benchmark.report.compare import backbone_identity, compare
+from benchmark.report.compare_report import markdown
+from benchmark.report.leaderboard import leaderboard_frame, plot, runs_frame, write_leaderboard
 from methods import list_methods
 from tasks import TASKS, get_task
 
@@ -30,7 +30,7 @@ DEMO = {"backbone": "peft_bench_demo_vit", "pretrained": True, "weights": "/w/pe
 
 def write_run(results: Path, method: str, task: str, seed: int, acc: float | None, *, protocol: str = "grid",
               epochs: int = 100, backbone: dict | None = None, budget: str = "full", status: str = "ok") -> None:  # fmt: skip
-    """One reported run as `benchmark.runner.execute` writes it (the fields compare and the leaderboard read)."""
+    """One reported run as `benchmark.run.runner.execute` writes it (the fields compare and the leaderboard read)."""
     config = {"method": method, "task": task, "seed": seed, "protocol": protocol, "mode": "final",
               "method_config": {"recipe": {"lr": 0.1, "weight_decay": 0.0, "epochs": epochs}}, **(backbone or VIT_B)}  # fmt: skip
     if budget != "full":
@@ -280,7 +280,7 @@ def test_overlay_draws_hollow_markers_labelled_by_source(monkeypatch):
 
     monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
     monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
-    from benchmark.leaderboard import with_reported
+    from benchmark.report.leaderboard import with_reported
 
     board = leaderboard_frame(runs_frame([]))
     png = plot(with_reported(board, REFERENCE, "all"))

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.compare_table import get_table, load_tables, table_view
-from benchmark.reference import load_reference
+from benchmark.papers.reference import load_reference
+from benchmark.report.compare_table import get_table, load_tables, table_view
 from tasks import TASKS
 from tests.test_compare import write_run
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
+from benchmark.run.backbone import create_backbone
 from methods import Recipe
 from methods._inject import ParallelBranches
 from methods.convpass import Convpass, ConvpassAttnConfig, ConvpassConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmark.cli import main
-from benchmark.data import default_cache_dir
+from benchmark.data.arrays import default_cache_dir
 from tasks import SPLITS, find_task_dir, get_task, read_split
 from tasks.sources import MARKER, STAGING_PREFIX
 from tasks.synth import SynthConfig, write_task

@@ -10,9 +10,9 @@ import timm
 import torch
 from safetensors.torch import load_file, safe_open
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
-from benchmark.export import merged_model, rebuild
+from benchmark.run.backbone import create_backbone
+from benchmark.run.export import merged_model, rebuild
 from methods import get_method
 from tests.conftest import argv
 

@@ -182,9 +182,9 @@ def test_bad_launcher_options_are_refused_before_anything(synth_root, tmp_path, 
         (["--launcher", "slurm", "--slurm-time", "soon"], "--slurm-time takes"),
     ):
         if "--runs-per-gpu" in extra:
-            monkeypatch.setattr("benchmark.launch.options.visible_gpus", lambda: [])
+            monkeypatch.setattr("benchmark.sweep.launch.visible_gpus", lambda: [])
         if "--slurm-time" in extra:
-            monkeypatch.setattr("benchmark.launch.executors.check_slurm", lambda: None)
+            monkeypatch.setattr("benchmark.sweep.executors.check_slurm", lambda: None)
         assert main(bench_args("linear", "camelyon", synth_root, results, *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
@@ -249,8 +249,8 @@ def test_a_run_whose_worker_dies_twice_is_recorded_failed_with_the_cause(synth_r
         submitted.append(sorted(j.path.name for j in wave))
         return [_DeadJob()]
 
-    monkeypatch.setattr("benchmark.launch.driver._submit", submit)
-    monkeypatch.setattr("benchmark.launch.driver.POLL_S", 0.01)
+    monkeypatch.setattr("benchmark.sweep.driver._submit", submit)
+    monkeypatch.setattr("benchmark.sweep.driver.POLL_S", 0.01)
     results = tmp_path / "r"
     args = bench_args("linear", "camelyon", synth_root, results, "--seeds", "42,44", "--launcher", "local")
     assert main(args) == 0

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from benchmark.cli import main
-from benchmark.leaderboard import format_mean_std, write_leaderboard
-from benchmark.leaderboard_html import explain_protocol
-from benchmark.reference import load_reference
+from benchmark.papers.reference import load_reference
+from benchmark.report.format import format_mean_std
+from benchmark.report.html import explain_protocol
+from benchmark.report.leaderboard import write_leaderboard
 from tasks import get_task
 
 # (method, protocol, per-task mean accuracy, tunable parameters): four methods, two protocols.
@@ -24,7 +25,7 @@ SEEDS = (42, 44)
 
 
 def write_records(results: Path) -> None:
-    """Result files as `benchmark.runner.execute` writes them, with provenance, speed and memory."""
+    """Result files as `benchmark.run.runner.execute` writes them, with provenance, speed and memory."""
     for method, protocol, mean, tunable in ROWS:
         for t, task in enumerate(TASKS):
             for s, seed in enumerate(SEEDS):
@@ -140,11 +141,11 @@ def test_bad_input_leaves_no_page(tmp_path, capsys, monkeypatch, case):
 
         # Strict validation of result files turns this file into a user error; stand in for it here.
         def strict(path):
-            from benchmark.errors import UserError
+            from benchmark.core.errors import UserError
 
             raise UserError(f"{bad} is not valid JSON; delete it and rerun the sweep")
 
-        monkeypatch.setattr("benchmark.leaderboard.load_results", strict)
+        monkeypatch.setattr("benchmark.report.leaderboard.load_results", strict)
     assert main(["leaderboard", "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
@@ -159,7 +160,7 @@ def test_nothing_is_written_when_the_page_cannot_be_built(tmp_path, monkeypatch)
     def broken(board, meta):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("benchmark.leaderboard_html.html_page", broken)
+    monkeypatch.setattr("benchmark.report.leaderboard.html_page", broken)
     with pytest.raises(RuntimeError):
         write_leaderboard(results)
     assert sorted(p.name for p in results.iterdir()) == ["runs"]
@@ -169,7 +170,7 @@ def test_nothing_is_written_when_the_page_cannot_be_built(tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One Chromium session for the module, on a page with our rows and the papers' rows of their methods."""
-    from benchmark import browser
+    from benchmark.report import screenshot as browser
 
     reason = browser.missing()
     if reason:

@@ -137,7 +137,7 @@ def test_vit_b16_counts_dense_and_pruned():
     assert kept == {"A": 288, "B": 108, "O": 12, "W": 2048, "U": 24576, "V": 24576}
     unpruned = 8 + 16 + 3 + 64  # B bias, GN affine, O bias, b
     assert sum(kept.values()) + unpruned == 51_699
-    from benchmark.backbone import create_backbone
+    from benchmark.run.backbone import create_backbone
 
     vit_b = create_backbone("vit_base_patch16_224", pretrained=False, device="meta")
     assert LIONConfig().expected_params(vit_b, 10).tunable == 843 + 102_464 == 103_307

@@ -11,9 +11,9 @@ import timm
 import torch
 
 import methods
-from benchmark.backbone import create_backbone
-from benchmark.data import SplitArrays
-from benchmark.runner import Settings, extract_features
+from benchmark.data.arrays import SplitArrays
+from benchmark.run.backbone import create_backbone
+from benchmark.run.runner import Settings, extract_features
 from methods import MethodConfig, PeftModel, Recipe, get_method, list_methods, vit_param_count
 from tests.conftest import tiny_vit
 
@@ -194,7 +194,7 @@ def test_linear_cached_features_match_end_to_end_logits():
     )
     settings = Settings(backbone="test_vit", image_size=32, eval_batch_size=4)
     features = extract_features(model, arrays, settings)
-    from benchmark.data import normalize
+    from benchmark.data.arrays import normalize
 
     mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
     with torch.no_grad():

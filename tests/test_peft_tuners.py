@@ -9,8 +9,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
+from benchmark.run.backbone import create_backbone
 from methods import get_method
 from methods.peft_tuners import TUNERS, lokr_factorization
 from tests.conftest import argv, tiny_vit

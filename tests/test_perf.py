@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmark import perf_report, perf_sweep, perf_timing
 from benchmark.cli import main
-from benchmark.data import SplitArrays, VTABDataModule
-from benchmark.module import ClassificationModule
+from benchmark.data.arrays import SplitArrays, VTABDataModule
+from benchmark.perf import estimate as perf_sweep
+from benchmark.perf import report as perf_report
+from benchmark.perf import timing as perf_timing
+from benchmark.run.module import ClassificationModule
 from methods import get_method, list_methods
 from tasks import TASKS, get_task
 from tests.conftest import tiny_vit
@@ -220,8 +222,8 @@ def test_peak_memory_sees_an_allocation():
 def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
     from dataclasses import asdict, replace
 
-    from benchmark.resume import identity
-    from benchmark.runner import SPEED_ONLY, Settings
+    from benchmark.run.runner import SPEED_ONLY, Settings
+    from benchmark.sweep.resume import identity
 
     base = Settings(backbone="test_vit")
     fast = replace(base, compile=True, data_on_device="on", eval_batch_size=1024)

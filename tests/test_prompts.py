@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.backbone import create_backbone
 from benchmark.cli import main
+from benchmark.run.backbone import create_backbone
 from methods._inject import KVExtendedAttention
 from methods.e2vpt import (
     E2VPT_TOKENS,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import methods
-from benchmark.reference import (
+from benchmark.papers.reference import (
     COLUMNS,
     KNOWN_ISSUES,
     REFERENCE_CSV,

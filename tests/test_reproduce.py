@@ -11,10 +11,10 @@ import pytest
 
 import methods
 from benchmark.cli import main
-from benchmark.errors import UserError
-from benchmark.reference import load_reference
-from benchmark.reproduce import PAPER_PROTOCOLS, plan_reproduction, reproducible_methods
-from benchmark.runner import RunSpec, Settings
+from benchmark.core.errors import UserError
+from benchmark.papers.protocols import PAPER_PROTOCOLS, plan_reproduction, reproducible_methods
+from benchmark.papers.reference import load_reference
+from benchmark.run.runner import RunSpec, Settings
 from tasks import TASKS, get_task
 from tests.conftest import TINY_ARGS
 
@@ -144,7 +144,7 @@ def test_methods_without_a_protocol_are_refused_naming_those_with_one(capsys):
 
 
 def test_a_bad_reference_stops_reproduce_before_anything_runs(tmp_path, capsys):
-    from benchmark.reference import REFERENCE_CSV
+    from benchmark.papers.reference import REFERENCE_CSV
 
     bad = tmp_path / "bad.csv"
     bad.write_text(REFERENCE_CSV.read_text().replace("\ngps,", "\nGPS,"))

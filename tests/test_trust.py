@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import claims, sweep
 from benchmark.cli import main
-from benchmark.leaderboard import write_leaderboard
+from benchmark.report.leaderboard import write_leaderboard
+from benchmark.sweep import claims
+from benchmark.sweep import inline as sweep
 from tests.conftest import argv
 from tests.test_compare import write_run
 
@@ -90,8 +91,8 @@ def test_leaderboard_and_compare_separate_configurations_within_a_row(tmp_path):
         "fixed-hparams-last-epoch-2seeds [recipe.epochs=3]",
     ]
     assert sorted(board.tasks) == [1, 1]  # never one row averaging both
-    from benchmark.compare import compare
-    from benchmark.reference import load_reference
+    from benchmark.papers.reference import load_reference
+    from benchmark.report.compare import compare
 
     c = compare(results, load_reference(None), methods=["vpt_deep"])
     shown = {v.label() for v in c.variants}

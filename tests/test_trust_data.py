@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.data import load_split_images
+from benchmark.data.arrays import load_split_images
 from tasks import DataError, decode_image, get_task, read_split
 from tasks.archive import validate_task_dir
 from tasks.images import ImageModeError, to_rgb

@@ -13,9 +13,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from benchmark.backbone import DEMO_BACKBONE, create_backbone
 from benchmark.cli import main
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
+from benchmark.run.backbone import DEMO_BACKBONE, create_backbone
 from tests.test_cli import snapshot
 
 SIZE = 32  # the image size the tests run at; test_vit's own is 160
@@ -118,7 +118,7 @@ def test_the_demo_backbones_pretrained_file_still_loads(tmp_path):
     `make demo` passes as `--backbone peft_bench_demo_vit --weights FILE`."""
     from timm.models.vision_transformer import _create_vision_transformer
 
-    from benchmark.backbone import DEMO_VIT_ARGS
+    from benchmark.run.backbone import DEMO_VIT_ARGS
 
     torch.manual_seed(5)
     trained = _create_vision_transformer(DEMO_BACKBONE, pretrained=False, num_classes=0, **DEMO_VIT_ARGS)

@@ -7,12 +7,12 @@ import copy
 import json
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     method_class,
     positive_int,
     task_list,
 )
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from benchmark.backbone import create_backbone
+    from benchmark.run.backbone import create_backbone
 
     names = args.methods.split(",") if args.methods else None
     import methods

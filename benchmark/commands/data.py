@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     positive_int,
     task_list,
 )
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from benchmark import vtab_data
+    from benchmark.data import vtab as vtab_data
 
     return vtab_data.run(
         task_list(args.tasks),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     int_list,
     method_class,
     number_type,
@@ -16,11 +16,11 @@ from benchmark.commands._options import (
     positive_int,
     task_list,
 )
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from benchmark import perf
+    from benchmark.perf import loader
 
     if args.scaleout:
         return _scaleout(args)
@@ -28,7 +28,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root).expanduser() if args.data_root else None
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
     if args.data:
-        rows = perf.data_perf(
+        rows = loader.data_perf(
             task_list(args.tasks),
             data_root=data_root,
             split=args.split,
@@ -44,13 +44,13 @@ def cmd_perf(args: argparse.Namespace) -> int:
         else:
             if not args.data_root:
                 print("data: a synthetic task in a temporary folder (pass --data-root for real data)")
-            print(perf.format_rows(rows))
+            print(loader.format_rows(rows))
         return 0
     return _model_perf(args, data_root, cache_dir)
 
 
 def _scaleout(args: argparse.Namespace) -> int:
-    from benchmark.launch.scaleout import markdown, measure
+    from benchmark.perf.scaleout import markdown, measure
 
     if min(args.scaleout) < 1:
         raise UserError(f"--scaleout takes worker counts of at least 1, got {args.scaleout}")
@@ -64,9 +64,12 @@ def _scaleout(args: argparse.Namespace) -> int:
 def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Path | None) -> int:
     import torch
 
-    from benchmark import perf, perf_model, perf_report, perf_timing
-    from benchmark.backbone import default_image_size
-    from benchmark.results import check_writable
+    from benchmark.perf import loader
+    from benchmark.perf import model as perf_model
+    from benchmark.perf import report as perf_report
+    from benchmark.perf import timing as perf_timing
+    from benchmark.run.backbone import default_image_size
+    from benchmark.run.results import check_writable
     from methods import list_methods
 
     out = Path(args.out).expanduser()
@@ -87,7 +90,7 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     task = one_task(args.task)
 
     def decode_ips() -> float:
-        rows = perf.data_perf(
+        rows = loader.data_perf(
             [task], data_root=data_root, image_size=image_size, batch_size=64, epochs=1, cache_dir=cache_dir
         )
         return rows[0]["decode_images_per_s"]
@@ -147,7 +150,7 @@ def register(sub: Any) -> None:
         metavar="N,M,..",
         help="wall time of one synthetic sweep with N, M, .. local workers (one torch thread each), e.g. 1,2",
     )
-    from benchmark.backbone import DEFAULT_BACKBONE
+    from benchmark.run.backbone import DEFAULT_BACKBONE
 
     g = p.add_argument_group("model options")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm ViT name (default: %(default)s)")

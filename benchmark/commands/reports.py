@@ -6,16 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     method_names,
     reference_options,
 )
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.leaderboard import markdown, write_leaderboard
-    from benchmark.reference import load_reference
+    from benchmark.papers.reference import load_reference
+    from benchmark.report.leaderboard import markdown, write_leaderboard
 
     results = Path(args.results).expanduser()
     if not (results / "runs").is_dir():
@@ -29,15 +29,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmark.compare import compare
-    from benchmark.compare_report import summary_lines, write_comparison
-    from benchmark.reference import load_reference
-    from benchmark.results import check_writable
+    from benchmark.papers.reference import load_reference
+    from benchmark.report.compare import compare
+    from benchmark.report.compare_report import summary_lines, write_comparison
+    from benchmark.run.results import check_writable
 
     reference = load_reference(args.reference)
     results = Path(args.results).expanduser()
     if args.table:
-        from benchmark.compare_table import write_table
+        from benchmark.report.compare_table import write_table
 
         check_writable(results)
         md, text = write_table(results, reference, args.table)

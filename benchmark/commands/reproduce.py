@@ -7,27 +7,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     DEFAULT_DATA_ROOT,
     backbone_options,
     epochs,
+    launcher_options,
     method_class,
     reference_options,
     run_settings,
     task_list,
 )
 from benchmark.commands.train import sweep_and_report
-from benchmark.errors import UserError
-from benchmark.launch.options import launcher_options
+from benchmark.core.errors import UserError
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmark.compare import check_sources, compare
-    from benchmark.compare_report import summary_lines, write_comparison
-    from benchmark.reference import load_reference
-    from benchmark.reproduce import plan_reproduction
+    from benchmark.papers.protocols import plan_reproduction
+    from benchmark.papers.reference import load_reference
+    from benchmark.report.compare import check_sources, compare
+    from benchmark.report.compare_report import summary_lines, write_comparison
 
     reference = load_reference(args.reference)
     cls = method_class(args.method)
@@ -35,7 +35,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                              cache_features=not args.no_feature_cache)  # fmt: skip
     check_sources(reference, [cls.name], args.source)  # before hours of training, not after
     if args.plan:
-        from benchmark.launch.waves import describe_waves
+        from benchmark.sweep.waves import describe_waves
 
         print(plan.describe())
         print(describe_waves(plan))

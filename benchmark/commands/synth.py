@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     positive_int,
     seed,
     task_list,
 )
-from benchmark.errors import UserError
+from benchmark.core.errors import UserError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     out = Path(args.out).expanduser()
-    from benchmark.results import check_writable
+    from benchmark.run.results import check_writable
 
     check_writable(out, option="--out", what="output directory")
     for task in tasks:
@@ -35,8 +35,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_demo(args: argparse.Namespace) -> int:
-    from benchmark.demo import pretrain
-    from benchmark.results import check_writable
+    from benchmark.run.demo import pretrain
+    from benchmark.run.results import check_writable
 
     out = Path(args.out).expanduser()
     if out.is_file() and not args.force:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark.commands._options import (
+from benchmark.commands.options import (
     backbone_options,
     data_and_results,
+    launcher_options,
     method_class,
     method_names,
     method_options,
@@ -22,8 +23,7 @@ from benchmark.commands._options import (
     task_list,
     training_options,
 )
-from benchmark.errors import UserError
-from benchmark.launch.options import launcher_options
+from benchmark.core.errors import UserError
 
 
 def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, seeds: list[int], *,
@@ -31,9 +31,9 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
     """`sweep.sweep` (or, with `--launcher local|slurm`, its driver) of each config in turn, with the command
     line's data, cache and progress options, then the leaderboard. Every config is checked against every task
     before the first run (`sweep.task_configs`)."""
-    from benchmark.launch.options import launch_options
-    from benchmark.leaderboard import write_leaderboard
-    from benchmark.sweep import sweep, task_configs
+    from benchmark.report.leaderboard import write_leaderboard
+    from benchmark.sweep.inline import sweep, task_configs
+    from benchmark.sweep.launch import launch_options
 
     launch = launch_options(args)  # checked before anything is written or submitted
     if len(configs) > 1:
@@ -41,7 +41,7 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
         for config in configs:
             task_configs(config, tasks, **{k: v for k, v in kwargs.items() if k in checked})
     if launch.launcher != "inline":
-        from benchmark.launch.driver import drive
+        from benchmark.sweep.driver import drive
 
         run_sweep: Any = functools.partial(drive, launch=launch)
     else:
@@ -85,10 +85,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.backbone import create_backbone
-    from benchmark.claims import claim_path, read_owner, try_claim
-    from benchmark.results import check_writable, run_path, write_json
-    from benchmark.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
+    from benchmark.run.backbone import create_backbone
+    from benchmark.run.results import check_writable, run_path, write_json
+    from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
+    from benchmark.sweep.claims import claim_path, read_owner, try_claim
 
     cls = method_class(args.method)
     task = one_task(args.task, several="use `bench` for several")

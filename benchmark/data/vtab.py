@@ -1,0 +1,226 @@
+"""`python -m benchmark data`: fetch the community VTAB-1k archive, validate, install, cache, export.
+
+The archive is `vtab-1k.zip` in the Hugging Face dataset repo `XiN0919/VTAB-1k` (NOAH's folder format);
+`--from` takes a local copy instead. The data handling itself lives in `tasks.archive` and `tasks.sources`;
+this module adds the download, the report, the uint8 image cache (`benchmark.data.arrays.load_split_images`) and
+the export as Hugging Face `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from benchmark.core.errors import UserError
+from benchmark.run.results import check_writable
+from tasks import SPLITS, DataError, SplitFile, Task, read_split, sources
+from tasks import archive as arc
+
+REPO_ID = "XiN0919/VTAB-1k"
+FILENAME = "vtab-1k.zip"
+REPO_URL = f"https://huggingface.co/datasets/{REPO_ID}"
+HAND_ADVICE = f"download {FILENAME} by hand from {REPO_URL} and pass it with `--from FILE` (or an unpacked copy with `--from DIR`)"
+HF_VERSION = 1
+HF_MARKER = "peft-bench.json"
+
+
+def default_out() -> Path:
+    """`$VTAB_ROOT`, or `~/.cache/peft-bench/vtab-1k`."""
+    return Path(os.environ.get("VTAB_ROOT") or "~/.cache/peft-bench/vtab-1k").expanduser()
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+# -- download ----------------------------------------------------------------------------------------------
+def download_archive(revision: str | None = None) -> Path:
+    """The archive from the Hugging Face cache, or downloaded into it; every failure is one `UserError` line.
+
+    huggingface_hub retries unreachable hosts for a long time with a log line per try, so a short
+    connection check comes first.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    what = f"{FILENAME} of the dataset repo {REPO_ID}"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(REPO_ID, FILENAME, revision=revision, repo_type="dataset")
+    except Exception:  # an unusual cache layout or revision: fall through to the download
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or offline_env:
+        raise UserError(f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {HAND_ADVICE}")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face Hub ({host}: {e}) to download {what}; {HAND_ADVICE}") from None
+    _say(f"downloading {what} (about 4.7 GB) into the Hugging Face cache")
+    try:
+        path = huggingface_hub.hf_hub_download(
+            repo_id=REPO_ID, filename=FILENAME, repo_type="dataset", revision=revision
+        )
+    except Exception as e:  # the Hub raises many types (HTTP, not found, disk full); report it in one line
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines else type(e).__name__
+        raise UserError(f"could not download {what} ({type(e).__name__}: {reason}); {HAND_ADVICE}") from None
+    return Path(path)
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def format_table(rows: list[dict]) -> str:
+    """A plain left-aligned text table (numbers right-aligned)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    numeric = [all(isinstance(r[c], int | float) or r[c] == "-" for r in rows) for c in cols]
+
+    def fmt(values: list[str]) -> str:
+        cells = (v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([fmt(cols), *(fmt(row) for row in cells)])
+
+
+def print_report(reports: list[arc.TaskReport]) -> None:
+    _say(format_table(arc.report_rows(reports)))
+    for r in reports:
+        for problem in r.problems:
+            _say(f"  {r.task.id}: {problem}")
+
+
+# -- cache and datasets export -----------------------------------------------------------------------------
+def build_cache(
+    task_dir: Path, task: Task, image_size: int, interpolation: str, cache_dir: Path | None, workers: int
+) -> dict[str, SplitFile]:
+    """Decode every split once into the uint8 cache (a no-op for splits already cached)."""
+    from benchmark.data.arrays import load_split_images
+
+    splits = {s: read_split(task_dir, task, s) for s in SPLITS}
+    for split_file in splits.values():
+        load_split_images(split_file, image_size, interpolation, cache_dir, workers=workers)
+    return splits
+
+
+def export_hf(out: Path, task: Task, splits: dict[str, SplitFile]) -> tuple[Path, bool]:
+    """Write the task as a `datasets.DatasetDict` under `<out>/hf/<task id>`; returns (path, whether written).
+
+    Skipped when the folder's marker matches the split files. Saved into a staging folder and renamed
+    into place, so `datasets.load_from_disk` never sees a half-written dataset.
+    """
+    import datasets
+    from datasets import ClassLabel, Dataset, DatasetDict, Image
+
+    hf_root = Path(out) / "hf"
+    dest = hf_root / task.id
+    stamp = {
+        "version": HF_VERSION,
+        "task": task.id,
+        "splits": {s: sf.sha256 for s, sf in splits.items()},
+        "task_dir": str(next(iter(splits.values())).path.parent.resolve()),
+    }
+    try:
+        if json.loads((dest / HF_MARKER).read_text()) == stamp:
+            return dest, False
+    except (OSError, ValueError):
+        pass
+    hf_root.mkdir(parents=True, exist_ok=True)
+    arc.clean_leftovers(hf_root)
+    tmp = hf_root / f"{sources.STAGING_PREFIX}{task.id}-{secrets.token_hex(4)}"
+    old = hf_root / f"{arc.OLD_PREFIX}{task.id}-{secrets.token_hex(4)}"
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        label = ClassLabel(num_classes=task.num_classes)
+        dd = DatasetDict(
+            {
+                s: Dataset.from_dict({"image": [str(p) for p in sf.images], "label": list(sf.labels)})
+                .cast_column("image", Image())
+                .cast_column("label", label)
+                for s, sf in splits.items()
+            }
+        )
+        dd.save_to_disk(str(tmp))
+        (tmp / HF_MARKER).write_text(json.dumps(stamp, indent=1) + "\n")
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return dest, True
+
+
+# -- the command -------------------------------------------------------------------------------------------
+def run(
+    tasks: list[Task],
+    *,
+    out: Path | None = None,
+    source: Path | None = None,
+    revision: str | None = None,
+    image_size: int = 224,
+    interpolation: str = "bicubic",
+    cache_dir: Path | None = None,
+    cache: bool = True,
+    hf: bool = False,
+    workers: int = 0,
+    download: Callable[[str | None], Path] = download_archive,
+) -> int:
+    """Fetch (or take `source`), validate, install under `out`, report, cache, export; UserError on any failure."""
+    out = (Path(out).expanduser() if out is not None else default_out()).absolute()
+    if source is not None:
+        source = Path(source).expanduser()
+        if not source.exists():
+            raise UserError(f"--from {source} does not exist; pass the downloaded {FILENAME} or an unpacked folder")
+    check_writable(out, option="--out", what="data directory")
+
+    def get_source() -> sources.Source:
+        path = source if source is not None else download(revision)
+        return sources.open_source(path)
+
+    try:
+        reports = arc.prepare(out, tasks, get_source, workers=workers, log=_say)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot install into {out} ({e}); free some space or pick another --out") from None
+    print_report(reports)
+    good = [r for r in reports if r.ok]
+    for r in good:
+        assert r.path is not None
+        try:
+            splits = (
+                build_cache(r.path, r.task, image_size, interpolation, cache_dir, workers)
+                if cache
+                else {s: read_split(r.path, r.task, s) for s in SPLITS}
+            )
+        except DataError as e:
+            raise UserError(f"{e} (while caching {r.task.id}; run the same command again)") from None
+        if cache:
+            n = sum(len(sf) for sf in splits.values())
+            _say(f"{r.task.id}: image cache ready ({n} images at {image_size} px, {interpolation})")
+        if hf:
+            path, written = export_hf(out, r.task, splits)
+            _say(f"{r.task.id}: Hugging Face dataset {'written to' if written else 'up to date in'} {path}")
+    failed = [r for r in reports if not r.ok]
+    if failed:
+        names = ", ".join(r.task.id for r in failed)
+        raise UserError(
+            f"{len(failed)} of {len(reports)} task(s) failed validation and were not installed ({names}; "
+            f"problems listed above); fix the source or fetch a fresh {FILENAME}, then run the same command again"
+        )
+    _say(f"{len(good)} task(s) ready in {out}; use it with --data-root {out}")
+    return 0

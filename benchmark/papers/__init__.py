@@ -1,0 +1,1 @@
+"""The papers: their reported numbers (`reference`) and their protocols as reproduction plans (`protocols`)."""

@@ -1,0 +1,382 @@
+"""`python -m benchmark perf`: training-step speed and memory of every method, against the physical floor.
+
+What is timed, per method, is the suite's own training step: `ClassificationModule.training_step` (the
+method's forward, cross-entropy, the method's regularisation term), backward, and the optimiser of
+`configure_optimizers` — the same objects a run trains, under the same autocast Lightning applies for
+`--precision bf16`. Lightning's loop itself adds one hook dispatch per step and is not part of it.
+
+The floor: the frozen backbone's forward plus backward with respect to its input tokens (the patch
+embedding runs forward only, as in every method whose embedding is frozen), on the same number of tokens
+the method feeds its blocks (prompts included), through a frozen head of the task's classes; no weight
+gradients. No method that tunes anything at the input of the first block can do less, so `x_floor`
+says how much a method adds on top of the unavoidable work. Methods that tune nothing below the head
+(the linear probe) can, and land below 1.
+
+Noise control: every model is built first and kept alive; after warm-up, each round times one step of
+every candidate (methods and floors) in a rotated order, and a candidate's step time is the median of
+its rounds, so slow drifts of a shared machine hit every candidate alike and ratios are side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from benchmark.core.device import sync
+from benchmark.perf.report import floor_rows, result_rows
+from benchmark.perf.timing import (
+    Candidate,
+    PeakMemory,
+    Variant,
+    autocast,
+    count_tokens,
+    device_name,
+    eval_throughput,
+    interleaved,
+    measure_memory,
+    memory_kind,
+    set_attention,
+    time_call,
+)
+from benchmark.run.module import ClassificationModule
+from methods import MethodConfig, NotMergeableError, embed, insert_tokens, pool, run_blocks
+from tasks import Task
+
+
+def training_step(
+    module: ClassificationModule, batch: tuple[Tensor, Tensor], variant: Variant, device: torch.device
+) -> Callable[[], None]:
+    """One optimisation step of `module` on `batch` (its loss, backward, the optimiser of its recipe)."""
+    module.train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.on_train_epoch_start()
+
+    def step() -> None:
+        with autocast(device, variant):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def method_candidate(
+    config: MethodConfig,
+    backbone: VisionTransformer,
+    task: Task,
+    batch: tuple[Tensor, Tensor],
+    variant: Variant,
+    device: torch.device,
+    *,
+    compile: bool = False,
+) -> Candidate:
+    """The suite's training step for `config` on `task`: its model, loss and optimiser, on one fixed batch."""
+    model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
+    set_attention(model, variant.attention)
+    module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe).to(device)
+    tokens = count_tokens(model, batch[0].shape[-1], device)
+    if compile:
+        model.compile()  # in place: the module's forward goes through torch.compile
+    step = training_step(module, batch, variant, device)
+
+    @torch.inference_mode()
+    def evaluate(x: Tensor) -> Tensor:
+        module.eval()
+        with autocast(device, variant):
+            out = module(x)
+        module.train()
+        return out
+
+    report = model.param_report()
+    return Candidate(
+        config.name, "method", variant, tokens, step, evaluate, {"tunable": report.tunable, "head": report.head}
+    )
+
+
+def floor_candidate(
+    backbone: VisionTransformer, tokens: int, num_classes: int, batch: tuple[Tensor, Tensor], variant: Variant,
+    device: torch.device, *, compile: bool = False,
+) -> Candidate:  # fmt: skip
+    """Forward + backward of the frozen `backbone` with respect to its `tokens` input tokens (no weight grads)."""
+    vit = copy.deepcopy(backbone).to(device).requires_grad_(False)
+    set_attention(vit, variant.attention)
+    head = nn.Linear(vit.num_features, num_classes).to(device).requires_grad_(False)
+    x, y = batch
+    with torch.no_grad():
+        base = embed(vit, x[:1]).shape[1]
+    if tokens < base:
+        raise ValueError(f"the floor needs at least the backbone's {base} tokens, got {tokens}")
+    extra = torch.zeros(tokens - base, vit.embed_dim, device=device)
+    if compile:
+        for block in vit.blocks:
+            block.compile()
+    prefix = vit.num_prefix_tokens
+
+    def step() -> None:
+        with autocast(device, variant):
+            with torch.no_grad():
+                seq = embed(vit, x)
+            seq = insert_tokens(seq, extra, prefix) if len(extra) else seq
+            seq.requires_grad_(True)
+            logits = head(pool(vit, run_blocks(vit, seq, lambda i, t: t)))
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+
+    return Candidate(f"floor@{tokens}", "floor", variant, tokens, step)
+
+
+@dataclass
+class PerfSpec:
+    backbone: str
+    image_size: int
+    batch_size: int
+    task: Task
+    variants: tuple[Variant, ...]
+    warmup: int = 2
+    repeats: int = 5
+    eval_repeats: int = 3
+    compile: bool = False
+
+
+def synthetic_batch(n: int, image_size: int, num_classes: int, device: torch.device, seed: int = 0):
+    """Normalised random images and labels: step time does not depend on pixel values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def measure_models(
+    spec: PerfSpec,
+    configs: Iterable[MethodConfig],
+    backbone: VisionTransformer,
+    device: torch.device,
+    *,
+    extra_floor_tokens: Iterable[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> list[Candidate]:
+    """Build every (method, variant) and the floors at their token counts, measure memory while building,
+    then time all of them interleaved."""
+    say = progress or (lambda s: None)
+    memory = PeakMemory(device)
+    batch = synthetic_batch(spec.batch_size, spec.image_size, spec.task.num_classes, device)
+    backbone = backbone.to(device)
+    candidates: list[Candidate] = []
+    configs = list(configs)
+    for variant in spec.variants:
+        for config in configs:
+            say(f"building {config.name} ({variant.label})")
+            sync(device)
+            memory.settle()
+            before = memory.current()
+            cfg = config.for_task(spec.task.id)
+            c = method_candidate(cfg, backbone, spec.task, batch, variant, device, compile=spec.compile)
+            for _ in range(max(1, spec.warmup)):
+                c.step()
+            c.warm = True
+            measure_memory(c, memory, before)
+            candidates.append(c)
+        tokens = sorted({c.tokens for c in candidates if c.variant == variant} | set(extra_floor_tokens))
+        for t in tokens:
+            candidates.append(
+                floor_candidate(backbone, t, spec.task.num_classes, batch, variant, device, compile=spec.compile)
+            )
+    say(f"timing {len(candidates)} candidates: {spec.warmup} warm-up steps, {spec.repeats} rounds")
+    interleaved(candidates, warmup=spec.warmup, repeats=spec.repeats, device=device, progress=say)
+    return candidates
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def hot_spots(c: Candidate, top: int = 3) -> list[str]:
+    """The operators taking the most self time in one training step of `c` (torch.profiler), as
+    `name share%` strings: what to look at when a method misses its target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        c.step()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return [f"{e.key} {100 * getattr(e, attr) / total:.0f}%" for e in ranked]
+
+
+def head_candidate(config: MethodConfig, backbone: VisionTransformer, task: Task, batch_size: int,
+                   device: torch.device) -> Candidate:  # fmt: skip
+    """A frozen-feature method's step on cached features: the head alone (what the linear probe trains)."""
+    model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
+    module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe, inputs="features")
+    g = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(batch_size, model.backbone.num_features, generator=g).to(device),
+        torch.randint(0, task.num_classes, (batch_size,), generator=g).to(device),
+    )
+    step = training_step(module.to(device), batch, Variant(), device)
+    return Candidate(f"{config.name} (head on features)", "head", Variant(), 0, step)
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def run(
+    *,
+    backbone_name: str,
+    image_size: int,
+    batch_size: int,
+    configs: list[MethodConfig],
+    variants: tuple[Variant, ...],
+    task: Task,
+    warmup: int,
+    repeats: int,
+    eval_batch_size: int,
+    eval_repeats: int,
+    compile: bool,
+    sweep: bool,
+    decode_ips: Callable[[], float] | None,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure everything `perf` reports; returns the report (see `write_report` for its files)."""
+    from benchmark.perf.estimate import sweep_rows, tokens_per_task
+    from benchmark.run.backbone import create_backbone
+    from tasks import TASKS
+
+    say = progress or (lambda s: None)
+    started = utc_now()
+    backbone = create_backbone(backbone_name, pretrained=False, image_size=image_size)
+    sweep_tokens: dict[str, dict[str, int]] = {}
+    if sweep:
+        for cfg in configs:
+            say(f"token counts of {cfg.name} over the 19 tasks")
+            sweep_tokens[cfg.name] = tokens_per_task(cfg, backbone, TASKS, image_size, device)
+    spec = PerfSpec(
+        backbone_name,
+        image_size,
+        batch_size,
+        task,
+        variants,
+        warmup,
+        repeats,
+        eval_repeats=eval_repeats,
+        compile=compile,
+    )
+    extra = {t for counts in sweep_tokens.values() for t in counts.values()}
+    candidates = measure_models(spec, configs, backbone, device, extra_floor_tokens=extra, progress=say)
+    rows = result_rows(candidates, batch_size)
+    by_key = {(c.name, c.variant): c for c in candidates if c.kind == "method"}
+
+    say(f"evaluation throughput at batch {eval_batch_size}")
+    x_eval = synthetic_batch(eval_batch_size, image_size, task.num_classes, device)[0]
+    for row in rows:
+        c = by_key[(row["method"], _variant(variants, row["variant"]))]
+        row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
+
+    frozen_eval = merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, eval_repeats, device, say)
+    for row in rows:
+        if row["meets_target"] is False:
+            c = by_key[(row["method"], _variant(variants, row["variant"]))]
+            say(f"profiling {row['method']} ({row['variant']}): {row['x_floor']}x the floor")
+            row["hot_spots"] = hot_spots(c)
+
+    report: dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "started_at": started,
+        "finished_at": None,
+        "torch": torch.__version__,
+        "backbone": backbone_name,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "task": task.id,
+        "num_classes": task.num_classes,
+        "warmup_steps": warmup,
+        "repeats": repeats,
+        "eval_batch_size": eval_batch_size,
+        "compile": compile,
+        "memory_kind": memory_kind(device),
+        "rows": rows,
+        "floors": floor_rows(candidates),
+        "frozen_eval_images_per_s": frozen_eval,
+    }
+
+    linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
+    head_ips = None
+    if linear is not None:
+        head = head_candidate(linear.for_task(task.id), backbone, task, batch_size, device)
+        for _ in range(3):
+            head.step()
+        head_ips = batch_size / statistics.median(time_call(head.step, device) for _ in range(20))
+        row = next(r for r in rows if r["method"] == "linear")
+        epochs = linear.recipe.epochs
+        features_s = (1000 + task.test_size) / row["eval_images_per_s"]
+        report["linear_task"] = {
+            "task": task.id,
+            "images": 1000 + task.test_size,
+            "features_s": round(features_s, 2),
+            "head_images_per_s": round(head_ips, 1),
+            "epochs": epochs,
+            "head_training_s": round(epochs * 1000 / head_ips, 2),
+            "end_to_end_s": round(epochs * 1000 / row["images_per_s"] + task.test_size / row["eval_images_per_s"], 2),
+        }
+
+    if sweep:
+        report["sweep"] = sweep_rows(
+            candidates, rows, variants, configs, sweep_tokens, x_eval, decode_ips, head_ips, spec, device, say
+        )
+    report["finished_at"] = utc_now()
+    return report
+
+
+def plain_candidate(name: str, vit: VisionTransformer, variant: Variant, device: torch.device) -> Candidate:
+    """Evaluation of a plain timm ViT with its head (no training step): the frozen backbone or a merged model."""
+    vit = vit.to(device).eval().requires_grad_(False)
+    set_attention(vit, variant.attention)
+
+    @torch.inference_mode()
+    def evaluate(x: Tensor) -> Tensor:
+        with autocast(device, variant):
+            return vit(x)
+
+    return Candidate(name, "plain", variant, 0, lambda: None, evaluate)
+
+
+def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repeats, device, say) -> dict[str, float]:
+    """Evaluation images/s of each re-parameterisable method's merged model (`PeftModel.merged_backbone` plus
+    its head: a plain timm ViT) into `merged_eval_images_per_s` of its rows (None for the others), and of the
+    frozen backbone with a head, per variant (returned): the two are the same network, so they should match."""
+    say("evaluation throughput of the merged models and of the frozen backbone")
+    frozen = {}
+    for variant in variants:
+        vit = copy.deepcopy(backbone)
+        vit.reset_classifier(task.num_classes)
+        c = plain_candidate("frozen backbone", vit, variant, device)
+        frozen[variant.label] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    by_name = {cfg.name: cfg for cfg in configs}
+    for row in rows:
+        model = by_name[row["method"]].for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+        try:
+            merged = model.merged_backbone()
+        except NotMergeableError:
+            row["merged_eval_images_per_s"] = None
+            continue
+        merged.reset_classifier(task.num_classes)
+        merged.head.load_state_dict(model.head.state_dict())
+        c = plain_candidate(f"{row['method']} merged", merged, _variant(variants, row["variant"]), device)
+        row["merged_eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
+    return frozen
+
+
+def _variant(variants: tuple[Variant, ...], label: str) -> Variant:
+    return next(v for v in variants if v.label == label)

@@ -1,0 +1,365 @@
+"""`compare`: our results beside the papers' numbers, row by row, with the protocol of each side.
+
+For every method with results (or the ones asked for) and every reference row of that method
+(`benchmark/papers/reference.py`, optionally narrowed by source), one line per task, per group mean
+(natural, specialized, structured), for the mean of groups and for the mean of 19:
+
+- ours: mean ± std over seeds of the last-epoch test accuracy, aggregated exactly as the leaderboard
+  does (`leaderboard.aggregate`: a group mean's std is the std over seeds of the per-seed group means);
+  a group mean or average is given only when every task it covers has results;
+- reported: the reference value; diff = ours − reported, in points;
+- within spread: `yes` when |diff| ≤ our sample std over seeds (n − 1 in the denominator), `no` when
+  larger, `n/a` with fewer than two seeds or without one of the sides;
+- the protocol of each side: ours in the reference table's vocabulary (`leaderboard.protocol_label`,
+  e.g. `val-tuned-last-epoch-5seeds` from `--protocol grid` or `reproduce`,
+  `fixed-hparams-last-epoch-2seeds` from `--protocol final`, suffixed by a reduced budget), theirs as
+  labelled in the reference CSV. `protocols_match` is `yes` only when the labels are equal, the budget is
+  complete and ours trained the reported rows' 100 epochs; `backbone_match` only when ours ran the
+  row's ViT-B/16 checkpoint at 224 px. Every other row is marked (⚠ in the Markdown) and `mismatch`
+  says why: such a difference is not a like-for-like result.
+
+`benchmark/report/compare_report.py` writes it out: `<results>/compare.csv` (every line, full precision) and
+`<results>/compare.md` (reference rows that print identical numbers under the same protocol share one table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmark.core.errors import UserError
+from benchmark.papers.reference import (
+    BACKBONE_WEIGHTS,
+    MEAN_COLUMNS,
+    REPORTED_EPOCHS,
+    ReferenceTable,
+    issues_for,
+    source_label,
+)
+from benchmark.report.format import GROUP_OF, GROUP_SIZES, TASK_ORDER, protocol_label
+from benchmark.report.leaderboard import aggregate, runs_frame
+from benchmark.run.results import load_results
+from tasks import GROUPS
+
+ROWS: tuple[str, ...] = (*TASK_ORDER, *MEAN_COLUMNS)
+ROW_TITLES = {"avg_groups": "avg (groups)", "avg_19": "avg (19 tasks)"}
+CSV_COLUMNS = [
+    "method", "ours_protocol", "ours_budget", "source", "reported_protocol", "row", "kind", "ours_mean",
+    "ours_std", "ours_seeds", "reported", "diff", "within_spread", "protocols_match", "ours_backbone",
+    "reported_backbone", "backbone_match", "reported_confirmed", "mismatch", "note", "source_full",
+]  # fmt: skip
+MARK = "⚠"
+
+
+def backbone_identity(config: dict[str, Any]) -> tuple[str | None, str]:
+    """Which reference checkpoint a run used (`orig_in21k`, `augreg_in21k`, or None) and how to name it.
+
+    A run matches a reference checkpoint when it ran timm's ViT-B/16 at 224 px with pretrained weights
+    tagged as that checkpoint (a local `--weights` file is taken to be what the backbone name says), or
+    Google's original `ViT-B_16.npz`.
+    """
+    name = config.get("backbone", "?")
+    weights = config.get("weights")
+    size = config.get("image_size")
+    text = (
+        name + (f" ({Path(weights).name})" if weights else "") + (f" at {size} px" if size not in (None, 224) else "")
+    )
+    if not config.get("pretrained", True):
+        return None, f"{name} (random init)"
+    arch, _, tag = name.partition(".")
+    if arch != "vit_base_patch16_224" or size not in (None, 224):
+        return None, text
+    if weights and Path(weights).name == "ViT-B_16.npz":
+        return "orig_in21k", text
+    return (tag if tag in BACKBONE_WEIGHTS else None), text
+
+
+def ours_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run that reports test accuracy (`final` mode): the leaderboard's run columns plus
+    `epochs`, `weights_id`, `backbone_text`, `grid` (the lr × weight-decay grid's shape) and `search`
+    (a pruning search's token × segment levels)."""
+    records = [r for r in records if r.get("mode") == "final"]
+    frame = runs_frame(records)
+    extra = []
+    for r in records:
+        config = r.get("config") or {}
+        weights_id, text = backbone_identity(config)
+        grid = (r.get("selection") or {}).get("grid")
+        pruning = r.get("pruning") or {}
+        levels = (pruning.get("token_levels"), pruning.get("segment_levels"))
+        extra.append({
+            "epochs": ((config.get("method_config") or {}).get("recipe") or {}).get("epochs"),
+            "weights_id": weights_id,
+            "backbone_text": text,
+            "grid": (len({g[0] for g in grid}), len({g[1] for g in grid})) if grid else None,
+            "search": (len(levels[0]), len(levels[1])) if all(levels) else None,
+        })  # fmt: skip
+    return pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1) if records else frame
+
+
+def _row_tasks(row: str) -> list[str]:
+    """The tasks a line averages: the task itself, a group's tasks, or all 19."""
+    if row in GROUP_SIZES:
+        return [t for t in TASK_ORDER if GROUP_OF[t] == row]
+    return list(TASK_ORDER) if row in ("avg_groups", "avg_19") else [row]
+
+
+def _kind(row: str) -> str:
+    return "task" if row in TASK_ORDER else "group" if row in GROUPS else "average"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+@dataclass
+class Variant:
+    """Our runs of one method under one protocol and budget."""
+
+    method: str
+    protocol: str
+    budget: str
+    runs: pd.DataFrame
+    stats: dict[str, Any]
+    # What sets this configuration apart from the method's other runs under the protocol (`benchmark.report.variants`).
+    variant: str = ""
+
+    def label(self) -> str:
+        """The protocol label of the whole variant (seeds: those with a successful run)."""
+        seeds = self.runs[self.runs.status == "ok"].seed.nunique()
+        label = protocol_label(self.protocol, int(seeds), self.budget)
+        return label + (f" [{self.variant}]" if self.variant else "")
+
+    def describe(self) -> str:
+        """How these numbers were produced, in words: tuning, seeds, epochs, search, budget."""
+        ok = self.runs[self.runs.status == "ok"]
+        seeds = sorted(int(s) for s in ok.seed.unique())
+        epochs = sorted({int(e) for e in self.runs.epochs.dropna()})
+        ep = "/".join(map(str, epochs)) or "?"
+        if self.protocol == "grid":
+            grids = sorted({g for g in self.runs.grid.dropna()})
+            shape = " or ".join(f"{a}×{b}" for a, b in grids) or "?"
+            text = f"val-tuned: lr × weight-decay grid {shape} on train800 → val200 (seed 42), then "
+        else:
+            text = "fixed recipe (no tuning): "
+        text += f"train800val200 → test, last epoch of {ep}, {_seeds(len(seeds))} ({', '.join(map(str, seeds))})"
+        searches = sorted({s for s in self.runs.search.dropna()})
+        if searches:
+            text += "; pruning search over " + " or ".join(f"{a}×{b}" for a, b in searches) + " token × segment levels"
+        if self.budget != "full":
+            text += f"; {self.budget} budget"
+        return text
+
+
+def method_variants(frame: pd.DataFrame, method: str) -> list[Variant]:
+    out = []
+    runs = frame[frame.method == method]
+    for (protocol, budget, variant), g in runs.groupby(["protocol", "budget", "variant"], sort=True):
+        ok = g[g.status == "ok"]
+        per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
+        out.append(Variant(method, protocol, budget, g, aggregate(per_seed), variant))
+    return out
+
+
+def _ours_row(variant: Variant, row: str) -> dict[str, Any]:
+    """Our side of one line: mean, std, seeds, label, backbone and epochs of the runs it covers, and notes."""
+    s = variant.stats
+    tasks = _row_tasks(row)
+    notes = []
+    if row in TASK_ORDER:
+        key = row
+        present = f"{row}_mean" in s
+    else:
+        key = "avg_tasks" if row == "avg_19" else row
+        covered = sum(f"{t}_mean" in s for t in tasks)
+        present = covered == len(tasks)
+        if not present:
+            notes.append(f"ours covers {covered}/{len(tasks)} of its tasks, so no mean is compared")
+    runs = variant.runs[variant.runs.task.isin(tasks) & (variant.runs.status == "ok")]
+    weights = set(runs.weights_id.fillna("-")) if not runs.empty else set()
+    out: dict[str, Any] = {
+        "ours_mean": s[f"{key}_mean"] if present else np.nan,
+        "ours_std": s[f"{key}_std"] if present else np.nan,
+        "ours_seeds": s[f"{key}_n"] if present else 0,
+        "weights_id": weights.pop() if len(weights) == 1 else None,
+        "ours_backbone": "; ".join(sorted(set(runs.backbone_text))) if not runs.empty else "—",
+        "epochs": sorted({int(e) for e in runs.epochs.dropna()}),
+    }
+    if out["weights_id"] == "-":
+        out["weights_id"] = None
+    if present:
+        out["ours_protocol"] = protocol_label(variant.protocol, int(out["ours_seeds"]), variant.budget)
+    else:
+        out["ours_protocol"] = "no result" if row in TASK_ORDER else "incomplete"
+        if row in TASK_ORDER:
+            failed = (variant.runs.task == row).sum()
+            notes.append("every run of ours failed" if failed else "no result of ours")
+    out["notes"] = notes
+    return out
+
+
+def comparison_line(variant: Variant, ref: pd.Series, row: str, reference: ReferenceTable) -> dict[str, Any]:
+    ours = _ours_row(variant, row)
+    reported = ref[row]
+    diff = ours["ours_mean"] - reported if pd.notna(ours["ours_mean"]) and pd.notna(reported) else np.nan
+    if pd.notna(diff) and ours["ours_seeds"] >= 2:
+        within = "yes" if abs(diff) <= ours["ours_std"] else "no"
+    else:
+        within = "n/a"
+    notes = list(ours["notes"])
+    have = pd.notna(ours["ours_mean"])
+    # Whether the two sides were produced the same way (only meaningful where we have a number).
+    base_label = protocol_label(variant.protocol, int(ours["ours_seeds"])) if have else None
+    reasons = []
+    if have:
+        if base_label != ref.selection_protocol:
+            reasons.append(f"protocol {base_label} vs {ref.selection_protocol}")
+        if variant.budget != "full":
+            reasons.append(f"{variant.budget} budget")
+        if ours["epochs"] != [REPORTED_EPOCHS]:
+            reasons.append(f"{'/'.join(map(str, ours['epochs'])) or '?'} epochs vs {REPORTED_EPOCHS}")
+        match = "no" if reasons else "yes"
+        backbone_match = "yes" if ours["weights_id"] == ref.backbone_weights else "no"
+        if backbone_match == "no":
+            reasons.append(f"backbone {ours['ours_backbone']} vs {ref.backbone_weights}")
+    else:
+        match = backbone_match = "n/a"
+    if pd.isna(reported):
+        notes.append("not printed by the source")
+    for d in reference.discrepancies:
+        if d.line == ref.line and d.column == row:
+            notes.append(f"printed {d.value}; its cells give {d.rounded} (see the end)")
+    for issue in issues_for(ref.method, ref.source):
+        if row in issue.columns and issue.kind == "unconfirmed":
+            notes.append("unconfirmed reported value")
+        elif row in issue.columns and issue.kind != "published-means":
+            notes.append(issue.note)
+    return {
+        "method": variant.method,
+        "ours_protocol": ours["ours_protocol"],
+        "ours_budget": variant.budget,
+        "source": source_label(ref.source),
+        "reported_protocol": ref.selection_protocol,
+        "row": row,
+        "kind": _kind(row),
+        "ours_mean": ours["ours_mean"],
+        "ours_std": ours["ours_std"],
+        "ours_seeds": ours["ours_seeds"],
+        "reported": reported,
+        "diff": diff,
+        "within_spread": within,
+        "protocols_match": match,
+        "ours_backbone": ours["ours_backbone"],
+        "reported_backbone": ref.backbone_weights,
+        "backbone_match": backbone_match,
+        "reported_confirmed": ref.confirmed,
+        "mismatch": "; ".join(reasons),
+        "note": "; ".join(notes),
+        "source_full": ref.source,
+    }
+
+
+@dataclass
+class Block:
+    """Our runs of one method under one protocol and budget beside one reference row: a line per `ROWS` entry."""
+
+    variant: Variant
+    reference: pd.Series
+    lines: pd.DataFrame
+
+    def marked(self) -> bool:
+        return bool(self.lines.apply(is_marked, axis=1).any())
+
+
+@dataclass
+class Comparison:
+    """What `compare` found.
+
+    Attributes:
+        blocks: one per (our variant, reference row), in method order.
+        variants: every variant of our runs of the compared methods (also those without reference rows).
+        unreported: compared methods that have no reference rows at all.
+        reference: the reference table.
+        results: the results directory.
+    """
+
+    blocks: list[Block]
+    variants: list[Variant]
+    unreported: list[str]
+    reference: ReferenceTable
+    results: Path
+
+    @property
+    def lines(self) -> pd.DataFrame:
+        """Every line of every block, in the CSV's columns."""
+        if not self.blocks:
+            return pd.DataFrame(columns=CSV_COLUMNS)
+        return pd.concat([b.lines for b in self.blocks], ignore_index=True)
+
+
+def _selected(source: str, sources: list[str] | None) -> bool:
+    return not sources or any(s.lower() in source.lower() for s in sources)
+
+
+def check_sources(reference: ReferenceTable, methods: list[str], sources: list[str] | None) -> None:
+    """Raise `UserError` when `sources` are given and select none of the methods' reference rows."""
+    if not sources:
+        return
+    rows = reference.frame[reference.frame.method.isin(methods)]
+    if not rows.source.map(lambda s: _selected(s, sources)).any():
+        known = sorted({source_label(s) for s in rows.source})
+        raise UserError(f"no reference row of {', '.join(methods)} has a source containing "
+                        f"{' or '.join(map(repr, sources))}; their sources: {', '.join(known) or 'none'}")  # fmt: skip
+
+
+def compare(
+    results: Path, reference: ReferenceTable, *, methods: list[str] | None = None, sources: list[str] | None = None
+) -> Comparison:
+    """Build the comparison of the results under `results` with `reference`.
+
+    Args:
+        results: a results directory (`<results>/runs/...`, as `bench` and `reproduce` write it).
+        reference: the checked reference table.
+        methods: only these methods (default: every method with test-split results).
+        sources: keep only reference rows whose source contains one of these texts (case-insensitive).
+
+    Raises:
+        UserError: no results, a method without results, or sources that select no row.
+    """
+    results = Path(results)
+    if not (results / "runs").is_dir():
+        raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` "
+                        "or `python -m benchmark reproduce` first, or pass the right --results")  # fmt: skip
+    frame = ours_frame(load_results(results))
+    if frame.empty:
+        raise UserError(f"no test-split results in {results} (only tuning runs, or none); run `python -m benchmark "
+                        "bench` (protocol final or grid) or `python -m benchmark reproduce` first")  # fmt: skip
+    present = sorted(frame.method.unique())
+    methods = present if methods is None else methods
+    for method in methods:
+        if method not in present:
+            raise UserError(f"no results for {method} in {results} (it has results for {', '.join(present)}); "
+                            "pick one of those with --method")  # fmt: skip
+    check_sources(reference, methods, sources)
+    blocks, variants, unreported = [], [], []
+    for method in methods:
+        refs = reference.rows(method)
+        if refs.empty:
+            unreported.append(method)
+        refs = refs[refs.source.map(lambda s: _selected(s, sources))]
+        for variant in method_variants(frame, method):
+            variants.append(variant)
+            for _, ref in refs.iterrows():
+                lines = pd.DataFrame(
+                    [comparison_line(variant, ref, row, reference) for row in ROWS], columns=CSV_COLUMNS
+                )
+                blocks.append(Block(variant, ref, lines))
+    return Comparison(blocks, variants, unreported, reference, results)
+
+
+def is_marked(line: pd.Series) -> bool:
+    return line.protocols_match == "no" or line.backbone_match == "no"

@@ -1,0 +1,197 @@
+"""`compare --table e2vpt|convpass|vpt`: our results laid out as a paper's VTAB-1k table, reported beside ours.
+
+Each paper's table is data (`results/reference/paper_tables.json`): its title, its columns in the paper's
+order (tasks, group means, the mean of groups, parameters), and its rows in the paper's order, each naming the
+reference row it prints (`method` and a text of its `source` in `vtab1k_reported.csv`) and the suite methods
+that run it (LoRA's row: `lora` and `peft_lora`, the same function). Rows of methods the suite does not have
+are listed under the table, not shown. Under each reported line come our lines, one per method and protocol
+variant, computed as `compare` computes them (`compare.comparison_line`: a group mean only when every task of
+it has results): mean ± std over seeds, and our mean tunable parameters in millions.
+
+Marks: † on a reported line selected on the test set (`best-test-…` protocols, as Convpass's, NOAH's); ⚠ on
+our line when its protocol or backbone differs from the reported line's (`compare` says why, row by row).
+
+Written atomically to `<results>/compare-<table>.md` and `.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmark.core.errors import UserError
+from benchmark.papers.reference import ReferenceDataError, ReferenceTable, source_label
+from benchmark.report.compare import MARK, ROWS, comparison_line, method_variants, ours_frame
+from benchmark.report.format import printed
+from benchmark.run.results import PROJECT_ROOT, atomic_write_bytes, load_results
+
+PAPER_TABLES = PROJECT_ROOT / "results" / "reference" / "paper_tables.json"
+TEST_SELECTED = "†"
+TITLES = {"avg_groups": "avg (groups)", "avg_19": "avg (19)", "params_m": "params (M)"}
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of a paper's table: its label there, the reference row it prints, the suite methods running it."""
+
+    label: str
+    reference: str
+    source: str
+    methods: tuple[str, ...]
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    key: str
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[TableRow, ...]
+    not_in_suite: tuple[str, ...]
+    note: str
+
+
+def load_tables(path: Path = PAPER_TABLES) -> dict[str, PaperTable]:
+    """The paper tables, checked: known columns, and every row with a method, a source and suite methods."""
+    try:
+        data = json.loads(Path(path).read_text())
+        tables = {
+            key: PaperTable(key, t["title"], tuple(t["columns"]),
+                            tuple(TableRow(r["label"], r["reference"], r["source"], tuple(r["methods"]),
+                                           bool(r["confirmed"])) for r in t["rows"]),
+                            tuple(t.get("not_in_suite", ())), t.get("note", ""))
+            for key, t in data.items()
+        }  # fmt: skip
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReferenceDataError(f"{path}: cannot read the paper tables ({type(e).__name__}: {e})") from None
+    for table in tables.values():
+        unknown = [c for c in table.columns if c not in (*ROWS, "params_m")]
+        if unknown or not table.rows:
+            raise ReferenceDataError(f"{path}: table {table.key} has unknown columns {unknown} or no rows")
+    return tables
+
+
+def get_table(key: str, path: Path = PAPER_TABLES) -> PaperTable:
+    tables = load_tables(path)
+    if key not in tables:
+        raise UserError(f"unknown paper table {key!r}; pick one of {', '.join(sorted(tables))}")
+    return tables[key]
+
+
+def _reference_row(table: PaperTable, row: TableRow, reference: ReferenceTable) -> pd.Series:
+    rows = reference.rows(row.reference)
+    found = rows[rows.source.str.contains(row.source, regex=False)]
+    if len(found) != 1:
+        raise ReferenceDataError(f"table {table.key}, row {row.label}: {len(found)} reference rows of "
+                                 f"{row.reference} have a source containing {row.source!r}; it must be one")  # fmt: skip
+    return found.iloc[0]
+
+
+def _ours_cell(mean: float, std: float, n: int) -> str:
+    if pd.isna(mean):
+        return "—"
+    return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+
+
+def table_view(results: Path, reference: ReferenceTable, table: PaperTable) -> pd.DataFrame:
+    """One line per reported row and per (suite method, protocol variant) under it, in the paper's order.
+
+    Columns: `row` (the paper's label), `side` (reported or ours), `who` (source or method), `protocol`, `mark`
+    (†, ⚠ or empty), `why` (what differs, for ours), then the table's columns as numbers and, for ours,
+    `<column>_std` and `<column>_n`.
+    """
+    results = Path(results)
+    if not (results / "runs").is_dir():
+        raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` "
+                        "or `python -m benchmark reproduce` first, or pass the right --results")  # fmt: skip
+    frame = ours_frame(load_results(results))
+    present = set(frame.method) if not frame.empty else set()
+    lines: list[dict[str, Any]] = []
+    for row in table.rows:
+        ref = _reference_row(table, row, reference)
+        tested = str(ref.selection_protocol).startswith("best-test")
+        lines.append({
+            "row": row.label, "side": "reported", "who": source_label(ref.source),
+            "protocol": ref.selection_protocol, "mark": TEST_SELECTED if tested else "",
+            "why": "" if row.confirmed else "row of this table not confirmed against the paper",
+            **{c: ref[c] for c in table.columns},
+        })  # fmt: skip
+        for method in row.methods:
+            variants = method_variants(frame, method) if method in present else []
+            if not variants:
+                lines.append({"row": row.label, "side": "ours", "who": method, "protocol": "no results", "mark": "",
+                              "why": "", **dict.fromkeys(table.columns, np.nan)})  # fmt: skip
+            for variant in variants:
+                line: dict[str, Any] = {"row": row.label, "side": "ours", "who": method,
+                                        "protocol": variant.label(), "mark": ""}  # fmt: skip
+                reasons = []
+                for column in table.columns:
+                    if column == "params_m":
+                        ok = variant.runs[variant.runs.status == "ok"]
+                        line[column] = ok.tunable.mean() / 1e6 if not ok.empty else np.nan
+                        continue
+                    c = comparison_line(variant, ref, column, reference)
+                    line[column], line[f"{column}_std"], line[f"{column}_n"] = (
+                        c["ours_mean"],
+                        c["ours_std"],
+                        c["ours_seeds"],
+                    )
+                    if c["protocols_match"] == "no" or c["backbone_match"] == "no":
+                        reasons += [r for r in c["mismatch"].split("; ") if r and r not in reasons]
+                line["mark"], line["why"] = (MARK, "; ".join(reasons)) if reasons else ("", "")
+                lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
+    """The view as a Markdown document: the paper's columns, a reported line then our lines per row."""
+    body = []
+    for _, line in view.iterrows():
+        cells = {}
+        for column in table.columns:
+            value = line[column]
+            if line.side == "reported":
+                cells[TITLES.get(column, column)] = printed(value)
+            elif column == "params_m":
+                cells[TITLES.get(column, column)] = "—" if pd.isna(value) else f"{value:.2f}"
+            else:
+                cells[TITLES.get(column, column)] = _ours_cell(value, line[f"{column}_std"], line[f"{column}_n"])
+        who = f"reported ({line.who})" if line.side == "reported" else f"ours: `{line.who}`"
+        body.append({"method": line.row if line.side == "reported" else "", "": f"{who} {line.mark}".strip(),
+                     "protocol": line.protocol, **cells, "note": line.why})  # fmt: skip
+    lines = [
+        f"# {table.title}",
+        "",
+        f"Ours from `{results}`, laid out as the paper's table. Generated by `python -m benchmark compare --table "
+        f"{table.key}`; do not edit.",
+        "",
+        f"Reported: the numbers of `results/reference/vtab1k_reported.csv` this table prints; {TEST_SELECTED} marks "
+        "numbers selected on the test set (best of several test evaluations), which last-epoch numbers cannot be "
+        f"compared with. Ours: mean ± std over seeds of the last-epoch test accuracy; {MARK} marks a line whose "
+        "protocol or backbone differs from the reported line's (the note says how); a mean only where every task "
+        "it averages has results.",
+        "",
+        pd.DataFrame(body).to_markdown(index=False, disable_numparse=True),
+        "",
+        f"- {table.note}",
+    ]
+    if table.not_in_suite:
+        lines.append(f"- Rows of the paper's table the suite has no method for: {', '.join(table.not_in_suite)}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: Path, reference: ReferenceTable, key: str) -> tuple[Path, str]:
+    """Build the view of paper table `key` for `results`, write `compare-<key>.md` and `.csv`; return the
+    Markdown path and text."""
+    table = get_table(key)
+    view = table_view(results, reference, table)
+    text = markdown(view, table, Path(results))
+    md, csv = Path(results) / f"compare-{key}.md", Path(results) / f"compare-{key}.csv"
+    atomic_write_bytes(csv, view.to_csv(index=False, float_format="%.4f").encode())
+    atomic_write_bytes(md, text.encode())
+    return md, text

@@ -1,0 +1,56 @@
+"""How the reports print numbers, and the task order and groups they lay them out in (shared by the Markdown
+leaderboard, the HTML page and the comparison with the papers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks import GROUPS, TASKS
+
+TASK_ORDER = [t.id for t in TASKS]
+GROUP_OF = {t.id: t.group for t in TASKS}
+GROUP_SIZES = {g: sum(t.group == g for t in TASKS) for g in GROUPS}
+
+
+def format_mean_std(mean: Any, std: Any) -> str:
+    if mean is None or pd.isna(mean):
+        return "—"
+    return f"{mean:.1f}" if pd.isna(std) or std == 0 else f"{mean:.1f} ± {std:.1f}"
+
+
+def printed(value: Any) -> str:
+    """A reported number as its source printed it (one or two decimals; the table stores floats)."""
+    if value is None or pd.isna(value):
+        return "—"
+    text = f"{value:.2f}"
+    return text[:-1] if text.endswith("0") else text
+
+
+def format_count(n: Any) -> str:
+    if n is None or pd.isna(n):
+        return "—"
+    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{round(n):,}"
+
+
+def trained_params(row: pd.Series) -> float:
+    """A row's x on the accuracy-versus-parameters plots: tunable parameters plus the head (when counted)."""
+    head = row.get("head", np.nan)
+    return float(row.tunable + (head if pd.notna(head) else 0.0))
+
+
+def protocol_label(protocol: str, n_seeds: int, budget: str = "full") -> str:
+    """How a row's numbers were produced, in the vocabulary of the reference table.
+
+    A reduced reproduction budget (`reproduce --budget quick`) is part of the label, so a quick run
+    never reads like the complete protocol.
+    """
+    seeds = f"{n_seeds}seed" + ("s" if n_seeds != 1 else "")
+    label = {
+        "grid": f"val-tuned-last-epoch-{seeds}",
+        "final": f"fixed-hparams-last-epoch-{seeds}",
+        "tune": f"val200-last-epoch-{seeds}",
+    }[protocol]
+    return label if budget == "full" else f"{label} ({budget} budget)"

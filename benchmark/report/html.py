@@ -1,0 +1,367 @@
+"""The leaderboard as one self-contained page, `leaderboard.html`, built from the leaderboard's own frame.
+
+`html_page` renders the frame that `leaderboard.markdown` renders (nothing is aggregated again): the summary
+and per-task tables as plain HTML tables and the accuracy-versus-parameters plot as inline SVG, so the page
+reads without JavaScript. The inline script (`leaderboard_page.js`) only adds sorting by any column header,
+the text and protocol filters, the plot's tooltips and the toggle for the papers' reported rows.
+
+The plot is drawn here as SVG rather than by a plotting library's browser bundle: plotly's offline bundle
+alone is several MB of JavaScript in every page, and a server-side SVG also shows without JavaScript. The page
+fetches nothing: styles and script are inline, and its Content-Security-Policy forbids every request.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmark.papers.reference import SELECTION_PROTOCOLS
+from benchmark.report.format import GROUP_SIZES, TASK_ORDER, format_count, format_mean_std, printed, trained_params
+from tasks import GROUPS
+
+HERE = Path(__file__).resolve().parent
+# matplotlib's default colour cycle, so a method has the same colour here and in accuracy_vs_params.png.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # fmt: skip
+CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
+OURS_PROTOCOLS = {
+    "val-tuned": "lr and weight decay chosen on val200 after training on train800 (the grid), then trained on "
+    "train800val200; test accuracy after the last epoch",
+    "fixed-hparams": "the method's recipe, no tuning, trained on train800val200; test accuracy after the last epoch",
+    "val200": "trained on train800; val200 accuracy after the last epoch (a tuning number, not a test one)",
+}
+
+
+def page_meta(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the page's header says about the runs: backbones, dates, suite versions, memory measure."""
+    backbones, versions, dates, memory = Counter(), Counter(), [], set()
+    for r in records:
+        config = r.get("config") or {}
+        if config.get("backbone"):
+            pretrained = "" if config.get("pretrained", True) else ", not pretrained"
+            size = f", {config['image_size']} px" if config.get("image_size") else ""
+            backbones[f"{config['backbone']}{pretrained}{size}"] += 1
+        prov = r.get("provenance") or {}
+        if prov:
+            commit = (prov.get("git_commit") or "unknown commit")[:10] + (
+                " (uncommitted changes)" * bool(prov.get("git_dirty"))
+            )
+            versions[f"peft-bench {(prov.get('versions') or {}).get('peft-bench') or '?'}, {commit}"] += 1
+        if r.get("finished_at"):
+            dates.append(r["finished_at"][:10])
+        if r.get("peak_memory_kind"):
+            memory.add(r["peak_memory_kind"])
+    return {"runs": len(records), "backbones": backbones, "versions": versions, "dates": sorted(dates),
+            "memory": sorted(memory)}  # fmt: skip
+
+
+def explain_protocol(label: str) -> str:
+    """One line on how a row's numbers were produced (ours: `leaderboard.protocol_label`; papers': the CSV's)."""
+    if label in SELECTION_PROTOCOLS:
+        return SELECTION_PROTOCOLS[label]
+    m = re.fullmatch(r"(val-tuned|fixed-hparams|val200)-last-epoch-(\d+)seeds?(?: \((\w+) budget\))?", label)
+    if not m:
+        return "not a protocol this suite knows"
+    text = f"{OURS_PROTOCOLS[m[1]]}, mean of {m[2]} seed{'s' * (m[2] != '1')}"
+    return text + (f"; reduced reproduction budget `{m[3]}` (one seed, a 2 × 1 grid)" if m[3] else "")
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _td(text: str, sort: float | None = None, title: str | None = None, *, cls: str | None = None) -> str:
+    attrs = "" if sort is None else f' data-v="{sort:.6g}"'
+    attrs += "" if cls is None else f' class="{cls}"'
+    attrs += "" if title is None else f' title="{_esc(title)}"'
+    return f"<td{attrs}>{_esc(text)}</td>"
+
+
+def _row_attrs(key: str, r: pd.Series, reported: bool) -> str:
+    kind = r.get("kind", "ours") if reported else "ours"
+    search = " ".join(str(r.get(c, "")) for c in ("method", "protocol", "source") if pd.notna(r.get(c, "")))
+    return f'data-key="{key}" class="{kind}" data-protocol="{_esc(r.protocol)}" data-search="{_esc(search.lower())}"'
+
+
+def _identity(r: pd.Series, reported: bool) -> list[str]:
+    cells = [_td(r.kind, cls="text")] if reported else []
+    cells += [_td(r.method, cls="text"), _td(r.protocol, title=explain_protocol(r.protocol), cls="text")]
+    return cells + ([_td(r.source or "", title=r.get("source_full") or None, cls="text")] if reported else [])
+
+
+TEXT_COLUMNS = ("kind", "method", "protocol", "source")
+
+
+def _table(table_id: str, headers: list[tuple[str, str]], rows: list[str]) -> str:
+    """A table in a horizontally scrolling box; the text columns are left-aligned (class `text`)."""
+    cls = {name: ' class="text"' for name in TEXT_COLUMNS}
+    head = "".join(f'<th scope="col"{cls.get(n, "")} title="{_esc(tip)}">{_esc(n)}</th>' for n, tip in headers)
+    body = "\n".join(rows) if rows else f'<tr><td colspan="{len(headers)}">(no results)</td></tr>'
+    return (
+        f'<div class="scroll"><table id="{table_id}" class="board">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+        f"{body}\n</tbody>\n</table></div>"
+    )
+
+
+def summary_table(board: pd.DataFrame) -> str:
+    """Method, protocol, group means, both averages, parameters, failed runs, speed and memory where present."""
+    reported = "kind" in board.columns
+    speed = "images_per_s" in board.columns and board.images_per_s.notna().any()
+    memory = "peak_memory_mb" in board.columns and board.peak_memory_mb.notna().any()
+    headers = [("kind", "ours: this suite's runs; reported: a paper's published numbers")] if reported else []
+    headers += [("method", "registered method name"), ("protocol", "how the numbers were produced (see above)")]
+    headers += [("source", "where the reported row comes from")] if reported else []
+    headers += [("tasks", "tasks with results, of the 19 of VTAB-1k")]
+    headers += [(g, f"mean over the {g} tasks present (of {GROUP_SIZES[g]}) ± std over seeds") for g in GROUPS]
+    headers += [("avg (groups)", "mean of the group means (VPT convention)"),
+                ("avg (tasks)", "plain mean over the tasks present (the mean of 19 when complete)"),
+                ("tunable", "trained parameters of the method, head excluded (reported: as the source prints it)"),
+                ("nonzero", "tunable parameters that survive pruning"), ("%", "tunable / backbone parameters"),
+                ("head", "parameters of the classification head"), ("failed", "runs that failed")]  # fmt: skip
+    headers += [("train img/s", "training throughput, median over runs")] if speed else []
+    headers += [("peak MB", "peak memory, max over runs")] if memory else []
+    rows = []
+    for i, r in board.iterrows():
+        ours = not reported or r.kind == "ours"
+        cells = _identity(r, reported)
+        cells.append(_td(f"{r.tasks}/19" if ours or r.tasks else "—", r.tasks))
+        text = format_mean_std if ours else lambda mean, std: printed(mean)
+        for g in GROUPS:
+            mean, n = r.get(f"{g}_mean"), r.get(f"{g}_tasks", 0)
+            cell = text(mean, r.get(f"{g}_std"))
+            partial = n not in (0, GROUP_SIZES[g]) and cell != "—"
+            cells.append(_td(f"{cell} ({n}/{GROUP_SIZES[g]})" if partial else cell, _num(mean)))
+        for key in ("avg_groups", "avg_tasks"):
+            cells.append(_td(text(r.get(f"{key}_mean"), r.get(f"{key}_std")), _num(r.get(f"{key}_mean"))))
+        for key in ("tunable", "nonzero_tunable"):
+            cells.append(_td(format_count(r.get(key)), _num(r.get(key))))
+        pct = _num(r.get("tunable_pct"))
+        cells.append(_td("—" if pct is None else f"{pct:.3f}", pct))
+        cells.append(_td(format_count(r.get("head")), _num(r.get("head"))))
+        cells.append(_td(str(int(r.runs_failed)), r.runs_failed) if ours else _td("—"))
+        if speed:
+            ips = _num(r.get("images_per_s"))
+            cells.append(_td("—" if ips is None else f"{ips:,.0f}", ips))
+        if memory:
+            mb = _num(r.get("peak_memory_mb"))
+            cells.append(_td("—" if mb is None else f"{mb:,.0f}", mb))
+        rows.append(f"<tr {_row_attrs(f'r{i}', r, reported)}>{''.join(cells)}</tr>")
+    return _table("summary", headers, rows)
+
+
+def per_task_table(board: pd.DataFrame) -> str:
+    """Mean ± std per task; a cell's title gives the number of seeds (or, for a reported row, its source)."""
+    reported = "kind" in board.columns
+    tasks = [t for t in TASK_ORDER if f"{t}_mean" in board.columns]
+    headers = [("kind", "")] if reported else []
+    headers += [("method", ""), ("protocol", "")] + ([("source", "")] if reported else [])
+    headers += [(t, f"top-1 accuracy (%) on {t}, mean ± std over seeds") for t in tasks]
+    rows = []
+    for i, r in board.iterrows():
+        cells = _identity(r, reported)
+        for t in tasks:
+            mean = _num(r.get(f"{t}_mean"))
+            if reported and r.kind == "reported":
+                cells.append(_td(printed(mean), mean, None if mean is None else f"as printed by {r.source}"))
+            else:
+                n = r.get(f"{t}_n")
+                seeds = None if mean is None or pd.isna(n) else f"{int(n)} seed{'s' * (int(n) != 1)}"
+                cells.append(_td(format_mean_std(mean, r.get(f"{t}_std")), mean, seeds))
+        rows.append(f"<tr {_row_attrs(f'r{i}', r, reported)}>{''.join(cells)}</tr>")
+    return _table("per-task", headers, rows)
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    """Round accuracy ticks covering [lo, hi]: 4 to 8 of them."""
+    span = max(hi - lo, 1.0)
+    step = next(s for s in (0.5, 1, 2, 5, 10, 20, 25, 50) if span / s <= 7)
+    return list(np.arange(math.floor(lo / step) * step, hi + step, step))
+
+
+def _params_label(n: float) -> str:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:g}{suffix}"
+    return f"{n:g}"
+
+
+def plot_svg(board: pd.DataFrame) -> str:
+    """Accuracy (mean over tasks) against trained parameters (method + head, log x) as inline SVG.
+
+    One point per row that has both: ours filled, reported hollow (`class="pt reported"`), each with its
+    tooltip text in `data-tip` (and a `<title>` for browsers without JavaScript); the Pareto front of our
+    rows (no smaller row is as accurate) as a line.
+    """
+    has = {"avg_tasks_mean", "tunable"} <= set(board.columns)
+    shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
+    points = [(f"r{i}", trained_params(r), float(r.avg_tasks_mean), r) for i, r in shown.iterrows()]
+    points = [p for p in points if p[1] > 0]
+    if not points:
+        return '<p class="empty">No row has both an accuracy and a parameter count to plot.</p>'
+    width, height, left, right, top, bottom = 860, 460, 64, 24, 40, 52
+    xs, ys = [math.log10(p[1]) for p in points], [p[2] for p in points]
+    x0, x1 = math.floor(min(xs) - 0.2), math.ceil(max(xs) + 0.2)
+    yt = _ticks(min(ys) - 1, max(ys) + 1)
+    y0, y1 = yt[0], yt[-1]
+
+    def px(x: float) -> float:
+        return left + (math.log10(x) - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    out = [
+        f'<svg id="plot" viewBox="0 0 {width} {height}" role="img" aria-label="accuracy versus trained parameters">'
+    ]
+    for k in range(x0, x1 + 1):
+        for m in range(1, 10) if k < x1 else (1,):
+            x = px(m * 10.0**k)
+            out.append(f'<line class="{"grid" if m == 1 else "minor"}" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" '
+                       f'y2="{height - bottom}"/>')  # fmt: skip
+        out.append(f'<text class="tick" x="{px(10.0**k):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                   f"{_params_label(10.0**k)}</text>")  # fmt: skip
+    for y in yt:
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}"/>')
+        out.append(f'<text class="tick" x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<text class="axis" x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
+               "trained parameters per task (method + head, log scale)</text>")  # fmt: skip
+    out.append(f'<text class="axis" transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
+               'text-anchor="middle">mean top-1 accuracy over tasks (%)</text>')  # fmt: skip
+    ours = sorted((p for p in points if p[3].get("kind", "ours") == "ours"), key=lambda p: (p[1], -p[2]))
+    front, best = [], -math.inf
+    for p in ours:
+        if p[2] > best:
+            front.append(p)
+            best = p[2]
+    if len(front) < 2:
+        front = []  # a front of one point is no line
+    if front:
+        line = " ".join(f"{px(p[1]):.1f},{py(p[2]):.1f}" for p in front)
+        out.append(f'<polyline id="pareto" points="{line}"><title>Pareto front of our rows</title></polyline>')
+    colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(board.method.unique()))}
+    placed: list[tuple[float, float]] = []
+    for key, x, y, r in points:
+        kind = r.get("kind", "ours")
+        if kind == "ours":
+            seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/19 tasks"
+            acc = f"accuracy {format_mean_std(y, r.get('avg_tasks_std'))} (mean over tasks)"
+        else:
+            seeds = f"reported by {r.source}, {r.tasks}/19 tasks"
+            acc = f"accuracy {printed(y)} (mean of 19, as printed)"
+        head = _num(r.get("head"))
+        params = f"params {format_count(r.tunable)}" + (f" + head {format_count(head)}" if head else "")
+        tip = "\n".join([r.method, r.protocol, seeds, acc, params])
+        style = f'fill="{colour[r.method]}"' if kind == "ours" else f'fill="none" stroke="{colour[r.method]}"'
+        out.append(f'<circle class="pt {kind}" data-key="{key}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" {style} '
+                   f'data-tip="{_esc(tip)}"><title>{_esc(tip)}</title></circle>')  # fmt: skip
+        if kind == "ours":
+            near = sum(abs(px(x) - a) < 70 and abs(py(y) - b) < 12 for a, b in placed)
+            placed.append((px(x), py(y)))
+            out.append(f'<text class="label" data-key="{key}" x="{px(x) + 9:.1f}" y="{py(y) - 6 - 12 * near:.1f}">'
+                       f"{_esc(r.method)}</text>")  # fmt: skip
+    legend = [("ours: mean over the tasks run", '<circle cx="8" cy="0" r="5" fill="#555"/>')]
+    if any(p[3].get("kind", "ours") == "reported" for p in points):
+        legend.append(("reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed",
+                       '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
+    if front:
+        legend.append(("Pareto front of our rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
+    x = left  # the legend: one row above the plotting area
+    for text, mark in legend:
+        out.append(f'<g class="legend" transform="translate({x} 16)">{mark}<text x="22" y="4">{_esc(text)}</text></g>')
+        x += 40 + 6 * len(text)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _header(board: pd.DataFrame, meta: dict[str, Any]) -> str:
+    ours = board[board.kind == "ours"] if "kind" in board.columns else board
+    present = [t for t in TASK_ORDER if f"{t}_mean" in ours.columns and ours[f"{t}_mean"].notna().any()]
+    dates = meta["dates"]
+    when = "—" if not dates else dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+
+    def listing(counts: Counter) -> str:
+        if len(counts) <= 1:
+            return _esc(next(iter(counts), "—"))
+        return "; ".join(f"{_esc(k)} ({n} runs)" for k, n in counts.most_common())
+
+    facts = [
+        ("backbone", listing(meta["backbones"])),
+        ("tasks present", f"{len(present)}/19" + (f": {_esc(', '.join(present))}" if present else "")),
+        ("runs", f"{meta['runs']}, finished {_esc(when)}"),
+        ("suite", listing(meta["versions"])),
+    ]
+    if meta["memory"]:
+        facts.append(("peak MB measures", _esc(", ".join(meta["memory"]))))
+    items = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+    protocols = "".join(
+        f"<li><code>{_esc(p)}</code>: {_esc(explain_protocol(p))}</li>"
+        for p in dict.fromkeys(board.get("protocol", []))
+    )
+    return f'<dl class="facts">{items}</dl>\n<p>Protocols:</p>\n<ul class="protocols">{protocols}</ul>'
+
+
+def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
+    """The whole page: header, controls (shown by the script), plot, summary and per-task tables, sources."""
+    reported = "kind" in board.columns and (board.kind == "reported").any()
+    protocols = list(dict.fromkeys(board.get("protocol", [])))
+    options = "".join(f'<option value="{_esc(p)}">{_esc(p)}</option>' for p in protocols)
+    toggle = ('<label><input type="checkbox" id="show-reported" checked> show the papers\' reported rows</label>'
+              if reported else "")  # fmt: skip
+    sources = ""
+    if reported:
+        rows = board[board.kind == "reported"].drop_duplicates("source_full")
+        items = "".join(f"<li><b>{_esc(r.source)}</b>: {_esc(r.source_full)}</li>" for _, r in rows.iterrows())
+        sources = f"<h2>Sources of the reported rows</h2>\n<ul>{items}</ul>"
+    note = (
+        "<p>Rows of kind <code>reported</code> are published numbers (ViT-B/16 on the real VTAB-1k, "
+        "<code>results/reference/vtab1k_reported.csv</code>): context, not a result of these runs.</p>"
+        if reported
+        else ""
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>peft-bench leaderboard</title>
+<style>
+{(HERE / "page.css").read_text()}</style>
+</head>
+<body>
+<h1>peft-bench leaderboard</h1>
+{_header(board, meta)}
+<p>Top-1 accuracy (%) as mean ± std over seeds; hover a per-task cell for its number of seeds. Generated by
+<code>python -m benchmark leaderboard</code> from the result files beside this page; do not edit.</p>
+{note}
+<div id="controls" class="controls" hidden>
+<label>filter <input type="search" id="filter" placeholder="method, protocol or source"></label>
+<label>protocol <select id="protocol-filter"><option value="">all</option>{options}</select></label>
+{toggle}
+<span id="shown"></span>
+</div>
+<h2>Accuracy versus trained parameters</h2>
+<figure>{plot_svg(board)}<div id="tooltip" role="tooltip" hidden></div></figure>
+<h2>Summary</h2>
+<p class="hint">Click a column header to sort by it; click again to reverse.</p>
+{summary_table(board)}
+<h2>Per task</h2>
+{per_task_table(board)}
+{sources}
+<script>
+{(HERE / "page.js").read_text()}</script>
+</body>
+</html>
+"""

@@ -1,0 +1,362 @@
+"""Leaderboard tables and the accuracy-versus-parameters plot, generated from result JSONs with pandas.
+
+One row per (method, protocol). Per task: mean ± std of the reported accuracy over seeds. Group means
+(natural / specialized / structured) and both averages: the mean of the group means ("avg (groups)",
+the VPT convention) and the plain mean over tasks ("avg (tasks)", the mean of 19 when all are there).
+A group mean's std is the std over seeds of the per-seed group means. When a row lacks tasks, its
+group means cover the tasks present, and the `tasks` column says how many that is.
+
+With `reported` the table also holds the papers' rows from the reference CSV (`benchmark/papers/reference.py`),
+marked `kind` = `reported` with their source, and the plot overlays them as hollow markers labelled by
+source. The papers' rows are ViT-B/16 on the real VTAB-1k; a run on another backbone or on synthetic tasks
+(the demo) only shows where it lands against them, not whether it reproduces them (`compare` says that).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from benchmark.papers.reference import ReferenceTable, source_label
+from benchmark.report.format import (
+    GROUP_OF,
+    GROUP_SIZES,
+    TASK_ORDER,
+    format_count,
+    format_mean_std,
+    printed,
+    protocol_label,
+    trained_params,
+)
+from benchmark.report.html import html_page, page_meta
+from benchmark.report.variants import variant_labels
+from benchmark.run.results import atomic_write_bytes, load_results
+from tasks import GROUPS
+
+
+def record_budget(record: dict[str, Any]) -> str:
+    """The reproduction budget a run was planned under (`full` unless the result says otherwise)."""
+    return (record.get("config") or {}).get("budget") or "full"
+
+
+def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: method, protocol, task, group, seed, status, acc (the reported metric), params."""
+    rows = []
+    variants = variant_labels(records, [(r["method"], r["protocol"], record_budget(r)) for r in records])
+    for r, variant in zip(records, variants, strict=True):
+        acc = r.get("val_acc") if r.get("mode") == "tune" else r.get("test_acc")
+        params = r.get("params") or {}
+        rows.append(
+            {
+                "method": r["method"],
+                "protocol": r["protocol"],
+                "budget": record_budget(r),
+                "variant": variant,
+                "task": r["task"],
+                "group": r.get("group"),
+                "seed": r["seed"],
+                "status": r["status"],
+                "acc": acc if r["status"] == "ok" else np.nan,
+                "tunable": params.get("tunable"),
+                "head": params.get("head"),
+                "backbone": params.get("backbone"),
+                "nonzero_tunable": params.get("nonzero_tunable"),
+                "images_per_s": r.get("train_images_per_s"),
+                "peak_memory_mb": r.get("peak_memory_mb"),
+            }
+        )
+    columns = [
+        "method",
+        "protocol",
+        "budget",
+        "variant",
+        "task",
+        "group",
+        "seed",
+        "status",
+        "acc",
+        "tunable",
+        "head",
+        "backbone",
+        "nonzero_tunable",
+        "images_per_s",
+        "peak_memory_mb",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    values = values.dropna()
+    if values.empty:
+        return np.nan, np.nan
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
+    """Means and stds of a (seed × task) accuracy table: per task, per group, and both averages.
+
+    Keys: `<task>_mean/_std` for each task present; `<group>_tasks`, and for groups with tasks
+    `<group>_mean/_std`; `avg_groups_mean/_std` and `avg_tasks_mean/_std`. A task's std is over its
+    seeds; a group's (or an average's) is the std over the seeds present for every task of the table
+    of the per-seed group means (or averages). Each `_n` key gives how many seeds that std is over.
+    """
+    tasks = [t for t in TASK_ORDER if t in per_seed.columns]
+    row: dict[str, Any] = {}
+    for task in tasks:
+        row[f"{task}_mean"], row[f"{task}_std"] = _mean_std(per_seed[task])
+        row[f"{task}_n"] = int(per_seed[task].notna().sum())
+    # Seeds present for every task of the row: the per-seed means below average the same runs.
+    complete = per_seed[tasks].dropna() if tasks else per_seed
+    group_means = {}
+    for group in GROUPS:
+        members = [t for t in tasks if GROUP_OF[t] == group]
+        row[f"{group}_tasks"] = len(members)
+        if members:
+            row[f"{group}_mean"] = float(np.mean([row[f"{t}_mean"] for t in members]))
+            group_means[group] = complete[members].mean(axis=1)
+            row[f"{group}_std"] = _mean_std(group_means[group])[1]
+            row[f"{group}_n"] = len(complete)
+    if group_means:
+        row["avg_groups_mean"] = float(np.mean([row[f"{g}_mean"] for g in group_means]))
+        row["avg_groups_std"] = _mean_std(pd.concat(group_means, axis=1).mean(axis=1))[1]
+        row["avg_tasks_mean"] = float(np.mean([row[f"{t}_mean"] for t in tasks]))
+        row["avg_tasks_std"] = _mean_std(complete[tasks].mean(axis=1))[1]
+        row["avg_groups_n"] = row["avg_tasks_n"] = len(complete)
+    return row
+
+
+def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """The numeric leaderboard: one row per (method, protocol, budget, configuration variant).
+
+    Runs of one method under one protocol whose configurations differ (`benchmark.report.variants`) are never
+    averaged together: each configuration gets its own row, its label saying what sets it apart.
+    """
+    rows = []
+    for (method, protocol, budget, variant), g in runs.groupby(["method", "protocol", "budget", "variant"], sort=True):
+        ok = g[g.status == "ok"]
+        per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
+        tasks = [t for t in TASK_ORDER if t in per_seed.columns]
+        row: dict[str, Any] = {
+            "method": method,
+            "protocol": protocol_label(protocol, per_seed.shape[0], budget) + (f" [{variant}]" if variant else ""),
+            "seeds": int(per_seed.shape[0]),
+            "tasks": len(tasks),
+            "runs_failed": int((g.status != "ok").sum()),
+        }
+        # `<task>_n`: the seeds behind a task's mean ± std.
+        row.update({k: v for k, v in aggregate(per_seed).items() if not k.endswith("_n") or k[:-2] in tasks})
+        params = g.dropna(subset=["tunable"])
+        if not params.empty:
+            row["tunable"] = float(params.groupby("task").tunable.first().mean())
+            row["nonzero_tunable"] = float(params.groupby("task").nonzero_tunable.first().mean())
+            row["head"] = float(params.groupby("task")["head"].first().mean())
+            row["backbone"] = float(params.backbone.iloc[0])
+            row["tunable_pct"] = 100.0 * row["tunable"] / row["backbone"]
+        # Training throughput (median over runs) and peak memory (max over runs), where the runs carry them.
+        if ok.images_per_s.notna().any():
+            row["images_per_s"] = float(ok.images_per_s.median())
+        if ok.peak_memory_mb.notna().any():
+            row["peak_memory_mb"] = float(ok.peak_memory_mb.max())
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty and "avg_tasks_mean" in frame:
+        frame = frame.sort_values(["avg_tasks_mean", "method"], ascending=[False, True], na_position="last")
+    return frame.reset_index(drop=True)
+
+
+def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) -> pd.DataFrame:
+    """The reference rows (of `methods`, or all) in the leaderboard's columns, `kind` = `reported`.
+
+    Cells become `<task>_mean` (no std), the printed means the group columns, `avg_19` the
+    `avg_tasks_mean` column and `params_m` the `tunable` column (as printed: whether the head is
+    counted differs between sources).
+    """
+    ref = reference.frame
+    if methods is not None:
+        ref = ref[ref.method.isin(methods)]
+    rows = []
+    for _, r in ref.iterrows():
+        row: dict[str, Any] = {
+            "kind": "reported",
+            "method": r.method,
+            "protocol": r.selection_protocol,
+            "source": source_label(r.source),
+            "source_full": r.source,
+            "backbone_weights": r.backbone_weights,
+            "tasks": int(r[TASK_ORDER].notna().sum()),
+        }
+        row.update({f"{t}_mean": r[t] for t in TASK_ORDER if pd.notna(r[t])})
+        for g in GROUPS:
+            row[f"{g}_tasks"] = int(r[[t for t in TASK_ORDER if GROUP_OF[t] == g]].notna().sum())
+            row[f"{g}_mean"] = r[g]
+        row["avg_groups_mean"], row["avg_tasks_mean"] = r.avg_groups, r.avg_19
+        row["tunable"] = r.params_m * 1e6 if pd.notna(r.params_m) else np.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values(["method", "avg_tasks_mean"], ascending=[True, False], na_position="last")
+    return frame.reset_index(drop=True)
+
+
+def with_reported(board: pd.DataFrame, reference: ReferenceTable, which: str = "methods") -> pd.DataFrame:
+    """`board` (kind `ours`) followed by the reference rows of its methods (`which="methods"`) or all rows."""
+    ours = board.assign(kind="ours", source="")
+    methods = None if which == "all" else sorted(board.method.unique()) if not board.empty else []
+    frame = pd.concat([ours, reported_frame(reference, methods)], ignore_index=True)
+    first = ["kind", "method", "protocol", "source"]
+    return frame.reindex(columns=first + [c for c in frame.columns if c not in first])
+
+
+def markdown(board: pd.DataFrame) -> str:
+    """The leaderboard as a Markdown document (with `kind` and `source` columns when it holds reported rows)."""
+    tasks = [t for t in TASK_ORDER if f"{t}_mean" in board.columns]
+    reported = "kind" in board.columns
+    lines = [
+        "# Leaderboard",
+        "",
+        "Top-1 accuracy (%) as mean ± std over seeds. `avg (groups)` is the mean of the three group means "
+        "(VPT convention); `avg (tasks)` the plain mean over the tasks present (the mean of 19 when complete). "
+        "A group mean covering fewer tasks than the group has shows the count in brackets. `tunable` excludes "
+        "the head; `nonzero` counts what survives pruning; `%` is tunable / backbone. Generated by `python -m benchmark leaderboard`; do not edit.",
+        "",
+    ]
+    if reported:
+        lines += [
+            "Rows of kind `reported` are published numbers (`results/reference/vtab1k_reported.csv`): ViT-B/16 "
+            "(IN-21k) on the real VTAB-1k, produced by the protocol in their `protocol` column, `tunable` as the "
+            "source prints it (whether the head is counted differs). They are context, not a result of this run; "
+            "`python -m benchmark compare` puts them beside ours task by task and says which protocols differ.",
+            "",
+        ]
+    summary = []
+    for _, r in board.iterrows():
+        ours = not reported or r.kind == "ours"
+        row = {"kind": r.kind} if reported else {}
+        row.update({"method": r.method, "protocol": r.protocol})
+        if reported:
+            row["source"] = r.source
+        row["tasks"] = f"{r.tasks}/19" if ours or r.tasks else "—"
+        cell = format_mean_std if ours else lambda mean, std: printed(mean)
+        for g in GROUPS:
+            text = cell(r.get(f"{g}_mean"), r.get(f"{g}_std"))
+            n = r.get(f"{g}_tasks", 0)
+            row[g] = text if n in (0, GROUP_SIZES[g]) or text == "—" else f"{text} ({n}/{GROUP_SIZES[g]})"
+        row["avg (groups)"] = cell(r.get("avg_groups_mean"), r.get("avg_groups_std"))
+        row["avg (tasks)"] = cell(r.get("avg_tasks_mean"), r.get("avg_tasks_std"))
+        row["tunable"] = format_count(r.get("tunable"))
+        row["nonzero"] = format_count(r.get("nonzero_tunable"))
+        row["%"] = "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}"
+        row["head"] = format_count(r.get("head"))
+        row["failed"] = int(r.runs_failed) if ours else "—"
+        summary.append(row)
+    lines += [pd.DataFrame(summary).to_markdown(index=False) if summary else "(no results)", ""]
+    if tasks and not board.empty:
+        lines += ["## Per task", ""]
+        per_task = []
+        for _, r in board.iterrows():
+            row = {"kind": r.kind} if reported else {}
+            row.update({"method": r.method, "protocol": r.protocol})
+            if reported:
+                row["source"] = r.source
+            if reported and r.kind == "reported":
+                row.update({t: printed(r.get(f"{t}_mean")) for t in tasks})
+            else:
+                row.update({t: format_mean_std(r.get(f"{t}_mean"), r.get(f"{t}_std")) for t in tasks})
+            per_task.append(row)
+        lines += [pd.DataFrame(per_task).to_markdown(index=False), ""]
+    if reported and (board.kind == "reported").any():
+        lines += ["## Sources of the reported rows", ""]
+        sources = board[board.kind == "reported"].drop_duplicates("source_full")
+        lines += [f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(board: pd.DataFrame) -> bytes:
+    """Mean accuracy over tasks against trained parameters (log axis), one point per row.
+
+    Our rows are filled markers at tunable + head; reported rows (`kind` = `reported`) are hollow
+    markers in the same colour as our row of that method, at the printed parameter count and the mean
+    of 19, labelled with their source. Rows without a positive parameter count cannot be placed on the
+    log axis and are left out (the table still lists them).
+    """
+    fig, ax = plt.subplots(figsize=(8, 5) if "kind" in board.columns else (7, 4.5), dpi=120)
+    has = {"avg_tasks_mean", "tunable"} <= set(board.columns)
+    shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: colours[i % len(colours)] for i, m in enumerate(sorted(board.method.unique()))} if has else {}
+    any_reported = False
+    placed: list[tuple[float, float]] = []
+    span = max(1.0, float(shown.avg_tasks_mean.max() - shown.avg_tasks_mean.min())) if len(shown) else 1.0
+    for _, r in shown.iterrows():
+        x = trained_params(r)
+        if x <= 0:
+            continue
+        # Labels of points that nearly coincide (e.g. one paper's numbers quoted with different parameter
+        # counts) are stacked instead of printed over each other.
+        near = sum(abs(np.log10(x) - px) < 0.8 and abs(r.avg_tasks_mean - py) < 0.03 * span for px, py in placed)
+        placed.append((float(np.log10(x)), float(r.avg_tasks_mean)))
+        offset = (5, 4 + 9 * near)
+        if r.get("kind", "ours") == "reported":
+            any_reported = True
+            ax.scatter([x], [r.avg_tasks_mean], s=46, facecolors="none", edgecolors=colour[r.method],
+                       linewidths=1.4, zorder=2)  # fmt: skip
+            label, size, tint = f"{r.method} ({r.source})", 6.5, "0.35"
+        else:
+            ax.scatter([x], [r.avg_tasks_mean], s=40, color=colour[r.method], zorder=3)
+            label, size, tint = f"{r.method} ({r.tasks} tasks)", 8, "black"
+        ax.annotate(label, (x, r.avg_tasks_mean), textcoords="offset points", xytext=offset, fontsize=size,
+                    color=tint)  # fmt: skip
+    if any_reported:
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color="0.3", label="ours: mean over the tasks run"),
+            plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.3",
+                       label="reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed"),
+        ]  # fmt: skip
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
+    ax.set_xlabel("trained parameters per task (method + head, log scale)")
+    ax.set_ylabel("mean top-1 accuracy over tasks (%)")
+    ax.set_title("Accuracy vs. trained parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_leaderboard(
+    results: Path, *, reference: ReferenceTable | None = None, reported: str = "methods"
+) -> pd.DataFrame:
+    """Regenerate `leaderboard.md`, `.csv`, `.html` and `accuracy_vs_params.png` under `results`.
+
+    With `reference`, the tables and the plot also hold its rows: those of the methods in the results
+    (`reported="methods"`) or all of them (`"all"`). Every file's content is built before the first one is
+    written, so bad input leaves the previous files as they were; files whose content would not change are
+    left untouched.
+    """
+
+    results = Path(results)
+    records = load_results(results)
+    board = leaderboard_frame(runs_frame(records))
+    if reference is not None:
+        board = with_reported(board, reference, reported)
+    files = {
+        "leaderboard.md": markdown(board).encode(),
+        "leaderboard.csv": board.to_csv(index=False, float_format="%.4f").encode(),
+        "accuracy_vs_params.png": plot(board),
+        "leaderboard.html": html_page(board, page_meta(records)).encode(),
+    }
+    for name, data in files.items():
+        atomic_write_bytes(results / name, data)
+    return board

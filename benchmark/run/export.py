@@ -1,0 +1,124 @@
+"""`export --merge`: a run's adapted model as a plain timm ViT checkpoint (safetensors), method folded in.
+
+A run saved with `--save-tunable` leaves its tunable state (plus head) beside its result JSON
+(`<protocol>-s<seed>.safetensors`). `export --merge RESULT.json` rebuilds that run's model from the result
+(method config, backbone, weights, image size, task), loads the state, asks the method for its merged backbone
+(`PeftModel.merged_backbone`: the re-parameterisable methods fold their modules into the frozen weights) and
+writes the backbone plus the head as one timm state dict. The merged model IS a plain timm `VisionTransformer`,
+so its forward costs exactly the frozen backbone's. Before writing, the merged model's logits are compared
+with the adapted model's on a random batch (fp32, evaluation mode) and the largest difference is reported.
+
+Load it with `timm.create_model(name, num_classes=C, pretrained=True, pretrained_cfg_overlay=dict(file=FILE,
+num_classes=C))`, or `load_state_dict(safetensors.torch.load_file(FILE))` on `timm.create_model(name,
+num_classes=C)` (add `img_size=` when the run used another input size). The file's metadata names them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from timm.models.vision_transformer import VisionTransformer
+
+from benchmark.core.errors import UserError
+from benchmark.run.results import read_result
+from methods import NotMergeableError
+from tasks.atomic import atomic_write_bytes
+
+# The largest logit difference (fp32) export accepts between the merged and the adapted model.
+TOLERANCE = 1e-4
+CHECK_IMAGES = 4
+
+
+def merged_model(model: Any, num_classes: int, method: str) -> VisionTransformer:
+    """The method's merged backbone with a timm head carrying `model`'s head weights (a plain timm ViT)."""
+    try:
+        merged = model.merged_backbone()
+    except NotMergeableError as e:
+        raise UserError(f"{method} cannot be merged: {e}; export needs a re-parameterisable method") from None
+    merged.reset_classifier(num_classes)
+    merged.head.load_state_dict(model.head.state_dict())
+    return merged.requires_grad_(False)
+
+
+def rebuild(record: dict[str, Any], state_path: Path) -> tuple[Any, Any]:
+    """The run's model (tunable state loaded) and its task, from its result record."""
+    from benchmark.run.backbone import create_backbone
+    from methods import UnknownMethodError, get_method
+    from tasks import UnknownTaskError, get_task
+
+    config_data = record.get("config") or {}
+    try:
+        cls = get_method(record["method"])
+        config = cls.from_dict(config_data["method_config"])
+        task = get_task(record["task"])
+    except (UnknownMethodError, UnknownTaskError) as e:
+        raise UserError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the result's configuration cannot be read ({type(e).__name__}: {e})") from None
+    if record.get("pruning"):
+        raise UserError(f"{cls.name} prunes, so it adds tokens the backbone cannot absorb; it cannot be merged")
+    backbone = create_backbone(
+        config_data.get("backbone", "vit_base_patch16_224"),
+        pretrained=config_data.get("pretrained", True),
+        weights=config_data.get("weights"),
+        image_size=config_data.get("image_size"),
+        **config.backbone_kwargs(),
+    )
+    model = config.build(backbone, task.num_classes)
+    try:
+        model.load_tunable(state_path)
+    except ValueError as e:
+        raise UserError(f"{state_path} does not fit the run's model ({e})") from None
+    return model.eval(), task
+
+
+def export_merged(result: Path, out: Path) -> dict[str, Any]:
+    """Write the merged checkpoint of the run whose result is `result` to `out`; return what was written."""
+    record = read_result(result)  # validated against the result schema
+    if record is None:
+        raise UserError(f"{result} does not exist; pass a run's result JSON")
+    if record.get("status") != "ok":
+        raise UserError(f"{result} is a failed run ({record.get('error')}); export a successful one")
+    state_path = result.with_name(record.get("tunable_state") or f"{result.stem}.safetensors")
+    if not state_path.is_file():
+        raise UserError(f"{result} has no saved tunable state ({state_path.name}); run it again with --save-tunable "
+                        "(delete the result first, or pass --out to `run`)")  # fmt: skip
+    model, task = rebuild(record, state_path)
+    merged = merged_model(model, task.num_classes, record["method"]).eval()
+    size = model.backbone.patch_embed.img_size
+    x = torch.randn(CHECK_IMAGES, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (merged(x) - model(x)).abs().max().item()
+    if not diff <= TOLERANCE:
+        raise UserError(f"the merged model's logits differ from the adapted model's by {diff:.2e} (> {TOLERANCE:g}); "
+                        "nothing written")  # fmt: skip
+    name = (record.get("config") or {}).get("backbone", "vit_base_patch16_224")
+    metadata = {
+        "format": "pt",
+        "architecture": name,
+        "num_classes": str(task.num_classes),
+        "image_size": str(size[0]),
+        "method": record["method"],
+        "task": task.id,
+        "result": str(result),
+        "max_logit_diff": f"{diff:.3e}",
+    }
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    atomic_write_bytes(out, save(state, metadata=metadata))
+    head = sum(p.numel() for p in merged.head.parameters())
+    total = sum(p.numel() for p in merged.parameters())
+    default_size = (getattr(merged, "pretrained_cfg", None) or {}).get("input_size")
+    return {
+        "method": record["method"],
+        "task": task.id,
+        "architecture": name,
+        "num_classes": task.num_classes,
+        "parameters": total,
+        "backbone": total - head,
+        "head": head,
+        "max_logit_diff": diff,
+        "size_arg": "" if not default_size or default_size[-1] == size[0] else f", img_size={size[0]}",
+    }

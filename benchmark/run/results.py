@@ -1,0 +1,226 @@
+"""Result files: one JSON per run, written atomically, with the provenance to reproduce it.
+
+Layout of a results directory:
+
+    <results>/runs/<method>/<task>/<protocol>-s<seed>.json        reported runs (final, tune, grid)
+    <results>/runs/<method>/<task>/grid-tune/lr<lr>-wd<wd>.json   the grid protocol's tuning runs
+    <results>/leaderboard.md, leaderboard.csv, leaderboard.html, accuracy_vs_params.png
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.core.errors import UserError
+from tasks.atomic import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_path(results: Path, method: str, task: str, protocol: str, seed: int) -> Path:
+    return Path(results) / "runs" / method / task / f"{protocol}-s{seed}.json"
+
+
+def grid_tune_path(results: Path, method: str, task: str, lr: float, weight_decay: float) -> Path:
+    return Path(results) / "runs" / method / task / "grid-tune" / f"lr{lr:g}-wd{weight_decay:g}.json"
+
+
+def write_json(path: Path, obj: Any) -> bool:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n").encode())
+
+
+class ResultFileError(UserError):
+    """A result file that cannot be trusted: unreadable, truncated, or not of the result schema."""
+
+
+# The result schema: required keys and their types. Every reader of result files goes through
+# `validate_result` (via `read_result` / `load_results`), so the sweep's resume, `leaderboard`, `compare`
+# and `reproduce` accept and refuse exactly the same files.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "schema": int,
+    "method": str,
+    "task": str,
+    "seed": int,
+    "protocol": str,
+    "mode": str,
+    "status": str,
+    "config": dict,
+}
+_PARAM_KEYS = ("tunable", "head", "backbone", "nonzero_tunable")
+MODES = ("final", "tune")
+STATUSES = ("ok", "failed")
+
+
+def _finite_accuracy(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 <= value <= 100.0
+    )
+
+
+def schema_problem(record: Any) -> str | None:
+    """What makes `record` an invalid result (None when it is valid)."""
+    if not isinstance(record, dict):
+        return f"it holds a JSON {type(record).__name__}, not a result object"
+    for key, kind in _REQUIRED.items():
+        if key not in record:
+            return f"it has no `{key}`"
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            return f"its `{key}` is {record[key]!r}, not a {getattr(kind, '__name__', kind)}"
+    if record["schema"] != SCHEMA_VERSION:
+        return f"it has schema {record['schema']}, and this version of the suite reads schema {SCHEMA_VERSION}"
+    if record["status"] not in STATUSES:
+        return f"its status is {record['status']!r}, not one of {', '.join(STATUSES)}"
+    if record["mode"] not in MODES:
+        return f"its mode is {record['mode']!r}, not one of {', '.join(MODES)}"
+    if record["status"] == "ok":
+        metric = "test_acc" if record["mode"] == "final" else "val_acc"
+        if not _finite_accuracy(record.get(metric)):
+            return f"its `{metric}` is {record.get(metric)!r} under status ok (a percentage in [0, 100] is required)"
+        params = record.get("params")
+        if not isinstance(params, dict) or any(
+            not isinstance(params.get(k), int) or isinstance(params.get(k), bool) or params[k] < 0 for k in _PARAM_KEYS
+        ):
+            return f"its `params` is {params!r} under status ok (counts {', '.join(_PARAM_KEYS)} are required)"
+    return None
+
+
+def validate_result(record: Any, path: Path) -> dict[str, Any]:
+    """`record` when it is a valid result read from `path`, else `ResultFileError` (one line: which file, why,
+    and what to do). A file under `runs/<method>/<task>/` must also be a result of that method and task."""
+    problem = schema_problem(record)
+    if problem is None:
+        parts = Path(path).parts
+        if "runs" in parts:
+            i = len(parts) - 1 - parts[::-1].index("runs")
+            if len(parts) > i + 2 and (record["method"], record["task"]) != (parts[i + 1], parts[i + 2]):
+                problem = (
+                    f"it is a result of {record['method']}/{record['task']}, filed under {parts[i + 1]}/{parts[i + 2]}"
+                )
+    if problem is not None:
+        raise ResultFileError(
+            f"{path} is not a valid result file: {problem}; delete it (the same command then runs it again) or "
+            "move it out of the results directory"
+        )
+    return record
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """The validated result at `path`; None when there is none. Anything else there is a `ResultFileError`."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ResultFileError(
+            f"{path} is a directory where a result file belongs; move it out of the results directory"
+        ) from None
+    except OSError as e:
+        raise ResultFileError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        record = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        why = "it is empty" if not text.strip() else f"it is not valid JSON ({str(e).splitlines()[0]})"
+        raise ResultFileError(
+            f"{path} is not a valid result file: {why}; delete it (the same command then runs it again) or move it "
+            "out of the results directory"
+        ) from None
+    return validate_result(record, path)
+
+
+def load_results(results: Path) -> list[dict[str, Any]]:
+    """Every reported run (not the grid's tuning runs) under `results/runs`, in path order, validated."""
+    runs = Path(results) / "runs"
+    out = []
+    for path in sorted(runs.glob("*/*/*.json")):
+        record = read_result(path)
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def check_writable(path: Path, *, option: str = "--results", what: str = "results directory") -> None:
+    """Raise `UserError` unless files can be created in the directory `path` (the check leaves nothing behind).
+
+    `option` and `what` name the command-line option and the directory in the message.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file; pass a directory to {option}")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {what} {path}: {probe} is not a directory; pick another {option}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".peft-bench-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {path} ({e.strerror or e}); pick another {option}") from None
+
+
+# What `leaderboard` writes into a results directory (checked before a sweep trains anything).
+REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "accuracy_vs_params.png", "leaderboard.html")
+
+
+def check_result_path(path: Path, results: Path) -> None:
+    """Raise `UserError` unless a result file can be written at `path` and the reports in `results`: no directory
+    where a file belongs and no file where a directory belongs. Checked before any training."""
+    path, results = Path(path), Path(results)
+    for target in (path, *(results / name for name in REPORT_FILES)):
+        if target.is_dir():
+            raise UserError(f"{target} is a directory where a file belongs; move it away or pick another --results")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} is a file where a directory belongs; move it away or pick another --results")
+        if parent == results:
+            break
+
+
+@functools.cache
+def provenance() -> dict[str, Any]:
+    """Git commit (and whether the tree had uncommitted changes), package versions, device."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    versions = {"python": platform.python_version()}
+    for package in ("peft-bench", "torch", "timm", "pytorch-lightning", "torchmetrics", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "versions": versions,
+        "device": device_name(),
+        "platform": platform.platform(),
+    }
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -1,0 +1,269 @@
+"""Claims: a run is claimed atomically before it starts, so that no two processes ever run it at once.
+
+A claim is a small JSON file beside the run's result (`<result>.claim`), created exclusively
+(`O_CREAT | O_EXCL`, atomic on local and NFS file systems), holding its owner: host, pid, SLURM job id
+(when inside a job), start time and a heartbeat that the owner refreshes while the run is in flight.
+Whoever holds the claim is the only one who may write the result: it re-checks the result's identity
+under the claim, right before the atomic rename (`sweep.Sweep.run`). The claim is removed after the
+result is written, or when the run is abandoned.
+
+A claim whose owner is gone is stale and may be taken over: a dead pid on this host, a SLURM job that is
+no longer running, or a heartbeat older than `stale_after` seconds (any host). Taking over renames the
+stale file away first, so that of two processes reclaiming at once only one wins.
+
+No library offers this (file locks through `fcntl` do not survive NFS or a SLURM node failure reliably,
+and leave no record of who held them), so it is written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLAIM_SUFFIX = ".claim"
+# A heartbeat older than this (seconds) marks a claim stale whatever its host; the owner beats every
+# HEARTBEAT_EVERY seconds, so only a dead or frozen owner misses that many.
+STALE_AFTER = 600.0
+HEARTBEAT_EVERY = 30.0
+
+
+def claim_path(result: Path) -> Path:
+    return result.with_name(result.name + CLAIM_SUFFIX)
+
+
+def _owner() -> dict[str, Any]:
+    now = time.time()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": _slurm_job_id(),
+        "started": now,
+        "heartbeat": now,
+    }
+
+
+def _slurm_job_id() -> str | None:
+    """`<array job>_<task>` inside an array task (what `squeue -j` takes), else the plain job id."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def read_owner(path: Path) -> dict[str, Any] | None:
+    """The owner recorded in a claim file; None when it is gone. An unreadable one (a claim being written,
+    or garbage) reads as an owner with no pid, so only its age decides whether it is stale."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        text = ""
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        owner = None
+    if not isinstance(owner, dict):
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return {"host": None, "pid": None, "slurm_job_id": None, "started": mtime, "heartbeat": mtime}
+    return owner
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def slurm_job_running(job_id: str) -> bool | None:
+    """Whether SLURM still runs the job (None when SLURM cannot be asked)."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--format=%T", "--jobs", job_id],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        # squeue fails on a job id it no longer knows: the job is gone.
+        return False if "Invalid job id" in out.stderr else None
+    states = out.stdout.split()
+    return any(s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING") for s in states)
+
+
+def stale_reason(owner: dict[str, Any], *, stale_after: float = STALE_AFTER) -> str | None:
+    """Why a claim's owner is gone (None when it may still be running)."""
+    age = time.time() - float(owner.get("heartbeat") or owner.get("started") or 0.0)
+    if age > stale_after:
+        return f"its heartbeat is {age:.0f} s old"
+    if owner.get("host") == socket.gethostname() and owner.get("pid") is not None:
+        if owner["pid"] == os.getpid():
+            return None
+        if not _pid_alive(int(owner["pid"])):
+            return f"process {owner['pid']} on {owner['host']} is gone"
+    if owner.get("slurm_job_id") and slurm_job_running(str(owner["slurm_job_id"])) is False:
+        return f"SLURM job {owner['slurm_job_id']} is no longer running"
+    return None
+
+
+@dataclass
+class Claim:
+    """A held claim on one run's result path; beats its heartbeat in a daemon thread until released."""
+
+    result: Path
+    path: Path
+    owner: dict[str, Any]
+    reclaimed_from: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start_heartbeat(self, every: float = HEARTBEAT_EVERY) -> None:
+        def beat() -> None:
+            while not self._stop.wait(every):
+                self.beat()
+
+        self._thread = threading.Thread(target=beat, name=f"heartbeat {self.result.name}", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        """Refresh the heartbeat (only while the claim file is still ours)."""
+        current = read_owner(self.path)
+        if current is None or current.get("pid") != self.owner["pid"] or current.get("host") != self.owner["host"]:
+            return
+        self.owner["heartbeat"] = time.time()
+        _write_owner(self.path, self.owner)
+
+    def held(self) -> bool:
+        current = read_owner(self.path)
+        return (
+            current is not None
+            and current.get("pid") == self.owner["pid"]
+            and current.get("host") == self.owner["host"]
+            and current.get("started") == self.owner["started"]
+        )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        if self.held():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _write_owner(path: Path, owner: dict[str, Any]) -> None:
+    """Rewrite a claim we hold (heartbeat): through a temporary file and a rename, never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(owner))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def try_claim(result: Path, *, stale_after: float = STALE_AFTER, heartbeat: bool = True) -> Claim | None:
+    """Claim `result` for this process: a `Claim`, or None when a live owner holds it.
+
+    A stale claim is taken over (the returned claim's `reclaimed_from` says whose and why).
+    """
+    path = claim_path(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reclaimed = None
+    for _ in range(3):
+        owner = _owner()
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            current = read_owner(path)
+            if current is None:
+                continue  # released meanwhile: try again
+            why = stale_reason(current, stale_after=stale_after)
+            if why is None:
+                return None
+            # Rename the stale claim away: of several processes doing this at once only one succeeds.
+            grave = path.with_name(f".{path.name}.stale.{os.getpid()}.{time.time_ns()}")
+            try:
+                os.rename(path, grave)
+            except FileNotFoundError:
+                continue
+            grave.unlink(missing_ok=True)
+            reclaimed = f"{current.get('host')}:{current.get('pid')} ({why})"
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        claim = Claim(result, path, owner, reclaimed_from=reclaimed)
+        if heartbeat:
+            claim.start_heartbeat()
+        return claim
+    return None
+
+
+@contextlib.contextmanager
+def claimed(result: Path, *, wait: float = 0.0, poll: float = 2.0, stale_after: float = STALE_AFTER):
+    """Hold the claim on `result` for the block (None when a live owner holds it for more than `wait` s)."""
+    deadline = time.monotonic() + wait
+    claim = try_claim(result, stale_after=stale_after)
+    while claim is None and time.monotonic() < deadline:
+        time.sleep(poll)
+        claim = try_claim(result, stale_after=stale_after)
+    try:
+        yield claim
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def clean_orphans(directory: Path, *, stale_after: float = STALE_AFTER) -> list[Path]:
+    """Remove what killed writers left under `directory`: stale claims and orphan temporary files.
+
+    A temporary file (`.*.tmp`, as the atomic writers name them) is an orphan when no live claim is held
+    in its folder (every writer holds the claim of the run it writes for, in that folder) or when it has
+    not been touched for `stale_after` seconds. Returns what was removed.
+    """
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    live_dirs: set[Path] = set()
+    for claim_file in directory.rglob(f"*{CLAIM_SUFFIX}"):
+        owner = read_owner(claim_file)
+        if owner is None:
+            continue
+        if stale_reason(owner, stale_after=stale_after) is None:
+            live_dirs.add(claim_file.parent)
+        else:
+            claim_file.unlink(missing_ok=True)
+            removed.append(claim_file)
+    now = time.time()
+    for tmp in directory.rglob(".*.tmp"):
+        try:
+            age = now - tmp.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if tmp.parent in live_dirs and age < stale_after:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

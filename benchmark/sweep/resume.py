@@ -1,0 +1,55 @@
+"""Whether a result file already on disk stands for a planned run, so that a sweep resumes instead of re-running
+it, and refuses to mix results of different configurations or data under one path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmark.run.results import read_result
+from benchmark.run.runner import MODE_SPLITS, SPEED_ONLY, RunSpec, SweepData
+
+
+def identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str, Any]:
+    """A stored or planned run config as compared for resuming (through JSON, as stored: tuples become lists).
+
+    A run planned before an earlier stage decides part of its config (the grid's lr and weight decay, a
+    pruning stage's candidate) is compared without those parts: the earlier stage's own results pin them.
+    """
+    config = json.loads(json.dumps(config))
+    for key in SPEED_ONLY:
+        config.pop(key, None)
+    if deferred:
+        config.pop("selection", None)
+        config.pop("pruning", None)
+        if grid:
+            for key in ("lr", "weight_decay"):
+                config.get("method_config", {}).get("recipe", {}).pop(key, None)
+    return config
+
+
+def conflict(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
+    """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
+    record = read_result(path)
+    if record is None:
+        return None
+    splits = data.arrays[spec.task.id]
+    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
+        if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
+            return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
+    grid = spec.protocol == "grid"
+    old = identity(record.get("config", {}), deferred=deferred, grid=grid)
+    new = identity(spec.config_dict(), deferred=deferred, grid=grid)
+    if old == new:
+        return None
+    return f"{path} was produced with a different configuration ({'; '.join(diff(old, new)[:3])})"
+
+
+def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(old.keys() | new.keys()):
+            out += diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
