@@ -137,7 +137,7 @@ def test_grid_protocol_selects_on_val200_and_records_the_choice(synth_root, tmp_
 
 
 def test_grid_tie_goes_to_smaller_lr_then_smaller_wd():
-    from benchmark.sweep.inline import select_grid_point
+    from benchmark.sweep.graph import select_grid_point
 
     def rec(lr, wd, acc, status="ok"):
         return {

@@ -31,7 +31,8 @@ from benchmark.run.results import provenance, read_result, write_json
 from benchmark.run.runner import new_record, quiet_lightning
 from benchmark.sweep.claims import claim_path, claimed, read_owner, stale_reason
 from benchmark.sweep.executors import job_failure, job_finished, make_executor, stderr_tail
-from benchmark.sweep.inline import Plan, Sweep, prepare_sweep
+from benchmark.sweep.graph import Plan, Sweep
+from benchmark.sweep.inline import prepare_sweep
 from benchmark.sweep.launch import LaunchOptions
 from benchmark.sweep.resume import conflict
 from benchmark.sweep.worker import RunJob, Worker, WorkerContext, mtime_ns

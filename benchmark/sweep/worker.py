@@ -64,7 +64,7 @@ class Worker(submitit.helpers.Checkpointable):
         from benchmark.run.backbone import create_backbone
         from benchmark.run.runner import MODE_SPLITS, SweepData, prepare_data, quiet_lightning
         from benchmark.sweep.claims import claim_path, read_owner, stale_reason
-        from benchmark.sweep.inline import Plan, Sweep
+        from benchmark.sweep.graph import Plan, Sweep
 
         torch.set_num_threads(ctx.threads)
         quiet_lightning()
