@@ -20,7 +20,7 @@ import pytest
 from benchmark.cli import main
 from benchmark.report.leaderboard import write_leaderboard
 from benchmark.sweep import claims
-from benchmark.sweep import inline as sweep
+from benchmark.sweep import graph as sweep
 from tests.conftest import argv
 from tests.test_compare import write_run
 
