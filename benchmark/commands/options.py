@@ -270,16 +270,40 @@ def launcher_options(p: argparse.ArgumentParser) -> None:
         help="torch threads per worker, or of this process inline (default: CPUs / workers; inline: torch's)",
     )
     g.add_argument("--slurm-partition", metavar="NAME", help="partition (default: the cluster's)")
-    g.add_argument("--slurm-time", metavar="MIN|H:MM:SS", help="time limit of one run's job (default: 4:00:00)")
     g.add_argument(
-        "--slurm-gpus-per-job", dest="slurm_gpus", type=int, metavar="N", help="GPUs per job (default: 1; 0 on a CPU)"
+        "--slurm-time",
+        metavar="MIN|H:MM:SS",
+        help="time limit of one job (default: 4:00:00 per run each of its workers holds)",
     )
     g.add_argument(
-        "--slurm-cpus-per-job", dest="slurm_cpus", type=positive_int, metavar="N", help="CPUs per job (default: 8)"
+        "--slurm-gpus-per-job",
+        dest="slurm_gpus",
+        type=int,
+        metavar="N",
+        help="GPUs per job (default: 1; 0 on a CPU). N > 1 is node mode: the job runs one worker per GPU, "
+        "sharing its --runs-per-job runs; e.g. 8 with --runs-per-job 64 on 8-GPU nodes",
+    )
+    g.add_argument(
+        "--slurm-cpus-per-job",
+        dest="slurm_cpus",
+        type=positive_int,
+        metavar="N",
+        help="CPUs per job, shared evenly by its workers (default: 8 per GPU)",
     )
     g.add_argument("--slurm-mem-gb", type=positive_int, metavar="GB", help="memory per job (default: the cluster's)")
     g.add_argument(
-        "--slurm-array-parallelism", type=positive_int, metavar="N", help="jobs of an array running at once"
+        "--runs-per-job",
+        type=positive_int,
+        metavar="K",
+        help="runs packed into one SLURM job, so start-up, weights and data are paid once per K runs "
+        "(default: one per worker)",
+    )
+    g.add_argument(
+        "--slurm-array-parallelism",
+        type=positive_int,
+        metavar="N",
+        help="this sweep's jobs queued or running at once, all job arrays together (default: 256); the "
+        "driver submits more as they end",
     )
     g.add_argument(
         "--slurm-extra",

@@ -7,9 +7,15 @@ Whoever holds the claim is the only one who may write the result: it re-checks t
 under the claim, right before the atomic rename (`sweep.Sweep.run`). The claim is removed after the
 result is written, or when the run is abandoned.
 
-A claim whose owner is gone is stale and may be taken over: a dead pid on this host, a SLURM job that is
-no longer running, or a heartbeat older than `stale_after` seconds (any host). Taking over renames the
-stale file away first, so that of two processes reclaiming at once only one wins.
+A claim whose owner is gone is stale and may be taken over: a dead pid on this host; on another host, a
+SLURM job of ours that has left the queue or is pending again (asked of the one cached `squeue` snapshot
+the whole process shares, `benchmark.sweep.slurm`); an earlier incarnation of this very SLURM job (it was
+requeued since); or a heartbeat older than `stale_after` seconds (any host). Taking over renames the stale
+file away, then reads the moved file back: when it is no longer the owner that was judged stale (another
+process replaced the stale claim with its own in between), it is put back (`os.link`, which never
+overwrites) and the claim counts as live. What this cannot undo: a third process creating a claim in the
+instant between that rename and the put-back; the owner whose claim was moved then finds, through
+`Claim.held`, that it lost the claim before it writes its result.
 
 No library offers this (file locks through `fcntl` do not survive NFS or a SLURM node failure reliably,
 and leave no record of who held them), so it is written here.
@@ -18,16 +24,17 @@ and leave no record of who held them), so it is written here.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmark.sweep.slurm import Queue, shared_queue
 
 CLAIM_SUFFIX = ".claim"
 # A heartbeat older than this (seconds) marks a claim stale whatever its host; the owner beats every
@@ -45,7 +52,9 @@ def _owner() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "user": _user(),
         "slurm_job_id": _slurm_job_id(),
+        "slurm_restarts": _slurm_restarts(),
         "started": now,
         "heartbeat": now,
     }
@@ -55,6 +64,18 @@ def _slurm_job_id() -> str | None:
     """`<array job>_<task>` inside an array task (what `squeue -j` takes), else the plain job id."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _slurm_restarts() -> int:
+    """How often SLURM has requeued the job this process runs in (0 outside a job)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(count) if count.isdigit() else 0
+
+
+def _user() -> str | None:
+    with contextlib.suppress(Exception):  # no passwd entry (some containers): the user is unknown
+        return getpass.getuser()
+    return None
 
 
 def read_owner(path: Path) -> dict[str, Any] | None:
@@ -89,39 +110,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def slurm_job_running(job_id: str) -> bool | None:
-    """Whether SLURM still runs the job (None when SLURM cannot be asked)."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["squeue", "--noheader", "--format=%T", "--jobs", job_id],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        # squeue fails on a job id it no longer knows: the job is gone.
-        return False if "Invalid job id" in out.stderr else None
-    states = out.stdout.split()
-    return any(s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING") for s in states)
-
-
-def stale_reason(owner: dict[str, Any], *, stale_after: float = STALE_AFTER) -> str | None:
-    """Why a claim's owner is gone (None when it may still be running)."""
+def stale_reason(owner: dict[str, Any], *, stale_after: float = STALE_AFTER, queue: Queue | None = None) -> str | None:
+    """Why a claim's owner is gone (None when it may still be running). SLURM is asked through `queue` (the
+    process's shared snapshot by default), never once per claim."""
     age = time.time() - float(owner.get("heartbeat") or owner.get("started") or 0.0)
     if age > stale_after:
         return f"its heartbeat is {age:.0f} s old"
-    if owner.get("host") == socket.gethostname() and owner.get("pid") is not None:
-        if owner["pid"] == os.getpid():
+    job = owner.get("slurm_job_id")
+    if job and job == _slurm_job_id() and int(owner.get("slurm_restarts") or 0) < _slurm_restarts():
+        # Requeued after a kill that left no time to release (node failure, SIGKILL): the claim is our own,
+        # from before; SLURM lists the job as running, but that is us.
+        return f"it is SLURM job {job}'s own, from before the job was requeued"
+    host, pid = owner.get("host"), owner.get("pid")
+    if host == socket.gethostname() and pid is not None:
+        if pid == os.getpid() or _pid_alive(int(pid)):
             return None
-        if not _pid_alive(int(owner["pid"])):
-            return f"process {owner['pid']} on {owner['host']} is gone"
-    if owner.get("slurm_job_id") and slurm_job_running(str(owner["slurm_job_id"])) is False:
-        return f"SLURM job {owner['slurm_job_id']} is no longer running"
+        return f"process {pid} on {host} is gone"
+    if job and owner.get("user", _user()) == _user():  # `squeue --me` lists our own jobs only
+        return (queue or shared_queue()).gone(str(job), since=float(owner.get("started") or 0.0))
     return None
+
+
+def same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two reads of a claim are the same claim (a heartbeat changes neither)."""
+    return all(a.get(k) == b.get(k) for k in ("host", "pid", "started"))
+
+
+def take_over(path: Path, judged: dict[str, Any]) -> bool:
+    """Remove the claim at `path` that was judged stale as `judged`: True when it is gone, False when the file
+    found there was a newer, live claim (put back in place)."""
+    grave = path.with_name(f".{path.name}.stale.{os.getpid()}.{time.time_ns()}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return True  # released meanwhile
+    moved = read_owner(grave)
+    if moved is None or same_owner(moved, judged):
+        grave.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(FileExistsError):  # someone claimed it in between: theirs stays, see above
+        os.link(grave, path)
+    grave.unlink(missing_ok=True)
+    return False
 
 
 @dataclass
@@ -201,15 +231,8 @@ def try_claim(result: Path, *, stale_after: float = STALE_AFTER, heartbeat: bool
             if current is None:
                 continue  # released meanwhile: try again
             why = stale_reason(current, stale_after=stale_after)
-            if why is None:
+            if why is None or not take_over(path, current):
                 return None
-            # Rename the stale claim away: of several processes doing this at once only one succeeds.
-            grave = path.with_name(f".{path.name}.stale.{os.getpid()}.{time.time_ns()}")
-            try:
-                os.rename(path, grave)
-            except FileNotFoundError:
-                continue
-            grave.unlink(missing_ok=True)
             reclaimed = f"{current.get('host')}:{current.get('pid')} ({why})"
             continue
         with os.fdopen(fd, "w") as f:
@@ -251,10 +274,9 @@ def clean_orphans(directory: Path, *, stale_after: float = STALE_AFTER) -> list[
         owner = read_owner(claim_file)
         if owner is None:
             continue
-        if stale_reason(owner, stale_after=stale_after) is None:
+        if stale_reason(owner, stale_after=stale_after) is None or not take_over(claim_file, owner):
             live_dirs.add(claim_file.parent)
         else:
-            claim_file.unlink(missing_ok=True)
             removed.append(claim_file)
     now = time.time()
     for tmp in directory.rglob(".*.tmp"):

@@ -4,8 +4,15 @@ A wave is every run whose inputs exist: at first the grid points (or the final r
 of a pruning method), then whatever the finished results unlock (the selection, the dense run, the
 rewind candidates, the final seeds). The driver walks the sweep's own stages (`sweep.Sweep`), with
 `run` answering from the result files and collecting the runs still missing instead of executing them,
-submits them as one job array, waits, and walks again. The result files are the only state: a killed
-driver is simply started again, and submits only what is missing.
+submits them, and walks again as soon as any of its jobs ends (`benchmark.sweep.jobs`): a task's next
+stage never waits for other tasks' runs. The result files are the only state: a killed driver is simply
+started again, and submits only what is missing.
+
+On SLURM the driver looks every `SLURM_POLL_S` seconds, and every look asks the controller one `squeue`
+for the whole sweep, whatever the number of jobs and claims (`benchmark.sweep.slurm`). A job that
+`sbatch` refuses, or one that can never start (its pending reason says the request exceeds what the
+partition, QOS or account allows), stops the sweep with one line naming the option to change, after
+cancelling the sweep's jobs.
 
 A run is claimed by whoever executes it (`benchmark.sweep.claims`): runs claimed by a live owner elsewhere
 (another driver, a user's own `bench`) are waited for, not submitted; a claim whose owner is gone is
@@ -17,6 +24,7 @@ goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -30,10 +38,12 @@ from benchmark.core.errors import UserError
 from benchmark.run.results import provenance, read_result, write_json
 from benchmark.run.runner import new_record, quiet_lightning
 from benchmark.sweep.claims import claim_path, claimed, read_owner, stale_reason
-from benchmark.sweep.executors import job_failure, job_finished, make_executor, stderr_tail
+from benchmark.sweep.executors import make_executor
 from benchmark.sweep.graph import Plan, Sweep
 from benchmark.sweep.inline import prepare_sweep
+from benchmark.sweep.jobs import MAX_ARRAY, Batch, InFlight, dead_runs
 from benchmark.sweep.launch import LaunchOptions
+from benchmark.sweep.slurm import SNAPSHOT_MAX_AGE_S, Queue, QueueUnavailable, cancel, rejection, sharing
 from benchmark.sweep.resume import conflict
 from benchmark.sweep.worker import RunJob, Worker, WorkerContext, mtime_ns
 from methods import MethodConfig
@@ -43,9 +53,10 @@ from tasks import Task
 PENDING: dict[str, Any] = {"status": "pending"}
 # Submissions of a run per driver: the first, and one retry after its worker died.
 ATTEMPTS = 2
+# How often the driver looks at its jobs (seconds): local workers are cheap to watch; on SLURM every look
+# costs the controller one squeue, so it looks once per snapshot.
 POLL_S = 1.0
-# SLURM's default MaxArraySize is 1001 (indices 0-1000): larger waves go as several arrays.
-MAX_ARRAY = 1000
+SLURM_POLL_S = SNAPSHOT_MAX_AGE_S
 
 
 class _Waiting(Exception):
@@ -153,23 +164,6 @@ def record_failure(state: WaveSweep, job: RunJob, cause: str, log: str) -> bool:
     return True
 
 
-def _dead_runs(jobs: list[Any]) -> dict[str, tuple[str, str]]:
-    """Per result path, why the job that was running it died and the tail of its log (read from the
-    `peft-bench: run/done` lines the worker prints)."""
-    out = {}
-    for job in jobs:
-        cause = job_failure(job)
-        if cause is None:
-            continue
-        text = job.stderr() or ""
-        started = [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith("peft-bench: run ")]
-        finished = {line.split(" ", 3)[2] for line in text.splitlines()
-                    if line.startswith(("peft-bench: done ", "peft-bench: skipped "))}  # fmt: skip
-        for path in [p for p in started if p not in finished] or ["*"]:
-            out[path] = (cause, stderr_tail(job))
-    return out
-
-
 def drive(
     config: MethodConfig,
     tasks: list[Task],
@@ -195,51 +189,71 @@ def drive(
     bar = _Progress(state, [p.path for p, _ in known], dense_after_grid, config.name, progress)
     attempts: Counter[Path] = Counter()
     executed: list[dict[str, Any]] = []
-    jobs: list[Any] = []
+    slurm = launch.launcher == "slurm"
+    poll = SLURM_POLL_S if slurm else POLL_S
+    queue = Queue(strict=slurm)  # every liveness check of this sweep asks this one snapshot
+    flight = InFlight(launch, queue)
     try:
-        while True:
-            state.next_wave(tasks, configs, seeds)
-            bar.extra = max(0, dense_after_grid - sum(p.name == "dense.json" for p in state.seen))
-            wave = [j for j in state.wave.values() if attempts[j.path] < ATTEMPTS]
-            if not wave:
-                if not state.elsewhere:
-                    break
-                _wait_elsewhere(state, bar)
-                continue
-            jobs = _submit(executor, launch, ctx, wave)
-            while not all(job_finished(j) for j in jobs):
-                bar.refresh([j.path for j in wave])
-                time.sleep(POLL_S)
-            dead = _dead_runs(jobs)
-            for job in wave:
-                if mtime_ns(job.path) != job.seen:
-                    state.retried.add(job.path)
-                    if (record := read_result(job.path)) is not None:
-                        executed.append(record)
+        with sharing(queue):
+            while True:
+                state.next_wave(tasks, configs, seeds)
+                bar.extra = max(0, dense_after_grid - sum(p.name == "dense.json" for p in state.seen))
+                busy = flight.paths()
+                ready = [j for j in state.wave.values() if j.path not in busy and attempts[j.path] < ATTEMPTS]
+                if ready and (room := flight.room()):
+                    _start(executor, launch, ctx, ready[:room], flight)
+                others = state.elsewhere - flight.paths()
+                if not flight.batches:
+                    if not others:
+                        break
+                    _wait_elsewhere(others, bar, poll)
                     continue
-                if (owner := read_owner(claim_path(job.path))) is not None and stale_reason(owner) is None:
-                    continue  # another process runs it: waited for in the next wave
-                attempts[job.path] += 1
-                cause, log = dead.get(str(job.path)) or dead.get("*") or ("its job ended without a result", "")
-                if attempts[job.path] < ATTEMPTS:
-                    state.note(f"{job.path}: {cause}; submitted again")
-                elif record_failure(state, job, cause, log):
-                    state.note(f"{job.path}: recorded as failed ({cause})")
-                    executed.append(read_result(job.path))
-            bar.refresh([])
-            jobs = []
+                for batch in _wait_any(flight, others, bar, poll):
+                    _settle(state, batch, attempts, executed)
+                bar.refresh([])
+    except QueueUnavailable:
+        raise  # scancel cannot reach the controller either; the jobs go on, and the same command resumes
     except BaseException:
-        for job in jobs:  # interrupted: our jobs stop too (their runs are not recorded, and resume later)
-            job.cancel(check=False)
+        flight.cancel()  # interrupted: our jobs stop too (their runs are not recorded, and resume later)
         raise
     finally:
         bar.close()
     return executed
 
 
+def _settle(state: WaveSweep, batch: Batch, attempts: Counter[Path], executed: list[dict[str, Any]]) -> None:
+    """A batch whose jobs have all ended: each of its runs is done (its record joins `executed`), run
+    by another process (waited for on the next walk), submitted again, or recorded failed."""
+    dead = dead_runs(batch.jobs)
+    for job in batch.runs:
+        if mtime_ns(job.path) != job.seen:
+            state.retried.add(job.path)
+            if (record := read_result(job.path)) is not None:
+                executed.append(record)
+            continue
+        if (owner := read_owner(claim_path(job.path))) is not None and stale_reason(owner) is None:
+            continue  # another process runs it: waited for on the next walk
+        attempts[job.path] += 1
+        cause, log = dead.get(str(job.path)) or dead.get("*") or ("its job ended without a result", "")
+        if attempts[job.path] < ATTEMPTS:
+            state.note(f"{job.path}: {cause}; submitted again")
+        elif record_failure(state, job, cause, log):
+            state.note(f"{job.path}: recorded as failed ({cause})")
+            executed.append(read_result(job.path))
+
+
+def _start(executor: Any, launch: LaunchOptions, ctx: WorkerContext, ready: list[RunJob], flight: InFlight) -> None:
+    """Submit `ready` runs: local, to the free worker slots; SLURM, `runs_per_job` per array task."""
+    slots = flight.free_slots() if launch.launcher == "local" else []
+    if slots:
+        launch = dataclasses.replace(launch, workers=len(slots), gpus=tuple(launch.gpus[i] for i in slots))
+    flight.add(_submit(executor, launch, ctx, ready), ready, slots)
+
+
 def _submit(executor: Any, launch: LaunchOptions, ctx: WorkerContext, wave: list[RunJob]) -> list[Any]:
     """Local: the launcher's workers, each given the whole wave from its own offset (claims share it out).
-    SLURM: one array task per run, in arrays of at most `MAX_ARRAY` tasks."""
+    SLURM: one array task per `runs_per_job` runs, in arrays of at most `MAX_ARRAY` tasks; a submission
+    that `sbatch` refuses is a UserError naming the option to change (this call's jobs cancelled)."""
     if launch.launcher == "local":
         jobs, n = [], min(launch.workers, len(wave))
         for i in range(n):
@@ -248,20 +262,46 @@ def _submit(executor: Any, launch: LaunchOptions, ctx: WorkerContext, wave: list
                                        visible_gpus=() if gpu is None else (gpu,))  # fmt: skip
             jobs.append(executor.submit(Worker(), ctx, wave, i * len(wave) // n))
         return jobs
+    import submitit
+
+    k = launch.runs_per_job
+    chunks = [wave[i : i + k] for i in range(0, len(wave), k)]
     jobs = []
-    for start in range(0, len(wave), MAX_ARRAY):
-        chunk = wave[start : start + MAX_ARRAY]
-        jobs += executor.map_array(Worker(), [ctx] * len(chunk), [[j] for j in chunk], [0] * len(chunk))
+    try:
+        for start in range(0, len(chunks), MAX_ARRAY):
+            part = chunks[start : start + MAX_ARRAY]
+            jobs += executor.map_array(Worker(), [ctx] * len(part), part, [0] * len(part))
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+        cancel([str(j.job_id) for j in jobs])
+        raise UserError(rejection(str(e))) from None
     return jobs
 
 
-def _wait_elsewhere(state: WaveSweep, bar: _Progress) -> None:
-    """Wait until a run claimed by another process has its result, or its claim goes (or goes stale)."""
-    watched = {p: mtime_ns(p) for p in state.elsewhere}
+def _wait_any(flight: InFlight, others: set[Path], bar: _Progress, poll: float) -> list[Batch]:
+    """Wait until one of this driver's jobs ends (a local worker frees its slot) or a run another process
+    holds changes; returns the batches whose jobs have all ended. Refused: a job that can never start."""
+    before, watched = flight.ended_jobs(), {p: mtime_ns(p) for p in others}
     while True:
+        flight.check_startable()
+        done = flight.pop_ended()
+        if done or flight.ended_jobs() > before or _changed(watched):
+            return done
+        bar.refresh(sorted(flight.paths()))
+        time.sleep(poll)
+
+
+def _changed(watched: dict[Path, int | None]) -> bool:
+    """Whether a run held elsewhere has its result now, or its claim went (or went stale)."""
+    for path, mtime in watched.items():
+        owner = read_owner(claim_path(path))
+        if mtime_ns(path) != mtime or owner is None or stale_reason(owner) is not None:
+            return True
+    return False
+
+
+def _wait_elsewhere(paths: set[Path], bar: _Progress, poll: float) -> None:
+    """Wait until a run claimed by another process has its result, or its claim goes (or goes stale)."""
+    watched = {p: mtime_ns(p) for p in paths}
+    while not _changed(watched):
         bar.refresh(list(watched))
-        for path, mtime in watched.items():
-            owner = read_owner(claim_path(path))
-            if mtime_ns(path) != mtime or owner is None or stale_reason(owner) is not None:
-                return
-        time.sleep(POLL_S)
+        time.sleep(poll)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.core.errors import UserError
+from benchmark.sweep.slurm import Queue, never_starts
 
 # A local worker lives as long as the wave it serves; submitit's default would kill it after 2 minutes.
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
@@ -45,19 +46,37 @@ def make_executor(launcher: str, folder: Path, params: dict[str, Any], name: str
     return executor
 
 
-def job_finished(job: Any) -> bool:
+def job_finished(job: Any, queue: Queue, since: float) -> bool:
     """Whether a submitted job has ended, however it ended.
 
-    A local job: its process has ended. A SLURM job: its result file exists, or squeue no longer runs it
-    (submitit would ask sacct, which clusters without accounting cannot answer).
+    A local job: its process has ended. A SLURM job submitted at `since`: its result file exists, or the
+    shared queue snapshot no longer runs it (submitit would ask sacct, which clusters without accounting
+    cannot answer, once per executor).
     """
     if type(job).__name__ != "SlurmJob":
         return job.done()
-    if job.paths.result_pickle.exists():
+    if all(task.paths.result_pickle.exists() for task in job_tasks(job)):
         return True
-    from benchmark.sweep.claims import slurm_job_running
+    return queue.gone(str(job.job_id), since, margin=0.0) is not None  # submitted by this host's clock
 
-    return slurm_job_running(str(job.job_id)) is False
+
+def job_tasks(job: Any) -> list[Any]:
+    """A job's tasks, each with its own log and result (node mode runs one task per GPU)."""
+    n = getattr(job, "num_tasks", 1)
+    return [job] if n <= 1 else [job.task(i) for i in range(n)]
+
+
+def never_starting(jobs: list[Any], queue: Queue) -> str | None:
+    """One line when a pending SLURM job among `jobs` can never start (its pending reason and the option to
+    change), else None."""
+    snap = queue.snapshot()
+    if snap is None:
+        return None
+    for job in jobs:
+        queued = snap.jobs.get(str(job.job_id))
+        if queued is not None and queued.state == "PENDING" and (hint := never_starts(queued.reason)):
+            return f"SLURM job {job.job_id} can never start (pending: {queued.reason}): {hint}"
+    return None
 
 
 def job_failure(job: Any) -> str | None:

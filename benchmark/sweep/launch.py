@@ -20,7 +20,12 @@ SLURM_FLAGS = {
     "--slurm-mem-gb": "slurm_mem_gb",
     "--slurm-array-parallelism": "slurm_array_parallelism",
     "--slurm-extra": "slurm_extra",
+    "--runs-per-job": "runs_per_job",
 }
+# A SLURM job's time limit per run that each of its workers holds, unless --slurm-time says otherwise (minutes).
+MINUTES_PER_RUN = 240
+# Jobs of this driver in the queue at once, all arrays together, unless --slurm-array-parallelism says.
+PARALLELISM = 256
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class LaunchOptions:
         threads: torch threads per worker (inline: of this process; 0 leaves torch's default).
         slurm: submitit's SLURM parameters (partition, time limit, GPUs, CPUs, memory, array parallelism,
             additional directives).
+        runs_per_job: runs packed into one SLURM job (start-up, weights and data paid once per job).
+        parallelism: SLURM jobs of this driver queued or running at once, all arrays together.
     """
 
     launcher: str = "inline"
@@ -41,6 +48,8 @@ class LaunchOptions:
     gpus: tuple[int | None, ...] = (None,)
     threads: int = 1
     slurm: dict = field(default_factory=dict)
+    runs_per_job: int = 1
+    parallelism: int = PARALLELISM
 
 
 def _minutes(text: str) -> int:
@@ -108,15 +117,26 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
     gpus = 1 if args.slurm_gpus is None else args.slurm_gpus
     if gpus < 0:
         raise UserError(f"--slurm-gpus-per-job must be 0 or more, got {gpus}")
-    job_cpus = args.slurm_cpus or 8
+    workers = max(1, gpus)  # node mode: one worker per GPU, sharing the job's runs
+    per_job = args.runs_per_job or workers
+    if per_job < workers:
+        raise UserError(f"--runs-per-job {per_job} leaves GPUs of a {gpus}-GPU job idle (one worker per GPU); "
+                        f"use --runs-per-job {gpus} or more")  # fmt: skip
+    job_cpus = args.slurm_cpus or 8 * workers
+    if job_cpus < workers:
+        raise UserError(f"--slurm-cpus-per-job {job_cpus} is fewer than one per GPU ({gpus}); raise it")
+    parallelism = args.slurm_array_parallelism or PARALLELISM
     params = {
-        "time": _minutes(args.slurm_time) if args.slurm_time else 240,
-        "gpus_per_node": gpus or None,
-        "cpus_per_task": job_cpus,
+        "time": _minutes(args.slurm_time) if args.slurm_time else MINUTES_PER_RUN * -(-per_job // workers),
+        "cpus_per_task": job_cpus // workers,
         "partition": args.slurm_partition,
         "mem": f"{args.slurm_mem_gb}GB" if args.slurm_mem_gb else None,
-        "array_parallelism": args.slurm_array_parallelism,
+        "array_parallelism": parallelism,
         "additional_parameters": _slurm_extra(args.slurm_extra or []),
     }
+    if gpus == 1:
+        params["gpus_per_node"] = 1
+    elif gpus > 1:  # SLURM binds one GPU to each task (CUDA_VISIBLE_DEVICES)
+        params.update(ntasks_per_node=gpus, gpus_per_task=1)
     params = {k: v for k, v in params.items() if v not in (None, {})}
-    return LaunchOptions("slurm", 1, (None,), args.threads or job_cpus, params)
+    return LaunchOptions("slurm", 1, (None,), args.threads or job_cpus // workers, params, per_job, parallelism)

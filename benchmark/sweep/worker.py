@@ -53,6 +53,16 @@ def mtime_ns(path: Path) -> int | None:
         return None
 
 
+def task_offset(n: int) -> int:
+    """Where this task starts in its job's `n` runs: in node mode each of a job's tasks (one per GPU) starts
+    at its own share, so the job's workers do not all wait on the first run's claim."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return 0
+    return env.global_rank * n // max(1, env.num_tasks)
+
+
 class Worker(submitit.helpers.Checkpointable):
     """The submitted callable. On preemption or a time limit submitit requeues it with the same arguments
     (`Checkpointable`): the result files hold all the state, so the requeued job skips what is done."""
@@ -71,6 +81,7 @@ class Worker(submitit.helpers.Checkpointable):
         data = SweepData({}, {})
         state = None
         out = []
+        offset = (offset + task_offset(len(jobs))) % max(1, len(jobs))
         for job in jobs[offset:] + jobs[:offset]:
             if mtime_ns(job.path) != job.seen:
                 continue  # done (or redone) by someone else since the driver planned it
