@@ -1,0 +1,237 @@
+"""Claims and the SLURM queue they ask: one squeue for any number of claims, a requeued job's own claim, a
+race-free takeover, and squeue's output formats, failures and pending reasons."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmark.core.errors import UserError
+from benchmark.sweep import claims
+from benchmark.sweep.claims import claim_path, clean_orphans, read_owner, stale_reason, try_claim
+from benchmark.sweep.slurm import Queue, expand_ids, never_starts, parse_squeue, rejection, sharing
+
+
+def fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lines: list[str]) -> Path:
+    """An `squeue` on PATH that prints `lines` (whatever it is asked) and logs each call; returns the log."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "squeue.log"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "squeue"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nprintf '%s\\n' {' '.join(repr(x) for x in lines)}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    log.touch()
+    return log
+
+
+def calls(log: Path) -> int:
+    return len(log.read_text().splitlines())
+
+
+def write_claim(result: Path, **owner) -> Path:
+    now = time.time()
+    owner = {"host": "node-a", "pid": 4321, "user": getpass.getuser(), "slurm_job_id": None, "started": now,
+             "heartbeat": now, **owner}  # fmt: skip
+    path = claim_path(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(owner))
+    return path
+
+
+def test_claims_on_other_hosts_cost_one_squeue_whatever_their_number(tmp_path, monkeypatch):
+    running = [f"900_{i} RUNNING None" for i in range(0, 50, 2)]  # the odd tasks have left the queue
+    log = fake_squeue(tmp_path, monkeypatch, running)
+    long_ago = time.time() - 600  # started well before the snapshot: the snapshot can judge them
+    paths = [write_claim(tmp_path / f"r{i}.json", slurm_job_id=f"900_{i}", started=long_ago) for i in range(50)]
+    with sharing(Queue()):
+        reasons = [stale_reason(read_owner(p)) for p in paths]
+    assert calls(log) == 1
+    assert reasons[0::2] == [None] * 25
+    assert all("900_" in r and "left the queue" in r for r in reasons[1::2])
+
+
+def test_a_claim_newer_than_the_snapshot_is_not_judged_by_it(tmp_path, monkeypatch):
+    fake_squeue(tmp_path, monkeypatch, [])  # the job was submitted after this snapshot
+    with sharing(Queue()):
+        assert stale_reason(read_owner(write_claim(tmp_path / "r.json", slurm_job_id="901_0"))) is None
+
+
+def test_another_users_job_is_judged_by_its_heartbeat_only(tmp_path, monkeypatch):
+    log = fake_squeue(tmp_path, monkeypatch, [])
+    path = write_claim(tmp_path / "r.json", slurm_job_id="902_0", user="someone-else", started=0.0)
+    with sharing(Queue()):
+        assert stale_reason(read_owner(path)) is None  # `squeue --me` cannot see it
+    assert calls(log) == 0
+
+
+def test_a_requeued_job_takes_its_own_old_claim_back(tmp_path, monkeypatch):
+    fake_squeue(tmp_path, monkeypatch, ["4242_3 RUNNING None"])  # the job runs again: that is us
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    result = tmp_path / "r.json"
+    write_claim(result, host="node-b", pid=77, slurm_job_id="4242_3")  # before the requeue: no restart count
+    with sharing(Queue()):
+        claim = try_claim(result, heartbeat=False)
+    assert claim is not None and "requeued" in claim.reclaimed_from
+    assert read_owner(claim_path(result))["pid"] == os.getpid()
+    claim.release()
+    # A sibling of the same incarnation (another task of this job, node mode) keeps its claim.
+    write_claim(result, host="node-b", pid=78, slurm_job_id="4242_3", slurm_restarts=1)
+    with sharing(Queue()):
+        assert try_claim(result, heartbeat=False) is None
+
+
+@pytest.fixture
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def replaced_meanwhile(monkeypatch, path: Path, fresh: dict) -> None:
+    """Between the judgment "stale" and the takeover's rename, another process replaces the stale claim with
+    its own fresh one (as a concurrent `try_claim` does)."""
+    judge = claims.stale_reason
+
+    def interleaved(owner, **kwargs):
+        why = judge(owner, **kwargs)
+        if why is not None and owner.get("pid") != fresh["pid"]:
+            path.unlink()
+            path.write_text(json.dumps(fresh))
+        return why
+
+    monkeypatch.setattr(claims, "stale_reason", interleaved)
+
+
+def test_taking_over_a_stale_claim_leaves_a_newer_live_claim_in_place(tmp_path, monkeypatch, live_process):
+    result = tmp_path / "r.json"
+    path = write_claim(result, host=socket.gethostname(), pid=dead_pid())
+    now = time.time()
+    fresh = {"host": socket.gethostname(), "pid": live_process, "started": now, "heartbeat": now}
+    replaced_meanwhile(monkeypatch, path, fresh)
+    assert try_claim(result, heartbeat=False) is None  # the newer owner is live: not ours to take
+    assert json.loads(path.read_text()) == fresh
+    assert not list(tmp_path.glob(".*stale*"))
+
+
+def test_cleaning_orphans_leaves_a_newer_live_claim_in_place(tmp_path, monkeypatch, live_process):
+    path = write_claim(tmp_path / "runs" / "r.json", host=socket.gethostname(), pid=dead_pid())
+    now = time.time()
+    fresh = {"host": socket.gethostname(), "pid": live_process, "started": now, "heartbeat": now}
+    replaced_meanwhile(monkeypatch, path, fresh)
+    assert clean_orphans(tmp_path / "runs") == []
+    assert json.loads(path.read_text()) == fresh
+
+
+def test_a_stale_claim_is_taken_over_when_nobody_interferes(tmp_path):
+    result = tmp_path / "r.json"
+    write_claim(result, host=socket.gethostname(), pid=dead_pid())
+    claim = try_claim(result, heartbeat=False)
+    assert claim is not None and "is gone" in claim.reclaimed_from
+    claim.release()
+    write_claim(result, host=socket.gethostname(), pid=dead_pid())
+    assert clean_orphans(tmp_path) == [claim_path(result)] and not claim_path(result).exists()
+
+
+def test_squeue_formats_are_read_job_by_job():
+    assert expand_ids("123") == ["123"] and expand_ids("123_4") == ["123_4"]
+    assert expand_ids("7_[0-2,5%2]") == ["7_0", "7_1", "7_2", "7_5"]
+    jobs = parse_squeue("7_[0-1%2] PENDING PartitionConfig\n8_3 RUNNING None\n"
+                        "9 PENDING ReqNodeNotAvail, UnavailableNodes:node[1-3]\n")  # fmt: skip
+    assert jobs["7_1"].reason == "PartitionConfig" and jobs["8_3"].state == "RUNNING"
+    assert jobs["9"].reason == "ReqNodeNotAvail, UnavailableNodes:node[1-3]"
+
+
+class FakeRun:
+    """`subprocess.run` for squeue: fails `failures` times, then answers; counts calls."""
+
+    def __init__(self, failures: int, stdout: str = "") -> None:
+        self.failures, self.stdout, self.calls = failures, stdout, 0
+
+    def __call__(self, cmd, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            return subprocess.CompletedProcess(cmd, 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
+        return subprocess.CompletedProcess(cmd, 0, self.stdout, "")
+
+
+def test_the_snapshot_is_refreshed_once_per_interval_and_retried_with_back_off():
+    clock, slept = [0.0], []
+    run = FakeRun(failures=2, stdout="5 RUNNING None\n")
+    queue = Queue(max_age=20, strict=True, run=run, clock=lambda: clock[0], wall=lambda: 1000.0 + clock[0],
+                  sleep=slept.append)  # fmt: skip
+    assert queue.gone("5", since=0.0) is None and queue.gone("6", since=0.0) is not None
+    assert run.calls == 3 and slept == [2.0, 4.0]  # two failures, then an answer
+    for t in (5.0, 10.0, 19.9):
+        clock[0] = t
+        queue.gone("5", since=0.0)
+    assert run.calls == 3
+    clock[0] = 20.0
+    queue.gone("5", since=0.0)
+    assert run.calls == 4
+
+
+def test_squeue_failing_for_good_is_one_line():
+    queue = Queue(strict=True, run=FakeRun(failures=99), sleep=lambda s: None)
+    with pytest.raises(UserError) as e:
+        queue.snapshot()
+    assert "squeue failed 4 times" in str(e.value) and "Unable to contact" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert Queue(strict=False, run=FakeRun(failures=99), sleep=lambda s: None).gone("5", 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "option"),
+    [
+        ("PartitionConfig", "--slurm-cpus-per-job"),
+        ("PartitionTimeLimit", "--slurm-time"),
+        ("QOSMaxGRESPerJob", "qos="),
+        ("QOSMaxWallDurationPerJobLimit", "--slurm-time"),
+        ("AssocMaxCpuPerJobLimit", "account="),
+        ("ReqNodeNotAvail, UnavailableNodes:vm", "--slurm-partition"),
+        ("Resources", None),
+        ("Priority", None),
+        ("QOSMaxJobsPerUserLimit", None),  # waits for the user's other jobs to end
+        ("AssocGrpCpuLimit", None),
+        ("ReqNodeNotAvail, Reserved for maintenance", None),
+    ],
+)
+def test_pending_reasons_that_never_clear_name_the_option(reason, option):
+    hint = never_starts(reason)
+    assert (hint is None) if option is None else (option in hint)
+
+
+@pytest.mark.parametrize(
+    ("said", "option"),
+    [
+        ("sbatch: error: Invalid generic resource (gres) specification", "--slurm-gpus-per-job"),
+        ("sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: "
+         "Invalid partition name specified", "--slurm-partition"),
+        ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
+         "Requested node configuration is not available", "--slurm-mem-gb"),
+        ("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's "
+         "size and/or time limits)", "--slurm-array-parallelism"),
+        ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some "
+         "limit)", "--slurm-time"),
+        ("sbatch: error: Batch job submission failed: Invalid qos specification", "qos="),
+    ],
+)  # fmt: skip
+def test_sbatch_refusals_name_the_option(said, option):
+    line = rejection(said)
+    assert option in line and "\n" not in line and line.startswith("sbatch refused the job")
