@@ -16,9 +16,24 @@ GROUP_SIZES = {g: sum(t.group == g for t in TASKS) for g in GROUPS}
 
 
 def format_mean_std(mean: Any, std: Any) -> str:
+    """`71.2 ± 0.3`; the mean alone where there is no std (a single seed), `—` where there is no mean."""
     if mean is None or pd.isna(mean):
         return "—"
-    return f"{mean:.1f}" if pd.isna(std) or std == 0 else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}" if std is None or pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def incomplete(row: pd.Series) -> bool:
+    """Whether a leaderboard row lacks results on some task of its board (`leaderboard_frame`'s `complete`)."""
+    complete = row.get("complete", True)
+    return not (pd.isna(complete) or bool(complete))
+
+
+def average_cell(text: str, row: pd.Series) -> str:
+    """An average's cell: `text`, followed by `(covered/board tasks)` when the row is incomplete, since its
+    mean then covers fewer tasks than the complete rows' means."""
+    if text == "—" or not incomplete(row):
+        return text
+    return f"{text} ({int(row.tasks)}/{int(row.board_tasks)})"
 
 
 def printed(value: Any) -> str:

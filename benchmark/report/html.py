@@ -23,7 +23,16 @@ import numpy as np
 import pandas as pd
 
 from benchmark.papers.reference import SELECTION_PROTOCOLS
-from benchmark.report.format import GROUP_SIZES, TASK_ORDER, format_count, format_mean_std, printed, trained_params
+from benchmark.report.format import (
+    GROUP_SIZES,
+    TASK_ORDER,
+    average_cell,
+    format_count,
+    format_mean_std,
+    incomplete,
+    printed,
+    trained_params,
+)
 from tasks import GROUPS
 
 HERE = Path(__file__).resolve().parent
@@ -89,9 +98,13 @@ def _td(text: str, sort: float | None = None, title: str | None = None, *, cls: 
 
 
 def _row_attrs(key: str, r: pd.Series, reported: bool) -> str:
+    """The row's key (shared with its point on the plot), kind, protocol, search text and completeness."""
     kind = r.get("kind", "ours") if reported else "ours"
     search = " ".join(str(r.get(c, "")) for c in ("method", "protocol", "source") if pd.notna(r.get(c, "")))
-    return f'data-key="{key}" class="{kind}" data-protocol="{_esc(r.protocol)}" data-search="{_esc(search.lower())}"'
+    return (
+        f'data-key="{key}" class="{kind}" data-protocol="{_esc(r.protocol)}" data-search="{_esc(search.lower())}" '
+        f'data-complete="{0 if incomplete(r) else 1}"'
+    )
 
 
 def _identity(r: pd.Series, reported: bool) -> list[str]:
@@ -101,11 +114,14 @@ def _identity(r: pd.Series, reported: bool) -> list[str]:
 
 
 TEXT_COLUMNS = ("kind", "method", "protocol", "source")
+# Columns whose sorting keeps complete rows above incomplete ones in both directions (page.js), as the
+# leaderboard orders its rows: a mean over fewer tasks is not comparable with a complete row's.
+AVERAGE_COLUMNS = ("avg (groups)", "avg (tasks)")
 
 
 def _table(table_id: str, headers: list[tuple[str, str]], rows: list[str]) -> str:
     """A table in a horizontally scrolling box; the text columns are left-aligned (class `text`)."""
-    cls = {name: ' class="text"' for name in TEXT_COLUMNS}
+    cls = {name: ' class="text"' for name in TEXT_COLUMNS} | {name: " data-complete-first" for name in AVERAGE_COLUMNS}
     head = "".join(f'<th scope="col"{cls.get(n, "")} title="{_esc(tip)}">{_esc(n)}</th>' for n, tip in headers)
     body = "\n".join(rows) if rows else f'<tr><td colspan="{len(headers)}">(no results)</td></tr>'
     return (
@@ -124,8 +140,10 @@ def summary_table(board: pd.DataFrame) -> str:
     headers += [("source", "where the reported row comes from")] if reported else []
     headers += [("tasks", "tasks with results, of the 19 of VTAB-1k")]
     headers += [(g, f"mean over the {g} tasks present (of {GROUP_SIZES[g]}) ± std over seeds") for g in GROUPS]
-    headers += [("avg (groups)", "mean of the group means (VPT convention)"),
-                ("avg (tasks)", "plain mean over the tasks present (the mean of 19 when complete)"),
+    headers += [("avg (groups)", "mean of the group means (VPT convention); rows lacking tasks of the board come "
+                 "after the complete ones, the tasks they cover in brackets"),
+                ("avg (tasks)", "plain mean over the tasks present (the mean of 19 when complete); rows lacking "
+                 "tasks of the board come after the complete ones, the tasks they cover in brackets"),
                 ("tunable", "trained parameters of the method, head excluded (reported: as the source prints it)"),
                 ("nonzero", "tunable parameters that survive pruning"), ("%", "tunable / backbone parameters"),
                 ("head", "parameters of the classification head"), ("failed", "runs that failed")]  # fmt: skip
@@ -143,7 +161,8 @@ def summary_table(board: pd.DataFrame) -> str:
             partial = n not in (0, GROUP_SIZES[g]) and cell != "—"
             cells.append(_td(f"{cell} ({n}/{GROUP_SIZES[g]})" if partial else cell, _num(mean)))
         for key in ("avg_groups", "avg_tasks"):
-            cells.append(_td(text(r.get(f"{key}_mean"), r.get(f"{key}_std")), _num(r.get(f"{key}_mean"))))
+            cell = average_cell(text(r.get(f"{key}_mean"), r.get(f"{key}_std")), r)
+            cells.append(_td(cell, _num(r.get(f"{key}_mean"))))
         for key in ("tunable", "nonzero_tunable"):
             cells.append(_td(format_count(r.get(key)), _num(r.get(key))))
         pct = _num(r.get("tunable_pct"))
@@ -201,7 +220,8 @@ def plot_svg(board: pd.DataFrame) -> str:
 
     One point per row that has both: ours filled, reported hollow (`class="pt reported"`), each with its
     tooltip text in `data-tip` (and a `<title>` for browsers without JavaScript); the Pareto front of our
-    rows (no smaller row is as accurate) as a line.
+    complete rows (no smaller complete row is as accurate) as a line. Our incomplete rows (`class="pt ours
+    incomplete"`: their mean covers fewer tasks) are faint, outlined with dashes, and never on the front.
     """
     has = {"avg_tasks_mean", "tunable"} <= set(board.columns)
     shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
@@ -238,7 +258,8 @@ def plot_svg(board: pd.DataFrame) -> str:
                "trained parameters per task (method + head, log scale)</text>")  # fmt: skip
     out.append(f'<text class="axis" transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
                'text-anchor="middle">mean top-1 accuracy over tasks (%)</text>')  # fmt: skip
-    ours = sorted((p for p in points if p[3].get("kind", "ours") == "ours"), key=lambda p: (p[1], -p[2]))
+    ours = [p for p in points if p[3].get("kind", "ours") == "ours" and not incomplete(p[3])]
+    ours.sort(key=lambda p: (p[1], -p[2]))
     front, best = [], -math.inf
     for p in ours:
         if p[2] > best:
@@ -248,7 +269,9 @@ def plot_svg(board: pd.DataFrame) -> str:
         front = []  # a front of one point is no line
     if front:
         line = " ".join(f"{px(p[1]):.1f},{py(p[2]):.1f}" for p in front)
-        out.append(f'<polyline id="pareto" points="{line}"><title>Pareto front of our rows</title></polyline>')
+        out.append(
+            f'<polyline id="pareto" points="{line}"><title>Pareto front of our complete rows</title></polyline>'
+        )
     colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(board.method.unique()))}
     placed: list[tuple[float, float]] = []
     for key, x, y, r in points:
@@ -256,6 +279,8 @@ def plot_svg(board: pd.DataFrame) -> str:
         if kind == "ours":
             seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/19 tasks"
             acc = f"accuracy {format_mean_std(y, r.get('avg_tasks_std'))} (mean over tasks)"
+            if incomplete(r):
+                acc += f"\nincomplete: {r.tasks} of the board's {r.board_tasks} tasks, not on the front"
         else:
             seeds = f"reported by {r.source}, {r.tasks}/19 tasks"
             acc = f"accuracy {printed(y)} (mean of 19, as printed)"
@@ -263,19 +288,24 @@ def plot_svg(board: pd.DataFrame) -> str:
         params = f"params {format_count(r.tunable)}" + (f" + head {format_count(head)}" if head else "")
         tip = "\n".join([r.method, r.protocol, seeds, acc, params])
         style = f'fill="{colour[r.method]}"' if kind == "ours" else f'fill="none" stroke="{colour[r.method]}"'
+        if kind == "ours" and incomplete(r):
+            kind, style = "ours incomplete", f'{style} fill-opacity="0.35" stroke="{colour[r.method]}"'
         out.append(f'<circle class="pt {kind}" data-key="{key}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" {style} '
                    f'data-tip="{_esc(tip)}"><title>{_esc(tip)}</title></circle>')  # fmt: skip
-        if kind == "ours":
+        if kind.startswith("ours"):
             near = sum(abs(px(x) - a) < 70 and abs(py(y) - b) < 12 for a, b in placed)
             placed.append((px(x), py(y)))
             out.append(f'<text class="label" data-key="{key}" x="{px(x) + 9:.1f}" y="{py(y) - 6 - 12 * near:.1f}">'
                        f"{_esc(r.method)}</text>")  # fmt: skip
-    legend = [("ours: mean over the tasks run", '<circle cx="8" cy="0" r="5" fill="#555"/>')]
+    legend = [("ours: mean over the board's tasks", '<circle cx="8" cy="0" r="5" fill="#555"/>')]
+    if any(p[3].get("kind", "ours") == "ours" and incomplete(p[3]) for p in points):
+        legend.append(("ours, incomplete: mean over fewer tasks (not comparable)",
+                       '<circle class="incomplete" cx="8" cy="0" r="5" fill="#555" fill-opacity="0.35" stroke="#555"/>'))  # fmt: skip
     if any(p[3].get("kind", "ours") == "reported" for p in points):
         legend.append(("reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed",
                        '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
     if front:
-        legend.append(("Pareto front of our rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
+        legend.append(("Pareto front of our complete rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
     x = left  # the legend: one row above the plotting area
     for text, mark in legend:
         out.append(f'<g class="legend" transform="translate({x} 16)">{mark}<text x="22" y="4">{_esc(text)}</text></g>')

@@ -3,8 +3,15 @@
 One row per (method, protocol). Per task: mean ± std of the reported accuracy over seeds. Group means
 (natural / specialized / structured) and both averages: the mean of the group means ("avg (groups)",
 the VPT convention) and the plain mean over tasks ("avg (tasks)", the mean of 19 when all are there).
-A group mean's std is the std over seeds of the per-seed group means. When a row lacks tasks, its
-group means cover the tasks present, and the `tasks` column says how many that is.
+A group mean's std is the std over seeds of the per-seed group means; a single seed has no std (NaN:
+an empty cell, never 0.0).
+
+A row is complete when it has results on every task of the board (every task any run in the results ran).
+Complete rows come first, best `avg (tasks)` first; rows that lack tasks (every run of a task failed, or
+it never ran) follow, those covering more tasks first, then by their mean. Their means cover the tasks
+present only, so they are not comparable with a complete row's: the tables print the count beside them
+(`61.0 (3/4)`) and the page's Pareto front leaves them out, as `compare` gives no mean unless every task of it
+is covered.
 
 With `reported` the table also holds the papers' rows from the reference CSV (`benchmark/papers/reference.py`),
 marked `kind` = `reported` with their source, and the plot overlays them as hollow markers labelled by
@@ -30,8 +37,10 @@ from benchmark.report.format import (
     GROUP_OF,
     GROUP_SIZES,
     TASK_ORDER,
+    average_cell,
     format_count,
     format_mean_std,
+    incomplete,
     printed,
     protocol_label,
     trained_params,
@@ -94,10 +103,11 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _mean_std(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample std (n - 1); the std of a single value is NaN (there is no spread to speak of)."""
     values = values.dropna()
     if values.empty:
         return np.nan, np.nan
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else np.nan
 
 
 def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
@@ -138,7 +148,12 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
 
     Runs of one method under one protocol whose configurations differ (`benchmark.report.variants`) are never
     averaged together: each configuration gets its own row, its label saying what sets it apart.
+
+    `board_tasks` is the number of tasks of the board (tasks any run ran, successfully or not), `complete`
+    whether a row has results on all of them. Complete rows come first, by `avg_tasks_mean`; then the others,
+    by the tasks they cover, then by `avg_tasks_mean`.
     """
+    board_tasks = len({t for t in runs.task if t in TASK_ORDER}) if not runs.empty else 0
     rows = []
     for (method, protocol, budget, variant), g in runs.groupby(["method", "protocol", "budget", "variant"], sort=True):
         ok = g[g.status == "ok"]
@@ -149,6 +164,8 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
             "protocol": protocol_label(protocol, per_seed.shape[0], budget) + (f" [{variant}]" if variant else ""),
             "seeds": int(per_seed.shape[0]),
             "tasks": len(tasks),
+            "complete": bool(tasks) and len(tasks) == board_tasks,
+            "board_tasks": board_tasks,
             "runs_failed": int((g.status != "ok").sum()),
         }
         # `<task>_n`: the seeds behind a task's mean ± std.
@@ -168,7 +185,8 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty and "avg_tasks_mean" in frame:
-        frame = frame.sort_values(["avg_tasks_mean", "method"], ascending=[False, True], na_position="last")
+        order = ["complete", "tasks", "avg_tasks_mean", "method"]
+        frame = frame.sort_values(order, ascending=[False, False, False, True], na_position="last", kind="stable")
     return frame.reset_index(drop=True)
 
 
@@ -192,6 +210,8 @@ def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) 
             "source_full": r.source,
             "backbone_weights": r.backbone_weights,
             "tasks": int(r[TASK_ORDER].notna().sum()),
+            "complete": bool(pd.notna(r.avg_19)),  # the source's mean of 19
+            "board_tasks": len(TASK_ORDER),
         }
         row.update({f"{t}_mean": r[t] for t in TASK_ORDER if pd.notna(r[t])})
         for g in GROUPS:
@@ -222,10 +242,13 @@ def markdown(board: pd.DataFrame) -> str:
     lines = [
         "# Leaderboard",
         "",
-        "Top-1 accuracy (%) as mean ± std over seeds. `avg (groups)` is the mean of the three group means "
-        "(VPT convention); `avg (tasks)` the plain mean over the tasks present (the mean of 19 when complete). "
-        "A group mean covering fewer tasks than the group has shows the count in brackets. `tunable` excludes "
-        "the head; `nonzero` counts what survives pruning; `%` is tunable / backbone. Generated by `python -m benchmark leaderboard`; do not edit.",
+        "Top-1 accuracy (%) as mean ± std over seeds (a single seed shows its mean alone: it has no std). "
+        "`avg (groups)` is the mean of the three group means (VPT convention); `avg (tasks)` the plain mean over "
+        "the tasks present (the mean of 19 when complete). A group mean covering fewer tasks than the group has "
+        "shows the count in brackets. Rows with results on every task of this board come first, by `avg (tasks)`; "
+        "rows lacking tasks follow, their averages marked with the tasks they cover (`61.0 (3/4)`): such a mean "
+        "is not comparable with a complete row's. `tunable` excludes the head; `nonzero` counts what survives "
+        "pruning; `%` is tunable / backbone. Generated by `python -m benchmark leaderboard`; do not edit.",
         "",
     ]
     if reported:
@@ -249,8 +272,8 @@ def markdown(board: pd.DataFrame) -> str:
             text = cell(r.get(f"{g}_mean"), r.get(f"{g}_std"))
             n = r.get(f"{g}_tasks", 0)
             row[g] = text if n in (0, GROUP_SIZES[g]) or text == "—" else f"{text} ({n}/{GROUP_SIZES[g]})"
-        row["avg (groups)"] = cell(r.get("avg_groups_mean"), r.get("avg_groups_std"))
-        row["avg (tasks)"] = cell(r.get("avg_tasks_mean"), r.get("avg_tasks_std"))
+        row["avg (groups)"] = average_cell(cell(r.get("avg_groups_mean"), r.get("avg_groups_std")), r)
+        row["avg (tasks)"] = average_cell(cell(r.get("avg_tasks_mean"), r.get("avg_tasks_std")), r)
         row["tunable"] = format_count(r.get("tunable"))
         row["nonzero"] = format_count(r.get("nonzero_tunable"))
         row["%"] = "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}"
@@ -285,7 +308,8 @@ def plot(board: pd.DataFrame) -> bytes:
 
     Our rows are filled markers at tunable + head; reported rows (`kind` = `reported`) are hollow
     markers in the same colour as our row of that method, at the printed parameter count and the mean
-    of 19, labelled with their source. Rows without a positive parameter count cannot be placed on the
+    of 19, labelled with their source. Incomplete rows of ours (`complete` false: their mean covers fewer
+    tasks) are faint and labelled with their count. Rows without a positive parameter count cannot be placed on the
     log axis and are left out (the table still lists them).
     """
     fig, ax = plt.subplots(figsize=(8, 5) if "kind" in board.columns else (7, 4.5), dpi=120)
@@ -293,7 +317,7 @@ def plot(board: pd.DataFrame) -> bytes:
     shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {m: colours[i % len(colours)] for i, m in enumerate(sorted(board.method.unique()))} if has else {}
-    any_reported = False
+    any_reported = any_incomplete = False
     placed: list[tuple[float, float]] = []
     span = max(1.0, float(shown.avg_tasks_mean.max() - shown.avg_tasks_mean.min())) if len(shown) else 1.0
     for _, r in shown.iterrows():
@@ -310,17 +334,25 @@ def plot(board: pd.DataFrame) -> bytes:
             ax.scatter([x], [r.avg_tasks_mean], s=46, facecolors="none", edgecolors=colour[r.method],
                        linewidths=1.4, zorder=2)  # fmt: skip
             label, size, tint = f"{r.method} ({r.source})", 6.5, "0.35"
+        elif incomplete(r):
+            any_incomplete = True
+            ax.scatter([x], [r.avg_tasks_mean], s=40, color=colour[r.method], alpha=0.35, zorder=3)
+            label, size, tint = f"{r.method} ({r.tasks}/{r.board_tasks} tasks: incomplete)", 7, "0.45"
         else:
             ax.scatter([x], [r.avg_tasks_mean], s=40, color=colour[r.method], zorder=3)
             label, size, tint = f"{r.method} ({r.tasks} tasks)", 8, "black"
         ax.annotate(label, (x, r.avg_tasks_mean), textcoords="offset points", xytext=offset, fontsize=size,
                     color=tint)  # fmt: skip
-    if any_reported:
+    if any_reported or any_incomplete:
         handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color="0.3", label="ours: mean over the tasks run"),
-            plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.3",
-                       label="reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed"),
-        ]  # fmt: skip
+            plt.Line2D([], [], marker="o", linestyle="", color="0.3", label="ours: mean over the board's tasks")
+        ]
+        if any_incomplete:
+            handles.append(plt.Line2D([], [], marker="o", linestyle="", color="0.3", alpha=0.35,
+                                      label="ours, incomplete: mean over fewer tasks (not comparable)"))  # fmt: skip
+        if any_reported:
+            handles.append(plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.3",
+                                      label="reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed"))  # fmt: skip
         ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)

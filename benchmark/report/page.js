@@ -1,5 +1,6 @@
-// Interactivity of leaderboard.html (inlined by benchmark/report/html.py): sorting by a column header,
-// the text and protocol filters, the plot's tooltips and the reported rows' toggle. The page reads without it.
+// Interactivity of leaderboard.html (inlined by benchmark/report/html.py): sorting by a column header (by an
+// average: complete rows first, as the server orders them), the text and protocol filters, the plot's tooltips
+// and the reported rows' toggle. The page reads without it.
 "use strict";
 (function () {
   const tables = Array.from(document.querySelectorAll("table.board"));
@@ -29,7 +30,10 @@
     for (const other of th.parentNode.children) other.removeAttribute("aria-sort");
     th.setAttribute("aria-sort", descending ? "descending" : "ascending");
     const sign = descending ? -1 : 1;
+    // An average over fewer tasks is not comparable with a complete row's: complete rows stay first.
+    const completeFirst = th.hasAttribute("data-complete-first");
     rows.sort((a, b) => {
+      if (completeFirst && a.dataset.complete !== b.dataset.complete) return a.dataset.complete === "1" ? -1 : 1;
       const x = key(a.cells[column]);
       const y = key(b.cells[column]);
       if (x === null || y === null) return (x === null) - (y === null);
