@@ -268,9 +268,11 @@ def test_e2vpt_pipeline_end_to_end(synth_root, tmp_path):
     task_dir = results / "runs/e2vpt/camelyon"
     stage = task_dir / "final-prune"
     assert {p.name for p in stage.iterdir()} == {
-        "dense.json", "dense.safetensors", "dense-init.safetensors", "candidates.json",
+        "dense.json", "dense.safetensors", "dense-init.safetensors",
         "rewind-tok1-seg1.json", "rewind-tok1-seg12.json", "rewind-tok9-seg1.json", "rewind-tok9-seg12.json",
     }  # fmt: skip
+    decided = {p.name for p in (task_dir / "decisions").iterdir()}
+    assert decided == {"final-prune-candidates.safetensors", "final-prune-choice.json"}
     rewinds = {p.stem[7:]: json.loads(p.read_text()) for p in stage.glob("rewind-*.json")}
     assert all(r["mode"] == "tune" and r["val_acc"] is not None and r["seed"] == 43 for r in rewinds.values())
     finals = sorted(task_dir.glob("final-s*.json"))

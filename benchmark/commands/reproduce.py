@@ -85,6 +85,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--results", metavar="DIR", help="default: results/reproduce/<method>-<budget>")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="decide again where a decision's inputs changed (a retried grid point, a redone dense run) and rerun "
+        "the results trained under an earlier decision (without it such a sweep stops, saying which)",
+    )
     p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     reference_options(p)

@@ -60,6 +60,7 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
             results=results,
             cache_dir=args.cache_dir,
             retry_failed=args.retry_failed,
+            rerun_stale=getattr(args, "rerun_stale", False),
             progress=not args.quiet,
             run_progress=args.run_progress,
             save_tunable=getattr(args, "save_tunable", False),
@@ -175,6 +176,12 @@ def register(sub: Any) -> None:
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--seeds", type=seed_list, default=[42, 44, 82, 100, 800], help="default: 42,44,82,100,800")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="decide again where a decision's inputs changed (a retried grid point, a redone dense run) and rerun "
+        "the results trained under an earlier decision (without it such a sweep stops, saying which)",
+    )
     p.add_argument("--run-progress", action="store_true", help="also show Lightning's per-run progress bar")
     data_and_results(p)
     backbone_options(p)

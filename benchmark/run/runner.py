@@ -135,6 +135,8 @@ class RunSpec:
     pruning: dict[str, Any] | None = None
     # Where to save the trained tunable state (`<stem>.safetensors`) and the initial one (`<stem>-init...`).
     save_state: Path | None = None
+    # The hashes of the decision files this run depends on (`benchmark.sweep.decisions`), by kind.
+    decisions: dict[str, str] | None = None
 
     def config_dict(self) -> dict[str, Any]:
         """Everything that determines the run's outcome; two runs with equal dicts are the same run."""
@@ -153,6 +155,8 @@ class RunSpec:
             out["selection"] = {k: self.selection[k] for k in ("lr", "weight_decay")}
         if self.pruning is not None:
             out["pruning"] = {k: self.pruning[k] for k in ("stage", "candidate") if k in self.pruning}
+        if self.decisions:
+            out["decisions"] = dict(self.decisions)
         return out
 
 

@@ -38,13 +38,13 @@ from benchmark.core.errors import UserError
 from benchmark.run.results import provenance, read_result, write_json
 from benchmark.run.runner import new_record, quiet_lightning
 from benchmark.sweep.claims import claim_path, claimed, read_owner, stale_reason
+from benchmark.sweep.decisions import StoredCandidates
 from benchmark.sweep.executors import make_executor
-from benchmark.sweep.graph import Plan, Sweep
+from benchmark.sweep.graph import Plan, StageError, Sweep
 from benchmark.sweep.inline import prepare_sweep
 from benchmark.sweep.jobs import MAX_ARRAY, Batch, InFlight, dead_runs
 from benchmark.sweep.launch import LaunchOptions
 from benchmark.sweep.slurm import SNAPSHOT_MAX_AGE_S, Queue, QueueUnavailable, cancel, rejection, sharing
-from benchmark.sweep.resume import conflict
 from benchmark.sweep.worker import RunJob, Worker, WorkerContext, mtime_ns
 from methods import MethodConfig
 from tasks import Task
@@ -73,24 +73,36 @@ class WaveSweep(Sweep):
         self.seen: set[Path] = set()
         self.retried: set[Path] = set()  # failed results this driver has run again (--retry-failed)
         self.announced: set[str] = set()
+        self.failed_decisions: dict[Path, str] = {}  # decision jobs that died twice, with the cause
 
-    def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
-        if why := conflict(plan.path, plan.spec, self.data, deferred=deferred):
-            raise UserError(f"{why}; use another --results directory or delete the old results")
+    def run(self, plan: Plan, *, deferred: bool = False, outputs: tuple[Path, ...] = ()) -> dict[str, Any]:
+        stale = self.check(plan, deferred)
         self.seen.add(plan.path)
         record = read_result(plan.path)
-        if record is not None and not (self.retry_failed and record.get("status") != "ok"
-                                       and plan.path not in self.retried):  # fmt: skip
+        again = stale or not all(f.is_file() for f in outputs)
+        if record is not None and not again and not (self.retry_failed and record.get("status") != "ok"
+                                                     and plan.path not in self.retried):  # fmt: skip
             return record
-        owner = read_owner(claim_path(plan.path))
+        return self.enqueue(RunJob(plan.spec, plan.path, deferred, mtime_ns(plan.path), outputs=outputs))
+
+    def decide_pruning(self, dense: Plan, path: Path) -> StoredCandidates:
+        """A pruning decision is computed by a worker on its device, never here: it goes into the wave."""
+        if path in self.failed_decisions:
+            raise StageError(f"the pruning decision's job died twice ({self.failed_decisions[path]})")
+        self.enqueue(RunJob(dense.spec, path, False, mtime_ns(path), kind="decide"))
+        raise _Waiting
+
+    def enqueue(self, job: RunJob) -> dict[str, Any]:
+        """Put a job into the wave, unless a live owner elsewhere holds its claim (then it is waited for)."""
+        owner = read_owner(claim_path(job.path))
         if owner is not None:
             why = stale_reason(owner)
             if why is None:
-                self.elsewhere.add(plan.path)
+                self.elsewhere.add(job.path)
                 return PENDING
-            self.note(f"{plan.path}: the claim of {owner.get('host')}:{owner.get('pid')} is stale ({why}); "
+            self.note(f"{job.path}: the claim of {owner.get('host')}:{owner.get('pid')} is stale ({why}); "
                       "it is taken over")  # fmt: skip
-        self.wave[plan.path] = RunJob(plan.spec, plan.path, deferred, mtime_ns(plan.path))
+        self.wave[job.path] = job
         return PENDING
 
     def settle(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -181,7 +193,7 @@ def drive(
     quiet_lightning()
     logs = state.results / "logs" / config.name
     ctx = WorkerContext(state.protocol, state.settings, state.results, Path(kwargs["data_root"]),
-                        kwargs.get("cache_dir"), launch.threads)  # fmt: skip
+                        kwargs.get("cache_dir"), launch.threads, state.rerun_stale)  # fmt: skip
     executor = make_executor(launch.launcher, logs, launch.slurm, f"peft-bench-{config.name}")
     where = f"{launch.workers} local worker(s)" if launch.launcher == "local" else "SLURM job arrays"
     print(f"{config.name}: runs go to {where}; job logs in {logs}", file=sys.stderr, flush=True)
@@ -228,7 +240,7 @@ def _settle(state: WaveSweep, batch: Batch, attempts: Counter[Path], executed: l
     for job in batch.runs:
         if mtime_ns(job.path) != job.seen:
             state.retried.add(job.path)
-            if (record := read_result(job.path)) is not None:
+            if job.kind == "run" and (record := read_result(job.path)) is not None:
                 executed.append(record)
             continue
         if (owner := read_owner(claim_path(job.path))) is not None and stale_reason(owner) is None:
@@ -237,6 +249,8 @@ def _settle(state: WaveSweep, batch: Batch, attempts: Counter[Path], executed: l
         cause, log = dead.get(str(job.path)) or dead.get("*") or ("its job ended without a result", "")
         if attempts[job.path] < ATTEMPTS:
             state.note(f"{job.path}: {cause}; submitted again")
+        elif job.kind == "decide":  # no result to record: the task stops at its pruning stage
+            state.failed_decisions[job.path] = cause
         elif record_failure(state, job, cause, log):
             state.note(f"{job.path}: recorded as failed ({cause})")
             executed.append(read_result(job.path))
@@ -280,11 +294,12 @@ def _submit(executor: Any, launch: LaunchOptions, ctx: WorkerContext, wave: list
 def _wait_any(flight: InFlight, others: set[Path], bar: _Progress, poll: float) -> list[Batch]:
     """Wait until one of this driver's jobs ends (a local worker frees its slot) or a run another process
     holds changes; returns the batches whose jobs have all ended. Refused: a job that can never start."""
-    before, watched = flight.ended_jobs(), {p: mtime_ns(p) for p in others}
+    watched = {p: mtime_ns(p) for p in others}
     while True:
         flight.check_startable()
+        news = flight.news()
         done = flight.pop_ended()
-        if done or flight.ended_jobs() > before or _changed(watched):
+        if news or done or _changed(watched):
             return done
         bar.refresh(sorted(flight.paths()))
         time.sleep(poll)

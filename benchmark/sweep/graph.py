@@ -33,8 +33,19 @@ from benchmark.run.runner import (
     execute,
 )
 from benchmark.sweep.claims import claim_path, read_owner, try_claim
+from benchmark.sweep.decisions import (
+    DecisionError,
+    StoredCandidates,
+    decisions_dir,
+    file_hash,
+    read_candidates,
+    read_json_decision,
+    result_digest,
+    write_candidates,
+    write_json_decision,
+)
 from benchmark.sweep.resume import conflict
-from methods import MethodConfig
+from methods import MethodConfig, PruneCandidate
 from tasks import Task
 
 # How often a sweep looks again at a run that another process holds (seconds).
@@ -89,11 +100,12 @@ class Sweep:
 
     def __init__(self, config: MethodConfig, *, protocol: str, settings: Settings, results: Path,
                  backbone: VisionTransformer, data: SweepData, retry_failed: bool, run_progress: bool,
-                 save_tunable: bool = False) -> None:  # fmt: skip
+                 save_tunable: bool = False, rerun_stale: bool = False) -> None:  # fmt: skip
         self.name, self.protocol, self.settings, self.results = config.name, protocol, settings, results
         self.save_tunable = save_tunable
         self.backbone, self.data = backbone, data
         self.retry_failed, self.run_progress = retry_failed, run_progress
+        self.rerun_stale = rerun_stale
         self.executed: list[dict[str, Any]] = []
         self.bar: Any = None
 
@@ -104,25 +116,43 @@ class Sweep:
         record = read_result(path)
         return record is None or (self.retry_failed and record["status"] != "ok")
 
-    def check(self, plan: Plan, deferred: bool) -> None:
-        if why := conflict(plan.path, plan.spec, self.data, deferred=deferred):
+    def check(self, plan: Plan, deferred: bool) -> bool:
+        """Whether the stored result at the plan's path is stale: trained under an earlier decision than the plan's
+        (the grid's winner, a pruning stage's masks). UserError for a result of another configuration, and for a
+        stale one without `--rerun-stale`."""
+        if not (why := conflict(plan.path, plan.spec, self.data, deferred=deferred)):
+            return False
+        if deferred or conflict(plan.path, plan.spec, self.data, deferred=True):
             raise UserError(f"{why}; use another --results directory or delete the old results")
+        if not self.rerun_stale:
+            raise UserError(
+                f"{plan.path} was trained under an earlier decision than the current one ({stale_detail(why)}); "
+                "pass --rerun-stale to rerun the runs that depend on it"
+            )
+        self.note(f"{self.name}/{plan.spec.task.id}: {plan.path.name} was trained under an earlier decision; rerun")
+        return True
 
-    def run(self, plan: Plan, *, deferred: bool = False) -> dict[str, Any]:
-        """The plan's result: the stored one when it exists, else a new run, written atomically.
+    def stored(self, plan: Plan, deferred: bool, outputs: tuple[Path, ...] = ()) -> dict[str, Any] | None:
+        """The stored result that stands for the plan, or None when the plan must run: no result, a failed one
+        under `--retry-failed`, a stale one under `--rerun-stale`, or one whose `outputs` files are missing."""
+        stale = self.check(plan, deferred)
+        if stale or self.needs_run(plan.path) or not all(f.is_file() for f in outputs):
+            return None
+        return read_result(plan.path)
+
+    def run(self, plan: Plan, *, deferred: bool = False, outputs: tuple[Path, ...] = ()) -> dict[str, Any]:
+        """The plan's result: the stored one when it stands for the plan, else a new run, written atomically.
 
         The run is claimed first (`benchmark.sweep.claims`), so no other process runs it at the same time; one that
         holds it is waited for. Under the claim the stored result is checked again right before the write, so
         two sweeps of different configurations on one results directory never mix their runs.
         """
-        self.check(plan, deferred)
-        if not self.needs_run(plan.path):
-            return read_result(plan.path)
-        claim = self.claim(plan)
+        if (record := self.stored(plan, deferred, outputs)) is not None:
+            return record
+        claim = self.claim(plan.path)
         try:
-            self.check(plan, deferred)  # another process may have written it while we waited
-            if not self.needs_run(plan.path):
-                return read_result(plan.path)
+            if (record := self.stored(plan, deferred, outputs)) is not None:
+                return record  # another process wrote it while we waited
             if claim.reclaimed_from:
                 tqdm.write(f"{plan.path}: took over the run from {claim.reclaimed_from}", file=sys.stderr)
             spec = plan.spec
@@ -143,11 +173,11 @@ class Sweep:
         self.bar.update(1)
         return record
 
-    def claim(self, plan: Plan) -> Any:
-        """The claim on the plan's result, waiting while another live process holds it."""
-        while (claim := try_claim(plan.path)) is None:
-            owner = read_owner(claim_path(plan.path)) or {}
-            self.bar.set_postfix_str(f"waiting for {owner.get('host')}:{owner.get('pid')} to finish {plan.path.stem}")
+    def claim(self, path: Path) -> Any:
+        """The claim on a result or decision file, waiting while another live process holds it."""
+        while (claim := try_claim(path)) is None:
+            owner = read_owner(claim_path(path)) or {}
+            self.bar.set_postfix_str(f"waiting for {owner.get('host')}:{owner.get('pid')} to finish {path.stem}")
             time.sleep(CLAIM_POLL_S)
         return claim
 
@@ -159,6 +189,80 @@ class Sweep:
     def add_to_plan(self, n: int) -> None:
         self.bar.total = (self.bar.total or 0) + n
         self.bar.refresh()
+
+    def note(self, message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    # -- decisions -----------------------------------------------------------------------------------------
+    def current(self, path: Path, read: Any, inputs: dict[str, Any]) -> Any:
+        """The decision stored at `path` when it was made from `inputs` (None when there is none, or when it is
+        stale or corrupt and `--rerun-stale` asks to decide again); UserError for a stale or corrupt one
+        otherwise."""
+        try:
+            stored = read(path)
+        except DecisionError:
+            if not self.rerun_stale:
+                raise
+            return None
+        if stored is None or stored_inputs(stored) == inputs:
+            return stored
+        if not self.rerun_stale:
+            raise UserError(
+                f"{path} was decided from results that have changed since (a rerun or a retried run); pass "
+                "--rerun-stale to decide again and rerun the runs that depend on it"
+            )
+        return None
+
+    def decide(self, path: Path, inputs: dict[str, Any], compute: Any) -> dict[str, Any]:
+        """A JSON decision: the stored one when current, else `compute()` -> (decision, about), written once
+        under the claim of `path`."""
+        if (stored := self.current(path, read_json_decision, inputs)) is not None:
+            return stored
+        with self.claim(path):
+            if (stored := self.current(path, read_json_decision, inputs)) is not None:
+                return stored
+            decision, about = compute()
+            return write_json_decision(path, decision, inputs, about)
+
+    def select(self, task: Task, plans: list[Plan], records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The grid's winner (`select_grid_point`) as a decision file; the selection the final runs record."""
+        inputs = {p.path.name: result_digest(p.path) for p in plans}
+
+        def compute() -> tuple[dict[str, Any], dict[str, Any]]:
+            point = select_grid_point(records)
+            return {k: point[k] for k in ("lr", "weight_decay", "tuning_seed")}, point
+
+        stored = self.decide(decisions_dir(self.task_dir(task)) / "grid-selection.json", inputs, compute)
+        return {**stored["about"], "sha256": stored["sha256"]}
+
+    def candidates_path(self, task: Task) -> Path:
+        return decisions_dir(self.task_dir(task)) / f"{self.protocol}-prune-candidates.safetensors"
+
+    def pruning_candidates(self, dense: Plan) -> StoredCandidates:
+        """The method's pruning candidates for the dense run: the stored decision when current, else computed
+        here (`decide_pruning`; the local/SLURM driver hands that to a worker instead)."""
+        path = self.candidates_path(dense.spec.task)
+        stored = self.current(path, read_candidates, dense_inputs(dense.path))
+        return stored if stored is not None else self.decide_pruning(dense, path)
+
+    def decide_pruning(self, dense: Plan, path: Path) -> StoredCandidates:
+        """Compute the method's pruning candidates from the dense run's trained and initial state, on this
+        process's device, and write them once under the claim of `path`."""
+        inputs = dense_inputs(dense.path)
+        with self.claim(path):
+            if (stored := self.current(path, read_candidates, inputs)) is not None:
+                return stored
+            cfg, task = dense.spec.config, dense.spec.task
+            pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
+            model = cfg.build(copy.deepcopy(self.backbone), task.num_classes).to(compute_device())
+            trained, initial = dense_states(dense.path)
+            model.load_tunable(trained)
+            batches = _normalised_batches(self.data.arrays[task.id]["train800"], cfg, self.settings)
+            try:
+                candidates = cfg.prune_candidates(model, load_file(str(initial)), batches)
+            except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
+                raise StageError(f"the pruning decision failed ({type(e).__name__}: {e})") from e
+            return write_candidates(path, candidates, inputs)
 
     # -- stages ------------------------------------------------------------------------------------------
     def grid_plans(self, cfg: MethodConfig, task: Task) -> list[Plan]:
@@ -175,74 +279,103 @@ class Sweep:
                              save_state=path.with_suffix("") if self.save_tunable else None), path)
                 for seed, path in zip(seeds, paths, strict=True)]  # fmt: skip
 
-    def dense_plan(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None) -> Plan:
+    def dense_plan(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
+                   decisions: dict[str, str] | None = None) -> Plan:  # fmt: skip
         stem = self.task_dir(task) / f"{self.protocol}-prune" / "dense"
         spec = RunSpec(cfg, task, TUNING_SEED, "tune", self.protocol, self.settings, selection,
-                       pruning={"stage": "dense"}, save_state=stem)  # fmt: skip
+                       pruning={"stage": "dense"}, save_state=stem, decisions=decisions)  # fmt: skip
         return Plan(spec, stem.with_suffix(".json"))
 
-    def prune(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None) -> dict[str, Any]:
+    def prune(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
+              decisions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
         """Dense stage on train800, the method's pruning decision, then the rewind search on val200.
 
-        Returns the chosen candidate's state and a record of the search for the final runs.
+        Returns the chosen candidate's state, a record of the search for the final runs, and the hash of the
+        choice (a decision file over the candidates' file, both written once).
         """
-        plan = self.dense_plan(cfg, task, selection)
-        state_files = [plan.spec.save_state.with_name(f"dense{s}.safetensors") for s in ("", "-init")]
-        if not all(f.is_file() for f in state_files) and not self.needs_run(plan.path):
-            plan.path.unlink()  # a result without its saved state cannot seed the pruning decision
-        dense = self.settle([self.run(plan)])[0]
+        plan = self.dense_plan(cfg, task, selection, decisions)
+        dense = self.settle([self.run(plan, outputs=dense_states(plan.path))])[0]
         if dense["status"] != "ok":
             raise StageError(f"the dense stage failed ({dense['error']})")
-        pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
-        model = cfg.build(copy.deepcopy(self.backbone), task.num_classes).to(compute_device())
-        model.load_tunable(state_files[0])
-        batches = _normalised_batches(self.data.arrays[task.id]["train800"], cfg, self.settings)
-        try:
-            candidates = cfg.prune_candidates(model, load_file(str(state_files[1])), batches)
-        except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
-            raise StageError(f"the pruning decision failed ({type(e).__name__}: {e})") from e
-        del model
-        write_json(plan.path.with_name("candidates.json"), [{"key": c.key, **c.info} for c in candidates])
-        if len(candidates) == 1:
-            chosen, search = candidates[0], []
-        else:
-            self.add_to_plan(sum(self.needs_run(plan.path.with_name(f"rewind-{c.key}.json")) for c in candidates))
-            # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
-            records = self.settle([
-                self.run(Plan(RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
-                                      prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info}),
-                              plan.path.with_name(f"rewind-{c.key}.json")))
-                for c in candidates
-            ])  # fmt: skip
-            scored = [
-                (r["val_acc"], *c.preference, c)
-                for r, c in zip(records, candidates, strict=True)
-                if r["status"] == "ok"
-            ]
+        stored = self.pruning_candidates(plan)
+        candidates = [PruneCandidate(**c) for c in stored.candidates]
+        rewinds = [
+            Plan(RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
+                         prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info},
+                         decisions={**decisions, "candidates": stored.sha256}),
+                 plan.path.with_name(f"rewind-{c.key}.json"))
+            for c in candidates
+        ] if len(candidates) > 1 else []  # fmt: skip
+        # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
+        self.add_to_plan(sum(self.needs_run(p.path) for p in rewinds))
+        records = self.settle([self.run(p) for p in rewinds])
+        inputs = {"candidates": stored.sha256, **{p.path.name: result_digest(p.path) for p in rewinds}}
+
+        def compute() -> tuple[dict[str, Any], dict[str, Any]]:
+            if not rewinds:
+                return {"candidate": candidates[0].key, "candidates": stored.sha256}, {"search": []}
+            scored = [(r["val_acc"], *c.preference, c) for r, c in zip(records, candidates, strict=True)
+                      if r["status"] == "ok"]  # fmt: skip
             if not scored:
                 raise StageError("every rewind run failed, so no pruning candidate could be selected")
             chosen = max(scored, key=lambda t: t[:-1])[-1]
-            search = [[c.key, acc] for acc, *_, c in scored]
+            return {"candidate": chosen.key, "candidates": stored.sha256}, {
+                "search": [[c.key, a] for a, *_, c in scored]
+            }
+
+        choice = self.decide(
+            decisions_dir(self.task_dir(task)) / f"{self.protocol}-prune-choice.json", inputs, compute
+        )
+        chosen = next(c for c in candidates if c.key == choice["candidate"])
         info = {"stage": "final", "candidate": chosen.key, **chosen.info, "dense_val_acc": dense["val_acc"],
-                "search": search}  # fmt: skip
-        return {"state": chosen.state, "info": info}
+                "search": choice["about"]["search"], "decision": choice["sha256"]}  # fmt: skip
+        return {"state": chosen.state, "info": info, "sha256": choice["sha256"]}
 
     def task(self, cfg: MethodConfig, task: Task, seeds: list[int]) -> None:
-        selection = None
+        """Walk one task's graph: grid points -> selection -> dense -> pruning decision -> rewinds -> choice ->
+        final seeds. Every decision is a file (`benchmark.sweep.decisions`) whose hash the runs after it carry in
+        their identity, so each final run is checked against the decisions it was trained under."""
+        selection, decisions = None, {}
         finals = self.final_plans(cfg, task, seeds)
         try:
             if self.protocol == "grid":
-                selection = select_grid_point(self.settle([self.run(p) for p in self.grid_plans(cfg, task)]))
+                plans = self.grid_plans(cfg, task)
+                selection = self.select(task, plans, self.settle([self.run(p) for p in plans]))
+                decisions["selection"] = selection["sha256"]
                 cfg = cfg.with_recipe(lr=selection["lr"], weight_decay=selection["weight_decay"])
-            pruning = self.prune(cfg, task, selection) if cfg.prunes else None
+            pruning = self.prune(cfg, task, selection, decisions) if cfg.prunes else None
         except StageError as e:
             tqdm.write(f"{self.name}/{task.id}: {e}; no final runs", file=sys.stderr)
             return
         for plan in finals:
             plan.spec.config, plan.spec.selection = cfg, selection
+            plan.spec.decisions = {**decisions, **({"pruning": pruning["sha256"]} if pruning else {})}
             if pruning is not None:
                 plan.spec.prune_state, plan.spec.pruning = pruning["state"], pruning["info"]
-            self.run(plan, deferred=True)
+            self.run(plan)
+
+
+def dense_states(dense: Path) -> tuple[Path, Path]:
+    """The dense run's trained and initial tunable state, beside its result."""
+    return dense.with_name(f"{dense.stem}.safetensors"), dense.with_name(f"{dense.stem}-init.safetensors")
+
+
+def dense_inputs(dense: Path) -> dict[str, Any]:
+    """What a pruning decision is made from: the dense run's result and both of its states."""
+    trained, initial = dense_states(dense)
+    return {
+        "dense": result_digest(dense),
+        **{f.name: file_hash(f) if f.is_file() else None for f in (trained, initial)},
+    }
+
+
+def stored_inputs(stored: Any) -> Any:
+    return stored.inputs if isinstance(stored, StoredCandidates) else stored["inputs"]
+
+
+def stale_detail(why: str) -> str:
+    """The differing fields of a conflict message, e.g. `decisions.selection: 'ab12..' -> 'cd34..'`."""
+    return why.rpartition("(")[2].rstrip(")") if "(" in why else why
 
 
 def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settings):

@@ -77,6 +77,7 @@ def prepare_sweep(
     task_overrides: dict[str, dict[str, Any]] | None = None,
     cache_dir: Path | None = None,
     retry_failed: bool = False,
+    rerun_stale: bool = False,
     run_progress: bool = False,
     save_tunable: bool = False,
     sweep_cls: type[Sweep] = Sweep,
@@ -98,7 +99,8 @@ def prepare_sweep(
                                image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
     data = prepare_data(data_root, tasks, splits, settings, cache_dir)
     state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
-                      retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable)  # fmt: skip
+                      retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable,
+                      rerun_stale=rerun_stale)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.
     known: list[tuple[Plan, bool]] = []
     for task in tasks:

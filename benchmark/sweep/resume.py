@@ -10,19 +10,23 @@ from typing import Any
 from benchmark.run.results import read_result
 from benchmark.run.runner import MODE_SPLITS, SPEED_ONLY, RunSpec, SweepData
 
+# The parts of a run's config that earlier stages decide.
+DECIDED = ("selection", "pruning", "decisions")
+
 
 def identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str, Any]:
     """A stored or planned run config as compared for resuming (through JSON, as stored: tuples become lists).
 
     A run planned before an earlier stage decides part of its config (the grid's lr and weight decay, a
-    pruning stage's candidate) is compared without those parts: the earlier stage's own results pin them.
+    pruning stage's candidate, the hashes of the decision files) is compared without those parts (`deferred`):
+    that is how a sweep checks its runs before the decisions exist; once they do, every run is compared whole.
     """
     config = json.loads(json.dumps(config))
     for key in SPEED_ONLY:
         config.pop(key, None)
     if deferred:
-        config.pop("selection", None)
-        config.pop("pruning", None)
+        for key in DECIDED:
+            config.pop(key, None)
         if grid:
             for key in ("lr", "weight_decay"):
                 config.get("method_config", {}).get("recipe", {}).pop(key, None)

@@ -32,6 +32,10 @@ class RunJob:
     path: Path
     deferred: bool
     seen: int | None = None
+    # `run`, or `decide`: the pruning decision at `path` from the dense run of `spec` (on the worker's device).
+    kind: str = "run"
+    # Files the run writes beside its result: missing, the run is done again (a dense run's saved states).
+    outputs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class WorkerContext:
     data_root: Path
     cache_dir: Path | None
     threads: int
+    rerun_stale: bool = False
 
 
 def mtime_ns(path: Path) -> int | None:
@@ -101,12 +106,19 @@ class Worker(submitit.helpers.Checkpointable):
                 backbone = create_backbone(s.backbone, pretrained=s.pretrained, weights=s.weights,
                                            image_size=s.image_size, **job.spec.config.backbone_kwargs())  # fmt: skip
                 state = Sweep(job.spec.config, protocol=ctx.protocol, settings=s, results=ctx.results,
-                               backbone=backbone, data=data, retry_failed=False, run_progress=False)  # fmt: skip
+                              backbone=backbone, data=data, retry_failed=False, run_progress=False,
+                              rerun_stale=ctx.rerun_stale)  # fmt: skip
                 state.bar = tqdm(disable=True)
             state.retry_failed = job.seen is not None
             print(f"peft-bench: run {job.path}", file=sys.stderr, flush=True)
+            if job.kind == "decide":
+                dense = state.dense_plan(job.spec.config, task, job.spec.selection, job.spec.decisions)
+                state.decide_pruning(dense, job.path)
+                print(f"peft-bench: done {job.path} ok", file=sys.stderr, flush=True)
+                out.append({"path": str(job.path), "status": "ok", "error": None})
+                continue
             executed = len(state.executed)
-            record = state.run(Plan(job.spec, job.path), deferred=job.deferred)
+            record = state.run(Plan(job.spec, job.path), deferred=job.deferred, outputs=job.outputs)
             if len(state.executed) > executed:
                 print(f"peft-bench: done {job.path} {record['status']}", file=sys.stderr, flush=True)
             else:  # claimed by another process between our look and our claim: we waited for its result

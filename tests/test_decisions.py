@@ -1,0 +1,172 @@
+"""The protocol's decisions are files written once and read back, and every run carries the hashes of the
+decisions it was trained under: a changed decision makes the runs after it stale, never silently reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmark.cli import main
+from benchmark.run.runner import new_record
+from benchmark.sweep import graph
+from benchmark.sweep.decisions import read_candidates, read_json_decision
+from methods.e2vpt import E2VPTConfig
+from tests.conftest import argv
+
+# A useless and a useful learning rate for the linear probe on the synthetic tasks: the useful one wins.
+BAD_LR, GOOD_LR = 1e-9, 0.05
+
+
+def grid_args(synth_root: Path, results: Path, *extra: str) -> list[str]:
+    return argv(f"bench --method linear --tasks svhn --data-root {synth_root} --results {results}",
+                "--protocol", "grid", "--lr-grid", f"{BAD_LR},{GOOD_LR}", "--wd-grid", "0", "--epochs", "2",
+                "--seeds", "42,44", *extra)  # fmt: skip
+
+
+def finals(results: Path, method: str, task: str, protocol: str = "final") -> list[dict]:
+    paths = sorted((results / "runs" / method / task).glob(f"{protocol}-s*.json"))
+    assert paths, f"no {protocol} runs of {method} on {task}"
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def test_grid_winner_is_a_file_and_the_finals_carry_its_hash(synth_root, tmp_path):
+    results = tmp_path / "r"
+    assert main(grid_args(synth_root, results)) == 0
+    decision = read_json_decision(results / "runs/linear/svhn/decisions/grid-selection.json")
+    assert decision["lr"] == GOOD_LR and len(decision["about"]["grid"]) == 2
+    assert set(decision["inputs"]) == {f"lr{BAD_LR:g}-wd0.json", f"lr{GOOD_LR:g}-wd0.json"}
+    for r in finals(results, "linear", "svhn", "grid"):
+        assert r["config"]["decisions"] == {"selection": decision["sha256"]}
+        assert r["selection"]["sha256"] == decision["sha256"] and r["selection"]["lr"] == GOOD_LR
+
+
+def test_a_retried_grid_point_that_changes_the_winner_makes_the_finals_stale(synth_root, tmp_path, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    """The good grid point fails at first (an out-of-memory, say): the finals train with the bad lr. Retried, it
+    wins: the finals trained under the old winner must not be reused, and are rerun only when asked."""
+    results = tmp_path / "r"
+    real = graph.execute
+
+    def oom_on_the_good_lr(spec, *args, **kwargs):
+        if spec.mode == "tune" and spec.config.recipe.lr == GOOD_LR:
+            return {**new_record(spec, args[1]), "error": "OutOfMemoryError: simulated"}
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(graph, "execute", oom_on_the_good_lr)
+    assert main(grid_args(synth_root, results)) == 0
+    assert {r["selection"]["lr"] for r in finals(results, "linear", "svhn", "grid")} == {BAD_LR}
+    before = {p: p.read_bytes() for p in (results / "runs/linear/svhn").glob("grid-s*.json")}
+    monkeypatch.setattr(graph, "execute", real)
+    capsys.readouterr()
+
+    assert main(grid_args(synth_root, results, "--retry-failed")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grid-selection.json" in err[0] and "--rerun-stale" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before  # the finals are untouched
+
+    assert main(grid_args(synth_root, results, "--rerun-stale")) == 0
+    decision = read_json_decision(results / "runs/linear/svhn/decisions/grid-selection.json")
+    assert decision["lr"] == GOOD_LR
+    rerun = finals(results, "linear", "svhn", "grid")
+    assert [r["selection"]["lr"] for r in rerun] == [GOOD_LR, GOOD_LR]
+    assert all(r["config"]["decisions"]["selection"] == decision["sha256"] for r in rerun)
+
+
+def e2vpt_args(synth_root: Path, results: Path, *extra: str) -> list[str]:
+    return argv(f"bench --method e2vpt --tasks camelyon --data-root {synth_root} --results {results}",
+                "--epochs", "1", "--batch-size", "32", "--seeds", "42",
+                "--set", "max_token_levels=2", "--set", "max_segment_levels=2", *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pruning_masks_are_decided_once_and_every_later_run_carries_their_hash(synth_root, tmp_path, monkeypatch,
+                                                                                 capsys):  # fmt: skip
+    results = tmp_path / "r"
+    calls = []
+    real = E2VPTConfig.prune_candidates
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(E2VPTConfig, "prune_candidates", counted)
+    assert main(e2vpt_args(synth_root, results)) == 0
+    assert len(calls) == 1
+    decided = results / "runs/e2vpt/camelyon/decisions"
+    stored = read_candidates(decided / "final-prune-candidates.safetensors")
+    choice = read_json_decision(decided / "final-prune-choice.json")
+    assert [c["key"] for c in stored.candidates] == ["tok1-seg1", "tok1-seg12", "tok9-seg1", "tok9-seg12"]
+    assert choice["candidates"] == stored.sha256
+    for path in (results / "runs/e2vpt/camelyon/final-prune").glob("rewind-*.json"):
+        assert json.loads(path.read_text())["config"]["decisions"] == {"candidates": stored.sha256}
+    (final,) = finals(results, "e2vpt", "camelyon")
+    assert final["config"]["decisions"] == {"pruning": choice["sha256"]}
+    assert final["pruning"]["candidate"] == choice["candidate"] and final["pruning"]["decision"] == choice["sha256"]
+
+    # Walked again, nothing is decided again: the masks are read back from their file.
+    assert main(e2vpt_args(synth_root, results)) == 0
+    assert len(calls) == 1
+
+    # A decision file that does not match its hash stops the sweep with one line naming it.
+    path = decided / "final-prune-candidates.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(e2vpt_args(synth_root, results)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "corrupt" in err[0], err
+    # Decided again on request: the same dense run gives the same masks, so no run after it is stale.
+    mtimes = {p: p.stat().st_mtime_ns for p in (results / "runs/e2vpt/camelyon").rglob("*.json")}
+    assert main(e2vpt_args(synth_root, results, "--rerun-stale")) == 0
+    assert len(calls) == 2 and read_candidates(path).sha256 == stored.sha256
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items() if "decisions" not in p.parts)
+
+
+@pytest.mark.slow
+def test_a_redone_dense_run_makes_the_rewinds_and_finals_stale(synth_root, tmp_path, capsys):
+    """The dense run's state changes (redone elsewhere, with another outcome): the candidates made from the old
+    one are stale, and so are the rewinds and the final runs trained under them."""
+    from safetensors.torch import load_file, save_file
+
+    results = tmp_path / "r"
+    assert main(e2vpt_args(synth_root, results)) == 0
+    stage = results / "runs/e2vpt/camelyon/final-prune"
+    state = load_file(str(stage / "dense.safetensors"))
+    save_file({k: v.flip(0) if v.ndim else v for k, v in state.items()}, str(stage / "dense.safetensors"))
+    old = read_candidates(results / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
+    capsys.readouterr()
+    assert main(e2vpt_args(synth_root, results)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "final-prune-candidates.safetensors" in err[0] and "--rerun-stale" in err[0], err
+
+    assert main(e2vpt_args(synth_root, results, "--rerun-stale")) == 0
+    new = read_candidates(results / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
+    assert new.sha256 != old.sha256
+    for path in stage.glob("rewind-*.json"):
+        assert json.loads(path.read_text())["config"]["decisions"] == {"candidates": new.sha256}
+    choice = read_json_decision(results / "runs/e2vpt/camelyon/decisions/final-prune-choice.json")
+    assert choice["candidates"] == new.sha256
+    (final,) = finals(results, "e2vpt", "camelyon")
+    assert final["config"]["decisions"] == {"pruning": choice["sha256"]}
+
+
+@pytest.mark.slow
+def test_the_driver_leaves_the_pruning_decision_to_a_worker(synth_root, tmp_path, monkeypatch):
+    """Under `--launcher local` the masks are computed by a worker process on its device; the driver only reads
+    the decision file back (here it would fail if it computed them)."""
+
+    def not_here(self, *args, **kwargs):
+        raise AssertionError("the driver computed a pruning decision")
+
+    monkeypatch.setattr(E2VPTConfig, "prune_candidates", not_here)
+    results = tmp_path / "r"
+    assert main(e2vpt_args(synth_root, results, "--launcher", "local", "--workers", "1")) == 0
+    stored = read_candidates(results / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
+    (final,) = finals(results, "e2vpt", "camelyon")
+    assert final["status"] == "ok" and final["pruning"]["decision"]
+    assert json.loads((results / "runs/e2vpt/camelyon/final-prune/rewind-tok1-seg1.json").read_text())["config"][
+        "decisions"
+    ] == {"candidates": stored.sha256}
