@@ -208,12 +208,16 @@ def test_missing_or_unreachable_slurm_is_refused(synth_root, tmp_path, capsys, m
     assert not results.exists()
 
 
-def test_reproduce_plan_shows_the_waves(capsys):
+def test_reproduce_plan_shows_the_graph_of_runs_and_decisions(capsys):
     assert main(["reproduce", "--method", "e2vpt", "--tasks", "svhn", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "1. grid points (train800 → val200): 40 runs" in out
     assert "2. dense runs of the pruning stage: 1 runs" in out
     assert "4. final seeds (train800val200 → test): 5 runs" in out
+    # The decisions between the stages, each a file the runs after it are tied to.
+    assert "→ decision: the grid's winner (grid-selection.json)" in out
+    assert "computed by a worker on its device (grid-prune-candidates.safetensors)" in out
+    assert "→ decision: the chosen candidate (grid-prune-choice.json)" in out
 
 
 def test_a_run_inside_a_slurm_job_stays_one_silent_single_device_process(synth_root, tmp_path):

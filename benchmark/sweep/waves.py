@@ -1,23 +1,31 @@
-"""The waves a reproduction runs in under `--launcher local|slurm` (shown by `reproduce --plan`)."""
+"""A reproduction's graph of runs and decisions, stage by stage (shown by `reproduce --plan`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+# Each stage of a task's graph, how many runs a task plan has in it, and the decision made from its results (a
+# file under runs/<method>/<task>/decisions/, written once; the runs after it carry its hash in their identity).
+STAGES = [
+    ("grid points (train800 → val200)", lambda tp: tp.grid_runs,
+     "the grid's winner (grid-selection.json)"),
+    ("dense runs of the pruning stage", lambda tp: tp.dense_runs,
+     "the pruning candidates' masks, computed by a worker on its device (<protocol>-prune-candidates.safetensors)"),
+    ("rewind candidates (train800 → val200)", lambda tp: tp.rewind_runs,
+     "the chosen candidate (<protocol>-prune-choice.json)"),
+    ("final seeds (train800val200 → test)", lambda tp: len(tp.seeds), None),
+]  # fmt: skip
 
-def plan_waves(plan: Any) -> list[tuple[str, int, int]]:
-    """(stage, runs, widest task's share) per wave of a `reproduce.Plan`: each wave needs the one before it."""
-    stages = [
-        ("grid points (train800 → val200)", lambda tp: tp.grid_runs),
-        ("dense runs of the pruning stage", lambda tp: tp.dense_runs),
-        ("rewind candidates (train800 → val200)", lambda tp: tp.rewind_runs),
-        ("final seeds (train800val200 → test)", lambda tp: len(tp.seeds)),
-    ]
+
+def plan_waves(plan: Any) -> list[tuple[str, int, int, str | None]]:
+    """(stage, runs, widest task's share, the decision made from its results) per stage of a `reproduce.Plan`
+    that has runs; each stage of a task needs the decision after the one before it."""
     waves = []
-    for name, count in stages:
+    for name, count, decision in STAGES:
         runs = [count(tp) for tp in plan.tasks]
         if sum(runs):
-            waves.append((name, sum(runs), max(runs)))
+            protocol = plan.protocol.protocol
+            waves.append((name, sum(runs), max(runs), decision and decision.replace("<protocol>", protocol)))
     return waves
 
 
@@ -25,9 +33,16 @@ def describe_waves(plan: Any) -> str:
     waves = plan_waves(plan)
     lines = [
         "",
-        f"waves (with --launcher local or slurm, each wave is one job array, submitted once the results of the "
-        f"one before it exist; inline runs the same {sum(n for _, n, _ in waves)} runs one after another):",
+        f"the stages of each task's graph (inline, all {sum(n for _, n, _, _ in waves)} runs go one after another; "
+        "with --launcher local or slurm a task's next stage is submitted as soon as its own decision exists, "
+        "whatever the other tasks are doing):",
     ]
-    for i, (name, runs, widest) in enumerate(waves, 1):
+    for i, (name, runs, widest, decision) in enumerate(waves, 1):
         lines.append(f"  {i}. {name}: {runs} runs ({widest} per task at most)")
+        if decision:
+            lines.append(f"     → decision: {decision}")
+    lines.append(
+        "every decision is a file written once under runs/<method>/<task>/decisions/ and hashed into the identity "
+        "of the runs after it: a changed decision makes them stale (--rerun-stale decides again and reruns them)"
+    )
     return "\n".join(lines)
