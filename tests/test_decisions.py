@@ -170,3 +170,23 @@ def test_the_driver_leaves_the_pruning_decision_to_a_worker(synth_root, tmp_path
     assert json.loads((results / "runs/e2vpt/camelyon/final-prune/rewind-tok1-seg1.json").read_text())["config"][
         "decisions"
     ] == {"candidates": stored.sha256}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: "{not json",
+        lambda d: json.dumps([1, 2]),
+        lambda d: json.dumps({**d, "lr": 0.5}),  # the decision edited, its hash not
+        lambda d: json.dumps({k: v for k, v in d.items() if k != "sha256"}),
+    ],
+)
+def test_a_damaged_json_decision_is_named_as_corrupt(tmp_path, damage):
+    from benchmark.sweep.decisions import DecisionError, write_json_decision
+
+    path = tmp_path / "grid-selection.json"
+    stored = write_json_decision(path, {"lr": 0.1, "weight_decay": 0.0}, {"lr0.1-wd0.json": "ab"}, {"grid": []})
+    assert read_json_decision(path) == stored
+    path.write_text(damage(stored))
+    with pytest.raises(DecisionError, match=rf"the decision file {path} is corrupt .*--rerun-stale"):
+        read_json_decision(path)
