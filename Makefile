@@ -69,7 +69,8 @@ DEMO_RUN_linear := --method linear --lr 0.05
 # The commands run DEMO_JOBS at a time (default: one per core, at most 2), each on one torch thread: on 2 cores,
 # two such processes finish about 1.3x the runs of one process on two threads (the tiny backbone's small
 # matrices keep a second thread busy only part of the time). Each command's output appears when it ends.
-DEMO_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 2 ] && echo 2 || echo $$n)
+# The cores: `nproc` (GNU coreutils, honours the affinity mask), else `getconf` (macOS has no nproc).
+DEMO_JOBS ?= $(shell n=$$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); [ $$n -gt 2 ] && echo 2 || echo $$n)
 
 demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 24 --image-size 32 --seed 0

@@ -3,7 +3,6 @@ evaluation throughput (moved out of `perf_model.py`, which builds the candidates
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import platform
 import statistics
@@ -17,6 +16,7 @@ from timm.layers import Attention
 from torch import Tensor, nn
 
 from benchmark.core.device import sync
+from benchmark.core.platform import can_reset_peak_rss, malloc_trim, peak_rss_mib, proc_status_mib, reset_peak_rss
 from methods import PeftModel
 
 ATTENTION = ("fused", "explicit")
@@ -69,33 +69,33 @@ def count_tokens(model: PeftModel, image_size: int, device: torch.device) -> int
 
 
 # -- memory ---------------------------------------------------------------------------------------------
+PHASE_PEAK = "resident set (VmHWM, reset per phase)"
+# Without `/proc` (macOS) the high-water mark cannot be reset: a phase's figure is how far it raised the
+# process's peak since it started, which is 0 for a phase smaller than an earlier one.
+PROCESS_PEAK = "rise of the process's peak RSS (ru_maxrss; no /proc to reset it per phase: a lower bound)"
+
+
 def memory_kind(device: torch.device) -> str:
-    return "cuda max allocated" if device.type == "cuda" else "resident set (VmHWM, reset per phase)"
+    if device.type == "cuda":
+        return "cuda max allocated"
+    return PHASE_PEAK if can_reset_peak_rss() else PROCESS_PEAK
 
 
 class PeakMemory:
     """The peak memory of one phase. CUDA: the caching allocator's peak. CPU: the process's resident set,
-    its high-water mark reset through Linux's `/proc/self/clear_refs`.
+    its high-water mark reset through Linux's `/proc/self/clear_refs`; where there is no `/proc` (or the reset
+    is refused), the process's peak since it started (`ru_maxrss`), as `kind` says.
 
     No library measures a per-phase peak RSS, hence this. On the CPU, glibc's malloc keeps freed memory
     resident, which a later phase would reuse without raising the resident set; `settle` hands it back
-    (`malloc_trim`) before a phase's baseline is read.
+    (`malloc_trim`, where the C library has it) before a phase's baseline is read.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._trim = malloc_trim() if device.type != "cuda" else None
         self.kind = memory_kind(device)
-        self._trim: Callable[[int], int] | None = None
-        self.available = device.type == "cuda" or self._prepare_cpu()
-
-    def _prepare_cpu(self) -> bool:
-        try:
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except (OSError, AttributeError):
-            return False
+        self._per_phase = self.kind != PROCESS_PEAK
 
     def settle(self) -> None:
         """Free what is garbage and return the allocator's free memory to the system (CPU)."""
@@ -103,29 +103,25 @@ class PeakMemory:
         if self._trim is not None:
             self._trim(0)
 
-    def _status(self, key: str) -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-        raise OSError(f"no {key} in /proc/self/status")
-
     def current(self) -> float:
+        """Memory in use now (CUDA, `/proc`); without `/proc`, the process's peak so far (the baseline a phase
+        must rise above)."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
-        return self._status("VmRSS") if self.available else 0.0
+        now = proc_status_mib("VmRSS") if self._per_phase else None
+        return peak_rss_mib() if now is None else now
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.available:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+        elif self._per_phase:
+            reset_peak_rss()
 
     def peak(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return self._status("VmHWM") if self.available else 0.0
+        hwm = proc_status_mib("VmHWM") if self._per_phase else None
+        return peak_rss_mib() if hwm is None else hwm
 
 
 # -- candidates -----------------------------------------------------------------------------------------
@@ -179,8 +175,6 @@ def measure_memory(candidate: Candidate, memory: PeakMemory, before_build: float
     """Peak memory of one training step above the level before the candidate was built (so: its own copy of
     the model, gradients, optimiser state and the step's activations). The caller has already warmed the
     candidate up (optimiser state exists)."""
-    if not memory.available:
-        return
     sync(memory.device)
     memory.settle()
     memory.reset()

@@ -17,7 +17,6 @@ import copy
 import errno
 import logging
 import os
-import resource
 import time
 import traceback
 import warnings
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from benchmark.core.device import compute_device, sync
 from benchmark.core.errors import UserError
+from benchmark.core.platform import peak_rss_mib
 from benchmark.data.arrays import SplitArrays, TaskData, VTABDataModule, load_split_images, normalize, scan_task
 from benchmark.run.backbone import NORMALIZATIONS, meta_backbone
 from benchmark.run.module import ClassificationModule
@@ -235,8 +235,7 @@ def extract_features(model: PeftModel, arrays: SplitArrays, settings: Settings) 
 def _peak_memory() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory since it started.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return peak_rss_mib(), "process peak RSS"
 
 
 def check_config(config: MethodConfig, settings: Settings, where: str = "") -> None:

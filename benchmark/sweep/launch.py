@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from benchmark.core.errors import UserError
+from benchmark.core.platform import usable_cpus
 
 LAUNCHERS = ("inline", "local", "slurm")
 # The slurm options as (flag, attribute): any of them without `--launcher slurm` is an error.
@@ -97,7 +98,7 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
                    if getattr(args, a, None) is not None]  # fmt: skip
     if launcher != "local" and local_given:
         raise UserError(f"{local_given[0]} needs --launcher local (it is {launcher})")
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     if launcher == "inline":
         return LaunchOptions(threads=args.threads or 0)
     if launcher == "local":
