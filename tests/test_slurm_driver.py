@@ -169,7 +169,6 @@ def test_the_sweep_keeps_at_most_array_parallelism_jobs_in_flight(synth_root, tm
     monkeypatch.setattr("benchmark.sweep.driver.Queue", lambda strict: Queue(), raising=False)  # no squeue needed
     monkeypatch.setattr("benchmark.sweep.driver.SLURM_POLL_S", 0.0, raising=False)
     monkeypatch.setattr("benchmark.sweep.driver.MAX_ARRAY", 2)
-    monkeypatch.setattr("benchmark.sweep.jobs.MAX_ARRAY", 2, raising=False)
     results = tmp_path / "r"
     seeds = ["--seeds", "1,2,3,4,5,6,7"]
     args = bench_args("linear", "camelyon", synth_root, results, *seeds, "--launcher", "slurm",

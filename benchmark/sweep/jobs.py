@@ -57,6 +57,7 @@ class InFlight:
         self.launch, self.queue = launch, queue
         self.batches: list[Batch] = []
         self._ended: set[int] = set()  # id() of jobs seen ended
+        self._news = False  # a job was seen ended since `news` was last asked
 
     def paths(self) -> set[Path]:
         return {r.path for b in self.batches for r in b.runs}
@@ -87,11 +88,17 @@ class InFlight:
             return True
         if job_finished(job, self.queue, batch.submitted):
             self._ended.add(id(job))
+            self._news = True
             return True
         return False
 
-    def ended_jobs(self) -> int:
-        return sum(self.ended(j, b) for b in self.batches for j in b.jobs)
+    def news(self) -> bool:
+        """Whether a job has ended since the last time this was asked (a local worker's slot is free)."""
+        for b in self.batches:
+            for j in b.jobs:
+                self.ended(j, b)
+        news, self._news = self._news, False
+        return news
 
     def pop_ended(self) -> list[Batch]:
         """The batches whose every job has ended, removed from flight."""
