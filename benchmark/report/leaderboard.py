@@ -344,15 +344,14 @@ def plot(board: pd.DataFrame) -> bytes:
         ax.annotate(label, (x, r.avg_tasks_mean), textcoords="offset points", xytext=offset, fontsize=size,
                     color=tint)  # fmt: skip
     if any_reported or any_incomplete:
-        handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color="0.3", label="ours: mean over the board's tasks")
-        ]
+        dot = {"marker": "o", "linestyle": "", "color": "0.3"}
+        handles = [plt.Line2D([], [], **dot, label="ours: mean over the board's tasks")]
         if any_incomplete:
-            handles.append(plt.Line2D([], [], marker="o", linestyle="", color="0.3", alpha=0.35,
-                                      label="ours, incomplete: mean over fewer tasks (not comparable)"))  # fmt: skip
+            label = "ours, incomplete: mean over fewer tasks (not comparable)"
+            handles.append(plt.Line2D([], [], **dot, alpha=0.35, label=label))
         if any_reported:
-            handles.append(plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.3",
-                                      label="reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed"))  # fmt: skip
+            label = "reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed"
+            handles.append(plt.Line2D([], [], **dot, markerfacecolor="none", label=label))
         ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.margins(x=0.25, y=0.15)

@@ -1,0 +1,150 @@
+"""The page's accuracy-versus-parameters plot as inline SVG (`benchmark.report.html` places it in the page).
+
+Drawn here rather than by a plotting library's browser bundle: plotly's offline bundle alone is several MB of
+JavaScript in every page, and a server-side SVG also shows without JavaScript.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmark.report.format import format_count, format_mean_std, incomplete, printed, trained_params
+
+# matplotlib's default colour cycle, so a method has the same colour here and in accuracy_vs_params.png.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # fmt: skip
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    """Round accuracy ticks covering [lo, hi]: 4 to 8 of them."""
+    span = max(hi - lo, 1.0)
+    step = next(s for s in (0.5, 1, 2, 5, 10, 20, 25, 50) if span / s <= 7)
+    return list(np.arange(math.floor(lo / step) * step, hi + step, step))
+
+
+def _params_label(n: float) -> str:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:g}{suffix}"
+    return f"{n:g}"
+
+
+def plot_svg(board: pd.DataFrame) -> str:
+    """Accuracy (mean over tasks) against trained parameters (method + head, log x) as inline SVG.
+
+    One point per row that has both: ours filled, reported hollow (`class="pt reported"`), each with its
+    tooltip text in `data-tip` (and a `<title>` for browsers without JavaScript); the Pareto front of our
+    complete rows (no smaller complete row is as accurate) as a line. Our incomplete rows (`class="pt ours
+    incomplete"`: their mean covers fewer tasks) are faint, outlined with dashes, and never on the front.
+    """
+    has = {"avg_tasks_mean", "tunable"} <= set(board.columns)
+    shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
+    points = [(f"r{i}", trained_params(r), float(r.avg_tasks_mean), r) for i, r in shown.iterrows()]
+    points = [p for p in points if p[1] > 0]
+    if not points:
+        return '<p class="empty">No row has both an accuracy and a parameter count to plot.</p>'
+    ours = [p for p in points if p[3].get("kind", "ours") == "ours" and not incomplete(p[3])]
+    ours.sort(key=lambda p: (p[1], -p[2]))
+    front, best = [], -math.inf
+    for p in ours:
+        if p[2] > best:
+            front.append(p)
+            best = p[2]
+    if len(front) < 2:
+        front = []  # a front of one point is no line
+    legend = [("ours: mean over the board's tasks", '<circle cx="8" cy="0" r="5" fill="#555"/>')]
+    if any(p[3].get("kind", "ours") == "ours" and incomplete(p[3]) for p in points):
+        faint = '<circle class="incomplete" cx="8" cy="0" r="5" fill="#555" fill-opacity="0.35" stroke="#555"/>'
+        legend.append(("ours, incomplete: mean over fewer tasks (not comparable)", faint))
+    if any(p[3].get("kind", "ours") == "reported" for p in points):
+        legend.append(("reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed",
+                       '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
+    if front:
+        legend.append(("Pareto front of our complete rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
+    width, left, right, bottom = 860, 64, 24, 52
+    # The legend above the plotting area, in as many rows of 16 px as its entries need.
+    places, x, y = [], left, 16
+    for text, _ in legend:
+        if x > left and x + 22 + 6 * len(text) > width - right:
+            x, y = left, y + 16
+        places.append((x, y))
+        x += 40 + 6 * len(text)
+    top = y + 24
+    height = 420 + top
+    xs, ys = [math.log10(p[1]) for p in points], [p[2] for p in points]
+    x0, x1 = math.floor(min(xs) - 0.2), math.ceil(max(xs) + 0.2)
+    yt = _ticks(min(ys) - 1, max(ys) + 1)
+    y0, y1 = yt[0], yt[-1]
+
+    def px(x: float) -> float:
+        return left + (math.log10(x) - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    out = [
+        f'<svg id="plot" viewBox="0 0 {width} {height}" role="img" aria-label="accuracy versus trained parameters">'
+    ]
+    for k in range(x0, x1 + 1):
+        for m in range(1, 10) if k < x1 else (1,):
+            x = px(m * 10.0**k)
+            out.append(f'<line class="{"grid" if m == 1 else "minor"}" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" '
+                       f'y2="{height - bottom}"/>')  # fmt: skip
+        out.append(f'<text class="tick" x="{px(10.0**k):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                   f"{_params_label(10.0**k)}</text>")  # fmt: skip
+    for y in yt:
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{py(y):.1f}" y2="{py(y):.1f}"/>')
+        out.append(f'<text class="tick" x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<text class="axis" x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">'
+               "trained parameters per task (method + head, log scale)</text>")  # fmt: skip
+    out.append(f'<text class="axis" transform="translate(16 {(top + height - bottom) / 2}) rotate(-90)" '
+               'text-anchor="middle">mean top-1 accuracy over tasks (%)</text>')  # fmt: skip
+    if front:
+        line = " ".join(f"{px(p[1]):.1f},{py(p[2]):.1f}" for p in front)
+        out.append(
+            f'<polyline id="pareto" points="{line}"><title>Pareto front of our complete rows</title></polyline>'
+        )
+    colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(board.method.unique()))}
+    placed: list[tuple[float, float]] = []
+    for key, x, y, r in points:
+        kind = r.get("kind", "ours")
+        if kind == "ours":
+            seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/19 tasks"
+            acc = f"accuracy {format_mean_std(y, r.get('avg_tasks_std'))} (mean over tasks)"
+            if incomplete(r):
+                acc += f"\nincomplete: {r.tasks} of the board's {r.board_tasks} tasks, not on the front"
+        else:
+            seeds = f"reported by {r.source}, {r.tasks}/19 tasks"
+            acc = f"accuracy {printed(y)} (mean of 19, as printed)"
+        head = _num(r.get("head"))
+        params = f"params {format_count(r.tunable)}" + (f" + head {format_count(head)}" if head else "")
+        tip = "\n".join([r.method, r.protocol, seeds, acc, params])
+        style = f'fill="{colour[r.method]}"' if kind == "ours" else f'fill="none" stroke="{colour[r.method]}"'
+        if kind == "ours" and incomplete(r):
+            kind, style = "ours incomplete", f'{style} fill-opacity="0.35" stroke="{colour[r.method]}"'
+        out.append(f'<circle class="pt {kind}" data-key="{key}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" {style} '
+                   f'data-tip="{_esc(tip)}"><title>{_esc(tip)}</title></circle>')  # fmt: skip
+        if kind.startswith("ours"):
+            near = sum(abs(px(x) - a) < 70 and abs(py(y) - b) < 12 for a, b in placed)
+            placed.append((px(x), py(y)))
+            out.append(f'<text class="label" data-key="{key}" x="{px(x) + 9:.1f}" y="{py(y) - 6 - 12 * near:.1f}">'
+                       f"{_esc(r.method)}</text>")  # fmt: skip
+    for (x, y), (text, mark) in zip(places, legend, strict=True):
+        out.append(
+            f'<g class="legend" transform="translate({x} {y})">{mark}<text x="22" y="4">{_esc(text)}</text></g>'
+        )
+    out.append("</svg>")
+    return "\n".join(out)
