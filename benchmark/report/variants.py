@@ -12,7 +12,8 @@ Some fields legitimately differ from task to task, and only across tasks:
 - what the method sets per task (VPT's prompt length, Convpass's scale, ...). A run whose value is the method's
   own for its task counts as `per-task`; one whose value was set by the user counts as that value. When the
   runs of one task disagree on such a field (an override for some seeds, the defaults for others), the field
-  joins the row's identity for every run of the row: `num_tokens=16` and `num_tokens=per-task` are two rows;
+  joins the row's identity for every run of the row: `num_tokens=16` and `num_tokens=per-task` are two rows.
+  A run whose `per_task` switch is off has one setting for every task: its fields are then configuration;
 - the earlier stages' decisions a final run trained under: the grid's selected lr and weight decay, and a
   pruning stage's candidate (with the hash of the decision, where the run records one). When the runs of one
   task disagree (seeds trained before and after a grid point or a dense run was redone), each of that task's
