@@ -177,3 +177,88 @@ def test_the_sweep_keeps_at_most_array_parallelism_jobs_in_flight(synth_root, tm
     assert max(executor.arrays) <= 2 and sum(executor.arrays) == 4  # 7 runs, 2 per job: 4 jobs
     assert len(executor.arrays) >= 2 and sum(executor.arrays[:2]) <= 3  # 3 jobs first, the 4th once one ended
     assert len(list((results / "runs").rglob("final-s*.json"))) == 7
+
+
+def fake_slurm(monkeypatch) -> tuple[FakeSlurmExecutor, dict]:
+    """The slurm launcher with `FakeSlurmExecutor`; returns it and the parameters it was made with."""
+    executor, params = FakeSlurmExecutor(), {}
+
+    def make(launcher, folder, parameters, name):
+        params.update(parameters)
+        return executor
+
+    monkeypatch.setattr("benchmark.sweep.executors.check_slurm", lambda: None)
+    monkeypatch.setattr("benchmark.sweep.driver.make_executor", make)
+    monkeypatch.setattr("benchmark.sweep.driver.Queue", lambda strict: Queue())  # no squeue needed
+    monkeypatch.setattr("benchmark.sweep.driver.SLURM_POLL_S", 0.0)
+    return executor, params
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_node_mode_packs_runs_into_one_job_with_a_worker_per_gpu(synth_root, tmp_path, monkeypatch):
+    executor, params = fake_slurm(monkeypatch)
+    results = tmp_path / "r"
+    args = bench_args("linear", "camelyon", synth_root, results, "--seeds", "1,2,3,4,5,6,7,8,9", "--launcher",
+                      "slurm", "--slurm-gpus-per-job", "8", "--runs-per-job", "16")  # fmt: skip
+    assert main(args) == 0
+    assert executor.arrays == [1]  # 9 runs, up to 16 per job: one job
+    assert params["ntasks_per_node"] == 8 and params["gpus_per_task"] == 1 and "gpus_per_node" not in params
+    assert params["cpus_per_task"] == 8 and params["time"] == 240 * 2  # 8 per GPU; 2 runs per worker
+    assert len(list((results / "runs").rglob("final-s*.json"))) == 9
+
+
+def test_each_task_of_a_node_mode_job_starts_at_its_own_share(monkeypatch):
+    from benchmark.sweep.worker import task_offset
+
+    for name, value in (("SUBMITIT_EXECUTOR", "slurm"), ("SLURM_JOB_ID", "5"), ("SLURM_NTASKS", "8"),
+                        ("SLURM_PROCID", "3")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert task_offset(64) == 24
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert task_offset(64) == 0
+
+
+def test_bad_packing_options_are_refused_before_anything(synth_root, tmp_path, monkeypatch, capsys):
+    fake_slurm(monkeypatch)
+    results = tmp_path / "r"
+    for extra, message in (
+        (
+            ["--launcher", "slurm", "--slurm-gpus-per-job", "8", "--runs-per-job", "4"],
+            "leaves GPUs of a 8-GPU job idle",
+        ),
+        (["--launcher", "local", "--runs-per-job", "4"], "--runs-per-job needs --launcher slurm"),
+        (["--launcher", "slurm", "--runs-per-job", "0"], "must be a positive integer"),
+    ):
+        assert main(bench_args("linear", "camelyon", synth_root, results, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not results.exists()
+
+
+def test_a_refused_submission_cancels_the_jobs_already_submitted(synth_root, tmp_path, monkeypatch, capsys):
+    import submitit
+
+    executor, _ = fake_slurm(monkeypatch)
+    held = threading.Event()  # the first jobs never end: they are in flight when the refusal comes
+    cancelled: list[str] = []
+
+    def map_array(fn, ctxs, runs, offsets):
+        if executor.arrays:
+            raise submitit.core.utils.FailedJobError(
+                "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, "
+                "user's size and/or time limits)"
+            )
+        executor.arrays.append(len(runs))
+        return [SyncJob(c, r, o, hold=held) for c, r, o in zip(ctxs, runs, offsets, strict=True)]
+
+    executor.map_array = map_array
+    monkeypatch.setattr("benchmark.sweep.driver.MAX_ARRAY", 1)
+    monkeypatch.setattr("benchmark.sweep.driver.cancel", cancelled.extend)
+    monkeypatch.setattr("benchmark.sweep.jobs.cancel", cancelled.extend)
+    results = tmp_path / "r"
+    args = bench_args("linear", "camelyon", synth_root, results, "--seeds", "1,2", "--launcher", "slurm")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "sbatch refused the job" in err[-1] and "--slurm-array-parallelism" in err[-1]
+    assert len(cancelled) == 1 and cancelled[0].startswith("sync-")  # the first array's job

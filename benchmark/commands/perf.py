@@ -24,6 +24,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
     if args.scaleout:
         return _scaleout(args)
+    if args.slurm:
+        return _slurm(args)
 
     data_root = Path(args.data_root).expanduser() if args.data_root else None
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
@@ -56,6 +58,18 @@ def _scaleout(args: argparse.Namespace) -> int:
         raise UserError(f"--scaleout takes worker counts of at least 1, got {args.scaleout}")
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     json_path, md_path = measure(args.scaleout, runs=args.runs, epochs=args.epochs, out=Path(args.out), say=say)
+    print(markdown(json.loads(json_path.read_text())))
+    print(f"written: {md_path} and {json_path.name}")
+    return 0
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from benchmark.perf.slurm import markdown, measure
+    from benchmark.sweep.executors import check_slurm
+
+    check_slurm()
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    json_path, md_path = measure(runs=args.runs, epochs=args.epochs, out=Path(args.out), say=say)
     print(markdown(json.loads(json_path.read_text())))
     print(f"written: {md_path} and {json_path.name}")
     return 0
@@ -150,6 +164,12 @@ def register(sub: Any) -> None:
         metavar="N,M,..",
         help="wall time of one synthetic sweep with N, M, .. local workers (one torch thread each), e.g. 1,2",
     )
+    mode.add_argument(
+        "--slurm",
+        action="store_true",
+        help="the SLURM driver's cost here: squeue calls per minute with 1 and 50 queued jobs, and the overhead "
+        "per run with --runs-per-job 1 and 8 (a sweep of --runs tiny runs)",
+    )
     from benchmark.run.backbone import DEFAULT_BACKBONE
 
     g = p.add_argument_group("model options")
@@ -186,7 +206,7 @@ def register(sub: Any) -> None:
         help="DataLoader worker processes, both loaders (default: 0)",
     )
     g.add_argument("--cache-dir", metavar="DIR", help="image cache for --data-root (default: the usual one)")
-    g = p.add_argument_group("--scaleout options (--epochs: of each run)")
+    g = p.add_argument_group("--scaleout and --slurm options (--epochs: of each run)")
     g.add_argument("--runs", type=positive_int, default=8, help="runs in the sweep (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(func=cmd_perf)
