@@ -5,6 +5,7 @@ as soon as its own runs end; the sweep never has more jobs in flight than --slur
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -262,3 +263,19 @@ def test_a_refused_submission_cancels_the_jobs_already_submitted(synth_root, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert "sbatch refused the job" in err[-1] and "--slurm-array-parallelism" in err[-1]
     assert len(cancelled) == 1 and cancelled[0].startswith("sync-")  # the first array's job
+
+
+def test_squeue_failing_mid_sweep_ends_the_driver_in_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    executor, _ = fake_slurm(monkeypatch)
+    executor.map_array = lambda fn, ctxs, runs, offsets: [SyncJob(c, r, o, hold=threading.Event())
+                                                          for c, r, o in zip(ctxs, runs, offsets, strict=True)]  # fmt: skip
+    monkeypatch.setattr("benchmark.sweep.driver.Queue", lambda strict: Queue(strict=strict, sleep=lambda s: None))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    args = bench_args("linear", "camelyon", synth_root, tmp_path / "r", "--launcher", "slurm")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: squeue failed 4 times (slurm_load_jobs error: Socket timed out)"), err
