@@ -20,9 +20,8 @@ evaluations; the suite reports the last epoch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import ParallelBranches
+from methods._per_task import PerTaskSettings
 from methods._registry import register_method
 from methods._vit import vit_report
 
@@ -137,7 +137,7 @@ def convpass_recipe() -> Recipe:
 
 
 @dataclass
-class _ConvpassConfig(MethodConfig):
+class _ConvpassConfig(PerTaskSettings, MethodConfig):
     """Convpass settings.
 
     Attributes:
@@ -177,11 +177,11 @@ class _ConvpassConfig(MethodConfig):
             raise ValueError(f"{self.name} needs timm's ViT blocks (norms, attention, MLP, drop-paths); "
                              f"this backbone has {odd}: pick a plain timm ViT")  # fmt: skip
 
-    def for_task(self, task_id: str) -> Self:
-        if not self.per_task or task_id not in self.task_settings:
-            return self
+    def task_values(self, task_id: str) -> dict[str, Any]:
+        if task_id not in self.task_settings:
+            return {}
         scale, xavier = self.task_settings[task_id]
-        return dataclasses.replace(self, scale=float(scale), xavier_init=xavier)
+        return {"scale": float(scale), "xavier_init": xavier}
 
     def backbone_kwargs(self) -> dict[str, float]:
         return {"drop_path_rate": self.drop_path_rate}

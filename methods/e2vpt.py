@@ -25,7 +25,6 @@ vectors) or `drop` (removed from the sequence); rewinding `fresh` (a new random 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -47,6 +46,7 @@ from methods._base import (
     TunableModule,
 )
 from methods._inject import KVExtendedAttention
+from methods._per_task import PerTaskSettings
 from methods._registry import register_method
 from methods._vit import vit_report
 from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe
@@ -229,7 +229,7 @@ def nested_masks(token_scores: Tensor, segment_scores: Tensor, n_tok: int, n_seg
 
 @register_method("e2vpt")
 @dataclass
-class E2VPTConfig(MethodConfig):
+class E2VPTConfig(PerTaskSettings, MethodConfig):
     """E²VPT settings (defaults: the official code's documented commands).
 
     Attributes:
@@ -300,11 +300,9 @@ class E2VPTConfig(MethodConfig):
         if self.num_kv_tokens and not all(isinstance(b.attn, Attention) for b in backbone.blocks):
             raise _checks.invalid(self, "num_kv_tokens", "needs timm's Attention in every block", 0)
 
-    def for_task(self, task_id: str) -> Self:
-        if not self.per_task:
-            return self
+    def task_values(self, task_id: str) -> dict[str, Any]:
         p, n_kv = E2VPT_TOKENS.get(task_id, (self.num_tokens, self.num_kv_tokens))
-        return dataclasses.replace(self, num_tokens=p, num_kv_tokens=n_kv, recipe=vpt_recipe(*VPT_DEFAULT_RECIPE))
+        return {"num_tokens": p, "num_kv_tokens": n_kv, "recipe": vpt_recipe(*VPT_DEFAULT_RECIPE)}
 
     @classmethod
     def tiny(cls) -> Self:

@@ -25,9 +25,8 @@ reports the last epoch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -37,6 +36,7 @@ from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
+from methods._per_task import PerTaskSettings
 from methods._petl_recipe import petl_recipe
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -173,7 +173,7 @@ class FacTModel(PeftModel):
 
 
 @dataclass
-class _FacTConfig(MethodConfig):
+class _FacTConfig(PerTaskSettings, MethodConfig):
     """FacT settings.
 
     Attributes:
@@ -212,11 +212,11 @@ class _FacTConfig(MethodConfig):
         if self.rank > d:
             raise ValueError(f"rank {self.rank} exceeds the width {d}; set rank <= {d}")
 
-    def for_task(self, task_id: str) -> Self:
-        if not self.per_task or task_id not in self.task_settings:
-            return self
+    def task_values(self, task_id: str) -> dict[str, Any]:
+        if task_id not in self.task_settings:
+            return {}
         rank, scale = self.task_settings[task_id]
-        return dataclasses.replace(self, rank=rank, scale=float(scale))
+        return {"rank": rank, "scale": float(scale)}
 
     @classmethod
     def tiny(cls) -> Self:

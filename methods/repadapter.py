@@ -21,9 +21,8 @@ The official code kept the best of ten test evaluations; the suite reports the l
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import Wrapped, replace_module
 from methods._merge import merge_backbone
+from methods._per_task import PerTaskSettings
 from methods._petl_recipe import petl_recipe
 from methods._registry import register_method
 from methods._vit import vit_report
@@ -106,7 +106,7 @@ class RepAdapterModel(PeftModel):
 
 @register_method("repadapter")
 @dataclass
-class RepAdapterConfig(MethodConfig):
+class RepAdapterConfig(PerTaskSettings, MethodConfig):
     """RepAdapter: re-parameterisable adapters before qkv and fc1 (239,808 parameters on ViT-B/16).
 
     Attributes:
@@ -148,10 +148,8 @@ class RepAdapterConfig(MethodConfig):
         if backbone.embed_dim % self.groups:
             raise ValueError(f"groups ({self.groups}) must divide the width {backbone.embed_dim}")
 
-    def for_task(self, task_id: str) -> Self:
-        if not self.per_task or task_id not in REPADAPTER_SCALES:
-            return self
-        return dataclasses.replace(self, scale=float(REPADAPTER_SCALES[task_id]))
+    def task_values(self, task_id: str) -> dict[str, Any]:
+        return {"scale": float(REPADAPTER_SCALES[task_id])} if task_id in REPADAPTER_SCALES else {}
 
     def backbone_kwargs(self) -> dict[str, float]:
         return {"drop_path_rate": self.drop_path_rate}

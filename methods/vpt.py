@@ -17,10 +17,9 @@ base lr 1.0 / weight decay 1e-3 (the dmlab and eurosat values) until the grid pr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._inject import embed, insert_tokens, pool, remove_tokens, replace_tokens, run_blocks
+from methods._per_task import PerTaskSettings
 from methods._registry import register_method
 from methods._vit import vit_report
 
@@ -121,7 +121,7 @@ class PromptedViT(PeftModel):
 
 
 @dataclass
-class _VPTConfig(MethodConfig):
+class _VPTConfig(PerTaskSettings, MethodConfig):
     """VPT settings shared by the shallow and deep variants.
 
     Attributes:
@@ -144,11 +144,9 @@ class _VPTConfig(MethodConfig):
         _checks.rates(self, "dropout")
         _checks.choice(self, "head_init", HEAD_INITS)
 
-    def for_task(self, task_id: str) -> Self:
-        if not self.per_task:
-            return self
+    def task_values(self, task_id: str) -> dict[str, Any]:
         recipe = vpt_recipe(*VPT_CONFIRMED_RECIPES.get(task_id, VPT_DEFAULT_RECIPE))
-        return dataclasses.replace(self, num_tokens=VPT_DEEP_TOKENS.get(task_id, self.num_tokens), recipe=recipe)
+        return {"num_tokens": VPT_DEEP_TOKENS.get(task_id, self.num_tokens), "recipe": recipe}
 
     @classmethod
     def tiny(cls) -> Self:

@@ -46,7 +46,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from benchmark.run.backbone import create_backbone
+    from benchmark.run.backbone import meta_backbone
+    from benchmark.run.resolve import resolve_config
 
     names = args.methods.split(",") if args.methods else None
     import methods
@@ -55,14 +56,12 @@ def cmd_params(args: argparse.Namespace) -> int:
     tasks = task_list(args.tasks)
     out = []
     for cls in configs:
-        base = cls()
-        # The meta device gives every tensor its shape without allocating or initialising it.
-        backbone = create_backbone(
-            args.backbone, pretrained=False, image_size=args.image_size, device="meta", **base.backbone_kwargs()
-        )
         for task in tasks:
+            config = resolve_config(cls, task.id)
+            # The meta device gives every tensor its shape without allocating or initialising it.
+            backbone = meta_backbone(args.backbone, args.image_size, **config.backbone_kwargs())
             try:
-                model = base.for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+                model = config.build(copy.deepcopy(backbone), task.num_classes)
             except ValueError as e:
                 raise UserError(f"{cls.name} on {task.id}: {e}") from None
             out.append({"method": cls.name, "task": task.id, **model.param_report().as_dict()})

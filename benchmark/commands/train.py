@@ -86,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.run.backbone import create_backbone
+    from benchmark.run.resolve import build_backbone, resolve_config
     from benchmark.run.results import check_writable, run_path, write_json
     from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
     from benchmark.sweep.claims import claim_path, read_owner, try_claim
@@ -96,10 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.protocol == "grid":
         raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
     settings = run_settings(args)
-    try:
-        config = cls().for_task(task.id).with_options(method_options(args)).with_recipe(**recipe_overrides(args))
-    except ValueError as e:
-        raise UserError(f"{cls.name}: {e}") from None
+    config = resolve_config(cls, task.id, method_options(args), recipe_overrides(args))
     check_config(config, settings, f" on {task.id}")
     out = (
         Path(args.out).expanduser()
@@ -112,13 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_writable(out.parent, option="--out", what="output directory")
     else:
         check_writable(out.parent)
-    backbone = create_backbone(
-        settings.backbone,
-        pretrained=settings.pretrained,
-        weights=settings.weights,
-        image_size=settings.image_size,
-        **config.backbone_kwargs(),
-    )
+    backbone = build_backbone(config, settings)
     data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
                         args.cache_dir)  # fmt: skip
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings,

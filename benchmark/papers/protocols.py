@@ -41,6 +41,7 @@ import pandas as pd
 from benchmark.core.errors import UserError
 from benchmark.papers.reference import REPORTED_EPOCHS, ReferenceTable
 from benchmark.report.format import protocol_label
+from benchmark.run.resolve import resolve_config
 from methods import MethodConfig
 from tasks import Task
 
@@ -284,16 +285,14 @@ def plan_reproduction(
     base_lrs, wds = (protocol.quick_base_lrs, protocol.quick_wds) if quick else (protocol.base_lrs, protocol.wds)
     plans = []
     for task in tasks:
-        try:
-            cfg = config.for_task(task.id).with_options(options)
-        except ValueError as e:
-            raise UserError(f"{name} on {task.id}: {e}") from None
         overrides: dict[str, Any] = {**protocol.recipe, **({"epochs": epochs} if epochs else {})}
         if protocol.protocol == "grid":
             # Base lrs are per 256 images: the spec's lr for this task's batch size.
-            overrides["lr_grid"] = tuple(b * cfg.recipe.batch_size / 256 for b in base_lrs)
+            batch_size = resolve_config(config, task.id, options, task_recipe=overrides).recipe.batch_size
+            overrides["lr_grid"] = tuple(b * batch_size / 256 for b in base_lrs)
             overrides["wd_grid"] = tuple(wds)
-        cfg = cfg.with_recipe(**overrides)
+        # What the sweep trains: the same resolution, with these overrides as the task's (`Plan.task_overrides`).
+        cfg = resolve_config(config, task.id, options, task_recipe=overrides)
         grid_runs = len(cfg.recipe.lr_grid) * len(cfg.recipe.wd_grid) if protocol.protocol == "grid" else 0
         rewinds = 0
         if cfg.prunes and hasattr(cfg, "levels"):

@@ -14,6 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from benchmark.perf.timing import count_tokens, eval_throughput, step_ms
+from benchmark.run.resolve import resolve_config
 from methods import MethodConfig
 from tasks import Task
 
@@ -27,7 +28,7 @@ def tokens_per_task(config: MethodConfig, backbone: VisionTransformer, tasks: It
     seen: dict[str, int] = {}
     out = {}
     for task in tasks:
-        cfg = config.for_task(task.id)
+        cfg = resolve_config(config, task.id)
         key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "recipe"}, sort_keys=True, default=str)
         if key not in seen:
             model = cfg.build(copy.deepcopy(backbone), task.num_classes).to(device)

@@ -48,6 +48,7 @@ from benchmark.perf.timing import (
     time_call,
 )
 from benchmark.run.module import ClassificationModule
+from benchmark.run.resolve import resolve_config
 from methods import MethodConfig, NotMergeableError, embed, insert_tokens, pool, run_blocks
 from tasks import Task
 
@@ -179,7 +180,7 @@ def measure_models(
             sync(device)
             memory.settle()
             before = memory.current()
-            cfg = config.for_task(spec.task.id)
+            cfg = resolve_config(config, spec.task.id)
             c = method_candidate(cfg, backbone, spec.task, batch, variant, device, compile=spec.compile)
             for _ in range(max(1, spec.warmup)):
                 c.step()
@@ -314,7 +315,7 @@ def run(
     linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
     head_ips = None
     if linear is not None:
-        head = head_candidate(linear.for_task(task.id), backbone, task, batch_size, device)
+        head = head_candidate(resolve_config(linear, task.id), backbone, task, batch_size, device)
         for _ in range(3):
             head.step()
         head_ips = batch_size / statistics.median(time_call(head.step, device) for _ in range(20))
@@ -365,7 +366,7 @@ def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repe
         frozen[variant.label] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
     by_name = {cfg.name: cfg for cfg in configs}
     for row in rows:
-        model = by_name[row["method"]].for_task(task.id).build(copy.deepcopy(backbone), task.num_classes)
+        model = resolve_config(by_name[row["method"]], task.id).build(copy.deepcopy(backbone), task.num_classes)
         try:
             merged = model.merged_backbone()
         except NotMergeableError:

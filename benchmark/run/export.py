@@ -44,29 +44,19 @@ def merged_model(model: Any, num_classes: int, method: str) -> VisionTransformer
 
 
 def rebuild(record: dict[str, Any], state_path: Path) -> tuple[Any, Any]:
-    """The run's model (tunable state loaded) and its task, from its result record."""
-    from benchmark.run.backbone import create_backbone
-    from methods import UnknownMethodError, get_method
+    """The run's model (tunable state loaded) and its task, from its result record: the config it recorded (its
+    resolved one) on the backbone that config and the recorded settings give (`benchmark.run.resolve`)."""
+    from benchmark.run.resolve import build_backbone, config_from_record, settings_from_record
     from tasks import UnknownTaskError, get_task
 
-    config_data = record.get("config") or {}
+    config = config_from_record(record)
     try:
-        cls = get_method(record["method"])
-        config = cls.from_dict(config_data["method_config"])
         task = get_task(record["task"])
-    except (UnknownMethodError, UnknownTaskError) as e:
+    except UnknownTaskError as e:
         raise UserError(str(e)) from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"the result's configuration cannot be read ({type(e).__name__}: {e})") from None
     if record.get("pruning"):
-        raise UserError(f"{cls.name} prunes, so it adds tokens the backbone cannot absorb; it cannot be merged")
-    backbone = create_backbone(
-        config_data.get("backbone", "vit_base_patch16_224"),
-        pretrained=config_data.get("pretrained", True),
-        weights=config_data.get("weights"),
-        image_size=config_data.get("image_size"),
-        **config.backbone_kwargs(),
-    )
+        raise UserError(f"{config.name} prunes, so it adds tokens the backbone cannot absorb; it cannot be merged")
+    backbone = build_backbone(config, settings_from_record(record))
     model = config.build(backbone, task.num_classes)
     try:
         model.load_tunable(state_path)

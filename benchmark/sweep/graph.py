@@ -17,12 +17,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from benchmark.core.errors import UserError
 from benchmark.data.arrays import SplitArrays, VTABDataModule
 from benchmark.run.backbone import NORMALIZATIONS
+from benchmark.run.resolve import Backbones
 from benchmark.run.results import grid_tune_path, read_result, run_path, write_json
 from benchmark.run.runner import (
     TUNING_SEED,
@@ -99,11 +99,11 @@ class Sweep:
     """The runs of one method over tasks and seeds: grid search, pruning stage, final runs; resumable."""
 
     def __init__(self, config: MethodConfig, *, protocol: str, settings: Settings, results: Path,
-                 backbone: VisionTransformer, data: SweepData, retry_failed: bool, run_progress: bool,
+                 backbones: Backbones, data: SweepData, retry_failed: bool, run_progress: bool,
                  save_tunable: bool = False, rerun_stale: bool = False) -> None:  # fmt: skip
         self.name, self.protocol, self.settings, self.results = config.name, protocol, settings, results
         self.save_tunable = save_tunable
-        self.backbone, self.data = backbone, data
+        self.backbones, self.data = backbones, data
         self.retry_failed, self.run_progress = retry_failed, run_progress
         self.rerun_stale = rerun_stale
         self.executed: list[dict[str, Any]] = []
@@ -157,7 +157,7 @@ class Sweep:
                 tqdm.write(f"{plan.path}: took over the run from {claim.reclaimed_from}", file=sys.stderr)
             spec = plan.spec
             self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
-            record = execute(spec, self.backbone, self.data, progress=self.run_progress)
+            record = execute(spec, self.backbones(spec.config), self.data, progress=self.run_progress)
             if not claim.held():
                 raise UserError(
                     f"another process took over {plan.path} while it ran (its claim had gone stale); "
@@ -254,7 +254,7 @@ class Sweep:
                 return stored
             cfg, task = dense.spec.config, dense.spec.task
             pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
-            model = cfg.build(copy.deepcopy(self.backbone), task.num_classes).to(compute_device())
+            model = cfg.build(copy.deepcopy(self.backbones(cfg)), task.num_classes).to(compute_device())
             trained, initial = dense_states(dense.path)
             model.load_tunable(trained)
             batches = _normalised_batches(self.data.arrays[task.id]["train800"], cfg, self.settings)

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmark.core.errors import UserError
-from benchmark.run.backbone import create_backbone
+from benchmark.run.resolve import Backbones, resolve_config
 from benchmark.run.results import check_result_path, check_writable
 from benchmark.run.runner import (
     PROTOCOL_SPLITS,
@@ -42,19 +42,15 @@ def task_configs(
     recipe_overrides: dict[str, Any] | None = None,
     task_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, MethodConfig]:
-    """Each task's config of the sweep (`prepare_sweep`'s arguments), checked against the backbone's structure;
-    anything wrong is a `UserError`. Nothing is loaded: a command sweeping several methods checks them all
-    before the first run."""
+    """Each task's config of the sweep (`prepare_sweep`'s arguments; `resolve.resolve_config` from `config`),
+    checked against the backbone's structure; anything wrong is a `UserError`. Nothing is loaded: a command
+    sweeping several methods checks them all before the first run."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; pick one of {', '.join(PROTOCOLS)}")
-    overrides = dict(recipe_overrides or {})
     configs = {}
     for task in tasks:
-        try:
-            task_recipe = {**overrides, **(task_overrides or {}).get(task.id, {})}
-            configs[task.id] = config.for_task(task.id).with_options(options or {}).with_recipe(**task_recipe)
-        except ValueError as e:
-            raise UserError(f"{config.name} on {task.id}: {e}") from None
+        task_recipe = (task_overrides or {}).get(task.id)
+        configs[task.id] = resolve_config(config, task.id, options, recipe_overrides, task_recipe)
         r = configs[task.id].recipe
         if protocol == "grid" and (not r.lr_grid or not r.wd_grid):
             raise UserError(f"{config.name} has no lr/weight-decay grid; pass --lr-grid and --wd-grid")
@@ -95,10 +91,11 @@ def prepare_sweep(
     splits = PROTOCOL_SPLITS["grid"] if pruning else PROTOCOL_SPLITS[protocol]
     check_writable(results)
     # The weights are checked (key for key) before the images are decoded, which is the longer wait.
-    backbone = create_backbone(settings.backbone, pretrained=settings.pretrained, weights=settings.weights,
-                               image_size=settings.image_size, **config.backbone_kwargs())  # fmt: skip
+    backbones = Backbones(settings)
+    for cfg in configs.values():  # every task's backbone (one per distinct arguments), from its resolved config
+        backbones(cfg)
     data = prepare_data(data_root, tasks, splits, settings, cache_dir)
-    state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbone=backbone, data=data,
+    state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbones=backbones, data=data,
                       retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable,
                       rerun_stale=rerun_stale)  # fmt: skip
     # Checked up front for the runs whose identity is known before any training.

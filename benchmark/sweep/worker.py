@@ -76,7 +76,7 @@ class Worker(submitit.helpers.Checkpointable):
         import torch
         from tqdm.auto import tqdm
 
-        from benchmark.run.backbone import create_backbone
+        from benchmark.run.resolve import Backbones
         from benchmark.run.runner import MODE_SPLITS, SweepData, prepare_data, quiet_lightning
         from benchmark.sweep.claims import claim_path, read_owner, stale_reason
         from benchmark.sweep.graph import Plan, Sweep
@@ -102,11 +102,9 @@ class Worker(submitit.helpers.Checkpointable):
                 loaded = prepare_data(ctx.data_root, [task], MODE_SPLITS[job.spec.mode], ctx.settings, ctx.cache_dir)
                 data.arrays[task.id].update(loaded.arrays[task.id])
             if state is None:
-                s = ctx.settings
-                backbone = create_backbone(s.backbone, pretrained=s.pretrained, weights=s.weights,
-                                           image_size=s.image_size, **job.spec.config.backbone_kwargs())  # fmt: skip
-                state = Sweep(job.spec.config, protocol=ctx.protocol, settings=s, results=ctx.results,
-                              backbone=backbone, data=data, retry_failed=False, run_progress=False,
+                # Each run's backbone from its own config (`Sweep.run`), one per distinct arguments.
+                state = Sweep(job.spec.config, protocol=ctx.protocol, settings=ctx.settings, results=ctx.results,
+                              backbones=Backbones(ctx.settings), data=data, retry_failed=False, run_progress=False,
                               rerun_stale=ctx.rerun_stale)  # fmt: skip
                 state.bar = tqdm(disable=True)
             state.retry_failed = job.seen is not None
