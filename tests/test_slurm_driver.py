@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -279,3 +280,24 @@ def test_squeue_failing_mid_sweep_ends_the_driver_in_one_line(synth_root, tmp_pa
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: squeue failed 4 times (slurm_load_jobs error: Socket timed out)"), err
+
+
+@pytest.mark.slow
+def test_a_queued_job_has_not_ended_until_it_leaves_the_queue(slurm, tmp_path):
+    import submitit
+
+    from benchmark.sweep.executors import job_finished
+
+    out = subprocess.run(["sbatch", "--parsable", "--hold", "-c", "1", "--array", "0-1", "-o", "/dev/null", "--wrap",
+                          "true"], capture_output=True, text=True, check=True)  # fmt: skip
+    since, array = time.time(), out.stdout.strip().split(";")[0]
+    job = submitit.SlurmJob(tmp_path, f"{array}_1")
+    queue = Queue(strict=True, max_age=0.0)
+    try:
+        assert not job_finished(job, queue, since)  # pending (held)
+    finally:
+        subprocess.run(["scancel", array], check=True)
+    deadline = time.monotonic() + 60
+    while not job_finished(job, queue, since):
+        assert time.monotonic() < deadline, "the cancelled job is still queued"
+        time.sleep(1)

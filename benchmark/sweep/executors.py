@@ -57,7 +57,7 @@ def job_finished(job: Any, queue: Queue, since: float) -> bool:
         return job.done()
     if all(task.paths.result_pickle.exists() for task in job_tasks(job)):
         return True
-    return queue.gone(str(job.job_id), since, margin=0.0) is not None  # submitted by this host's clock
+    return queue.left(str(job.job_id), since)
 
 
 def job_tasks(job: Any) -> list[Any]:

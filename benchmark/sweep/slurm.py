@@ -82,8 +82,9 @@ class Snapshot:
     taken: float  # wall-clock time when the query was sent
 
     def gone(self, job_id: str, since: float, margin: float = CLOCK_SKEW_S) -> str | None:
-        """Why a job known to be queued at `since` (by a clock that may be `margin` s off ours) runs nothing
-        any more; None when it may still run, or when this snapshot is too old to tell."""
+        """Why the processes a job ran at `since` (by a clock that may be `margin` s off ours) have ended: it
+        left the queue, or it is back to pending (requeued). None when they may still run, or when this
+        snapshot is too old to tell."""
         if self.taken <= since + margin:
             return None
         job = self.jobs.get(job_id)
@@ -92,6 +93,10 @@ class Snapshot:
         if job.state not in ALIVE:
             return f"SLURM job {job_id} is {job.state.lower()} again (requeued)"
         return None
+
+    def left(self, job_id: str, since: float) -> bool:
+        """Whether a job this host submitted at `since` has left the queue (a pending job has not)."""
+        return self.taken > since and job_id not in self.jobs
 
 
 class Queue:
@@ -123,6 +128,10 @@ class Queue:
     def gone(self, job_id: str, since: float, margin: float = CLOCK_SKEW_S) -> str | None:
         snap = self.snapshot()
         return None if snap is None else snap.gone(job_id, since, margin)
+
+    def left(self, job_id: str, since: float) -> bool:
+        snap = self.snapshot()
+        return snap is not None and snap.left(job_id, since)
 
     def _query(self) -> Snapshot | None:
         if not self.strict and shutil.which("squeue") is None:
