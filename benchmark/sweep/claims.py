@@ -1,8 +1,9 @@
 """Claims: a run is claimed atomically before it starts, so that no two processes ever run it at once.
 
 A claim is a small JSON file beside the run's result (`<result>.claim`), created exclusively
-(`O_CREAT | O_EXCL`, atomic on local and NFS file systems), holding its owner: host, pid, SLURM job id
-(when inside a job), start time and a heartbeat that the owner refreshes while the run is in flight.
+(`O_CREAT | O_EXCL`, atomic on local and NFS file systems), holding its owner: host, pid, user, SLURM job
+id and restart count (when inside a job), start time and a heartbeat that the owner refreshes while the run
+is in flight.
 Whoever holds the claim is the only one who may write the result: it re-checks the result's identity
 under the claim, right before the atomic rename (`sweep.Sweep.run`). The claim is removed after the
 result is written, or when the run is abandoned.
