@@ -50,7 +50,11 @@ def trained(monkeypatch) -> list[dict[str, Any]]:
     """Every model built in this test, as built (a copy, before any pruning or training) with the RNG state it
     was built from, and for the ones a `ClassificationModule` trained, what its optimiser and trainer used."""
     builds: list[dict[str, Any]] = []
-    build, init, configure = MethodConfig.build, ClassificationModule.__init__, ClassificationModule.configure_optimizers
+    build, init, configure = (
+        MethodConfig.build,
+        ClassificationModule.__init__,
+        ClassificationModule.configure_optimizers,
+    )
 
     def recorded_build(self, backbone, num_classes):
         rng = torch.get_rng_state()
@@ -175,7 +179,7 @@ def per_task_task(method: str) -> str:
 @pytest.mark.parametrize("method", PER_TASK)
 def test_per_task_false_trains_and_records_the_defaults_and_the_options(method, synth_root, tmp_path, trained):
     task, cls = per_task_task(method), get_method(method)
-    options = SHORT.get(method, []) + ["per_task=false"]
+    options = [*SHORT.get(method, []), "per_task=false"]
     out = tmp_path / "r.json"
     args = argv(f"run --method {method} --task {task} --data-root {synth_root} --out {out}",
                 "--epochs", "1", "--batch-size", "8", *sets(options))  # fmt: skip
@@ -240,3 +244,19 @@ def test_the_drop_path_option_reaches_the_inline_backbone(synth_root, tmp_path, 
                                f"drop_path_rate={rate}")) == 0  # fmt: skip
         losses[rate] = final_result(results, "lora")["train_loss"]
     assert losses["0.0"] != losses["0.9"]
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "message"),
+    [
+        ("run --method convpass --task camelyon", "per_task=maybe",
+         "convpass on camelyon: option per_task takes true or false, got 'maybe'"),
+        ("bench --method lora --tasks camelyon", "per_task=false", "lora on camelyon: lora has no option 'per_task'"),
+        ("run --method vpt_deep --task svhn", "num_tokens=0", "vpt_deep on svhn: num_tokens=0 must be at least 1"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_is_one_line_and_nothing_is_written(command, option, message, synth_root, tmp_path, capsys):
+    assert main(argv(f"{command} --data-root {synth_root} --results {tmp_path / 'r'}", "--set", option)) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
