@@ -4,6 +4,7 @@ as soon as its own runs end; the sweep never has more jobs in flight than --slur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 from benchmark.cli import main
 from benchmark.sweep.slurm import Queue
 from benchmark.sweep.worker import Worker
-from tests.test_launch import bench_args, leftovers, one_thread, slurm_unavailable  # noqa: F401
+from tests.test_launch import bench_args, leftovers, one_thread, slurm_unavailable, starts_and_ends  # noqa: F401
 
 # Old code waited forever for a job that cannot start: the test fails instead of hanging.
 WATCHDOG_S = 240
@@ -301,3 +302,39 @@ def test_a_queued_job_has_not_ended_until_it_leaves_the_queue(slurm, tmp_path):
     while not job_finished(job, queue, since):
         assert time.monotonic() < deadline, "the cancelled job is still queued"
         time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_the_tasks_of_one_job_share_its_runs(slurm, watchdog, synth_root, tmp_path, monkeypatch):
+    """Node mode's job shape on a CPU cluster: 2 tasks per job (one per GPU there) share the job's 4 runs;
+    every run is executed once, by one of them, and the driver waits for both."""
+    from benchmark.sweep import launch as launch_module
+
+    real = launch_module.launch_options
+
+    def two_tasks(args):
+        launch = real(args)
+        return dataclasses.replace(launch, slurm={**launch.slurm, "ntasks_per_node": 2}, runs_per_job=4)
+
+    monkeypatch.setattr(launch_module, "launch_options", two_tasks)
+    results = tmp_path / "r"
+    seeds = ["--seeds", "1,2,3,4"]
+    assert (
+        main(bench_args("linear", "camelyon", synth_root, results, *seeds, *SLURM_CPU, "--slurm-cpus-per-job", "1"))
+        == 0
+    )
+    starts, ends, skips = starts_and_ends(results)
+    finals = sorted(str(p) for p in (results / "runs").rglob("final-s*.json"))
+    assert len(finals) == 4 and set(ends) == set(finals) and set(ends.values()) == {1} and starts == ends + skips
+    by_task = {
+        p.name.split("_")[-2] for p in (results / "logs").rglob("*_log.err") if "peft-bench: done" in p.read_text()
+    }
+    assert by_task == {"0", "1"}  # both tasks of the job ran runs
+    assert main(bench_args("linear", "camelyon", synth_root, tmp_path / "inline", *seeds)) == 0
+    for seed in (1, 2, 3, 4):
+        a, b = (
+            json.loads((r / f"runs/linear/camelyon/final-s{seed}.json").read_text())
+            for r in (results, tmp_path / "inline")
+        )
+        assert (a["status"], a["test_acc"], a["train_loss"]) == (b["status"], b["test_acc"], b["train_loss"])
