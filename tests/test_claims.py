@@ -235,3 +235,12 @@ def test_pending_reasons_that_never_clear_name_the_option(reason, option):
 def test_sbatch_refusals_name_the_option(said, option):
     line = rejection(said)
     assert option in line and "\n" not in line and line.startswith("sbatch refused the job")
+
+
+def test_squeue_missing_mid_sweep_is_one_line():
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "squeue")
+
+    with pytest.raises(UserError) as e:
+        Queue(strict=True, run=missing, sleep=lambda s: None).snapshot()
+    assert "squeue failed 4 times" in str(e.value) and "No such file" in str(e.value)

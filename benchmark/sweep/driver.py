@@ -195,7 +195,9 @@ def drive(
     ctx = WorkerContext(state.protocol, state.settings, state.results, Path(kwargs["data_root"]),
                         kwargs.get("cache_dir"), launch.threads, state.rerun_stale)  # fmt: skip
     executor = make_executor(launch.launcher, logs, launch.slurm, f"peft-bench-{config.name}")
-    where = f"{launch.workers} local worker(s)" if launch.launcher == "local" else "SLURM job arrays"
+    where = (f"{launch.workers} local worker(s)" if launch.launcher == "local" else
+             f"SLURM job arrays ({launch.runs_per_job} run(s) per job, at most {launch.parallelism} jobs at once, "
+             f"the queue asked every {SLURM_POLL_S:.0f} s)")  # fmt: skip
     print(f"{config.name}: runs go to {where}; job logs in {logs}", file=sys.stderr, flush=True)
     dense_after_grid = sum(configs[t.id].prunes and state.protocol == "grid" for t in tasks)
     bar = _Progress(state, [p.path for p, _ in known], dense_after_grid, config.name, progress)
