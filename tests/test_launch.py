@@ -41,7 +41,7 @@ def outcomes(results: Path) -> dict[str, tuple]:
     out = {}
     for path in sorted((results / "runs").rglob("*.json")):
         r = json.loads(path.read_text())
-        if isinstance(r, list):  # a pruning stage's candidates
+        if isinstance(r, list) or "status" not in r:  # a pruning stage's candidates, a decision file
             out[str(path.relative_to(results))] = json.dumps(r, sort_keys=True)
             continue
         out[str(path.relative_to(results))] = (
