@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmark.perf.files import machine, write_measurement
 
 # One single-thread process's matmul throughput (a fixed time, counted): the machine's ceiling for n workers
 # is the sum over n of them side by side, relative to one alone.
@@ -79,18 +80,14 @@ def measure(workers: list[int], *, runs: int, epochs: int, out: Path, say=print)
         row["ceiling"] = round(ceiling(row["workers"]) / one, 2)
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "sweep": f"vpt_deep (4 tokens) on test_vit 32 px, {len(TASKS)} synthetic tasks, {epochs} epochs, "
         f"seeds {seeds}: {rows[0]['runs']} runs",
         "identical_results": all(a == accuracies[0] for a in accuracies),
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"scaleout-cpu-{datetime.now(UTC):%Y-%m-%d}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(markdown(report) + "\n")
-    return json_path, md_path
+    return write_measurement(out, "scaleout-cpu", report, markdown(report))
 
 
 def markdown(report: dict[str, Any]) -> str:

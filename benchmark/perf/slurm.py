@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmark.perf.files import machine, write_measurement
 from benchmark.sweep.driver import SLURM_POLL_S
 
 COUNTING_SQUEUE = """#!/bin/sh
@@ -113,19 +113,14 @@ def measure(*, runs: int, epochs: int, out: Path, seconds: float = 60.0, say=pri
     version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip()
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {version}, one node "
-        f"with {node_cpus()} CPUs",
+        "machine": f"{machine()}; {version}, one node with {node_cpus()} CPUs",
         "poll_s": SLURM_POLL_S,
         "sweep": f"linear on test_vit 32 px, synthetic camelyon, {epochs} epoch(s) per run",
         "squeue": rates,
         "overhead": overheads,
     }
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"slurm-driver-{datetime.now(UTC):%Y-%m-%d}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(markdown(report) + "\n")
-    return json_path, md_path
+    return write_measurement(out, "slurm-driver", report, markdown(report))
 
 
 def markdown(report: dict[str, Any]) -> str:
