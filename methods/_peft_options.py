@@ -8,13 +8,16 @@ the tuner's own fields offered through `--set`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from methods import _checks
 from methods._base import parse_option
 
 ADAPTER = "default"
@@ -80,6 +83,64 @@ def peft_config_class(tuner: str) -> type:
     import peft
 
     return getattr(peft, TUNERS[tuner].config_class)
+
+
+def _nonzero_real(view: Any, name: str, tuner: str) -> None:
+    _checks.real(view, name)
+    if getattr(view, name) == 0:
+        # VeRA's λ_b starts at 0: with λ_d = 0 too, neither vector receives a gradient.
+        raise _checks.invalid(view, name, "must not be 0: the adapter would never leave its initialisation")
+
+
+def _factor(view: Any, name: str, tuner: str) -> None:
+    _checks.integer(view, name, -1)
+    if getattr(view, name) == 0:
+        raise _checks.invalid(view, name, "must be -1 (any factor) or at least 1")
+
+
+def _module_list(view: Any, name: str, tuner: str) -> None:
+    if getattr(view, name) == []:
+        raise _checks.invalid(view, name, "names no module (none: no feed-forward module)")
+
+
+# The meaning of every numeric (and list) option a tuner offers, by the suite's option name: each is checked
+# here, before peft builds anything, so that a value peft accepts but cannot train with fails in one line.
+MEANINGS: dict[str, Callable[[Any, str, str], None]] = {
+    **dict.fromkeys(("dropout", "rank_dropout", "module_dropout"), lambda v, n, t: _checks.rates(v, n)),
+    # OFT's r is a block count, 0 meaning "derive it from oft_block_size"; elsewhere a rank.
+    "r": lambda v, n, t: _checks.integer(v, n, 0 if t == "oft" else 1),
+    "alpha": lambda v, n, t: _checks.real(v, n, 0.0, low_open=True),
+    # Block size or block count: 0 means "derived from the other" (peft requires exactly one of them).
+    **dict.fromkeys(("boft_block_size", "boft_block_num", "oft_block_size"), lambda v, n, t: _checks.integer(v, n, 0)),
+    "boft_n_butterfly_factor": lambda v, n, t: _checks.integer(v, n, 1),
+    "d_initial": _nonzero_real,
+    "projection_prng_key": lambda v, n, t: _checks.integer(v, n, 0, 2**64 - 1),  # torch.Generator's seed range
+    "eps": lambda v, n, t: _checks.real(v, n, 0.0, low_open=True),
+    # Fewer than 2 terms make the Neumann series the identity: the rotation never moves.
+    "num_cayley_neumann_terms": lambda v, n, t: _checks.integer(v, n, 2),
+    "decompose_factor": _factor,
+    "feedforward_modules": _module_list,
+}
+
+
+def check_values(tuner: str, values: dict[str, Any]) -> None:
+    """Check the resolved values (peft's field names) by their meaning (`MEANINGS`); every other number must be
+    finite. A failure is a one-line `ValueError` that names the suite's option and suggests the tuner's default."""
+    spec = TUNERS[tuner]
+    to_option = {peft_name: name for name, peft_name in spec.common.items()}
+    peft_defaults = {f.name: f.default for f in dataclasses.fields(peft_config_class(tuner))}
+    options = {to_option.get(key, key): value for key, value in values.items()}
+    view_class = dataclasses.make_dataclass(
+        f"{tuner}_options",
+        [(name, Any, field(default=spec.defaults.get(name, peft_defaults.get(spec.common.get(name, name)))))
+         for name in options],
+    )  # fmt: skip
+    view = view_class(**options)  # the values with the tuner's defaults, as `methods._checks` reads a config
+    for name, value in options.items():
+        if name in MEANINGS:
+            MEANINGS[name](view, name, tuner)
+        elif isinstance(value, float | int) and not isinstance(value, bool):
+            _checks.real(view, name)
 
 
 def convert_option(key: str, text: str, hint: Any) -> Any:

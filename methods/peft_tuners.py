@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any, ClassVar, Self
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from methods import _checks
 from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, parse_option
 from methods._peft_options import (
     ADAPTER,
@@ -50,6 +50,7 @@ from methods._peft_options import (
     INIT_CHOICES,
     TUNERS,
     boft_fast_path_only,
+    check_values,
     convert_option,
     lokr_factorization,
     peft_config_class,
@@ -100,12 +101,12 @@ class PeftTunerConfig(MethodConfig):
     head_init: str = "torch"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fixed_tuner is not None and self.tuner != self.fixed_tuner:
             raise ValueError(f"{self.name} is peft's {self.fixed_tuner}; for another tuner use --method peft "
                              f"--set tuner={self.tuner}")  # fmt: skip
         self.check_choices({"tuner": tuple(TUNERS), "head_init": ("torch", "vpt")})
-        if not 0 <= self.drop_path_rate < 1:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _checks.rates(self, "drop_path_rate")
         self.options = {str(k): str(v) for k, v in self.options.items()}
         self.peft_config()  # every value checked now, by the suite and by peft, not at build time
 
@@ -137,7 +138,8 @@ class PeftTunerConfig(MethodConfig):
         return values
 
     def targets(self) -> list[str]:
-        targets = split_targets(self.target_modules or TUNERS[self.tuner].defaults["target_modules"])
+        text = TUNERS[self.tuner].defaults["target_modules"] if self.target_modules is None else self.target_modules
+        targets = split_targets(text)
         if not targets:
             raise ValueError("target_modules is empty; give a comma list such as qkv or qkv,fc2")
         return targets
@@ -154,6 +156,7 @@ class PeftTunerConfig(MethodConfig):
         would also wrap other module types (`proj` names the patch embedding's convolution too).
         """
         values = self.settings()
+        check_values(self.tuner, values)
         targets: list[str] = self.targets()
         if backbone is not None:
             targets = [name for name, _ in targeted_linears(backbone, targets)]
@@ -167,11 +170,6 @@ class PeftTunerConfig(MethodConfig):
         if values.get("boft_n_butterfly_factor", 1) != 1:
             raise ValueError("boft_n_butterfly_factor must be 1: peft builds more factors only with its CUDA "
                              "extension, which the suite does not compile")  # fmt: skip
-        for key in ("r", "lora_alpha", "alpha"):
-            if key in values and not (math.isfinite(values[key]) and values[key] >= (0 if self.tuner == "oft" else 1)):
-                raise ValueError(f"{key} must be a positive finite number, got {values[key]}")
-        if not 0 <= values.get(TUNERS[self.tuner].common.get("dropout", ""), 0.0) < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:
             return peft_config_class(self.tuner)(target_modules=targets, **values)
         except (ValueError, TypeError) as e:

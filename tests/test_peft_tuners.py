@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import typing
 import warnings
 
 import pytest
@@ -12,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from benchmark.cli import main
 from benchmark.run.backbone import create_backbone
 from methods import get_method
-from methods.peft_tuners import TUNERS, lokr_factorization
+from methods._peft_options import peft_config_class
+from methods.peft_tuners import TUNERS, PeftTunerConfig, lokr_factorization
 from tests.conftest import argv, tiny_vit
 
 # specs/baselines_peft.md §9 on ViT-B/16 (LoRA, DoRA, VeRA, IA³, LoHa), and for BOFT, OFT and LoKr the count
@@ -154,8 +157,8 @@ def test_options_map_onto_each_tuners_config():
     [
         ("peft", {"tuner": "adalora"}, r"tuner='adalora' is not one of lora, dora"),
         ("peft", {"r": "two"}, r"option r takes a int, got 'two'"),
-        ("peft", {"r": "0"}, r"r must be a positive finite number, got 0"),
-        ("peft", {"dropout": "1.5"}, r"dropout must be in \[0, 1\)"),
+        ("peft", {"r": "0"}, r"r=0 must be at least 1; set r=8"),
+        ("peft", {"dropout": "1.5"}, r"dropout=1.5 must be in \[0, 1\); set dropout=0.1"),
         ("peft", {"tuner": "ia3", "r": "4"}, r"ia3 has no r; its options: tuner, target_modules, feedforward"),
         ("peft", {"bias": "all"}, r"peft \(lora\) has no option 'bias'; options: tuner, r, alpha"),
         ("peft", {"use_rslora": "maybe"}, r"option use_rslora takes true or false"),
@@ -192,3 +195,57 @@ def test_bad_set_value_on_the_command_line_exits_2(synth_root, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "does not divide" in err, err
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_bench_refuses_a_nan_initial_value_before_anything_runs(synth_root, tmp_path, capsys):
+    code = main(argv(f"bench --method peft_vera --tasks camelyon --seeds 42 --data-root {synth_root} "
+                     f"--results {tmp_path / 'res'}", "--set", "d_initial=nan", "--epochs", "1"))  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "d_initial=nan must be a finite number; set d_initial=0.1" in err
+    assert not [p for p in (tmp_path / "res").rglob("*") if p.is_file()]
+
+
+# Values each tuner's peft config accepted and that failed only later (a NaN loss, an empty adapter, a crash while
+# counting or building): every numeric option is checked by its meaning before anything runs.
+@pytest.mark.parametrize(
+    ("method", "option", "message"),
+    [
+        ("peft_loha", "rank_dropout=1", r"rank_dropout=1.0 must be in \[0, 1\)"),
+        ("peft_loha", "module_dropout=-0.1", r"module_dropout=-0.1 must be in \[0, 1\)"),
+        ("peft_lokr", "rank_dropout=nan", r"rank_dropout=nan must be a finite number"),
+        ("peft_lokr", "module_dropout=1.5", r"module_dropout=1.5 must be in \[0, 1\)"),
+        ("peft_vera", "d_initial=inf", r"d_initial=inf must be a finite number; set d_initial=0.1"),
+        ("peft_vera", "d_initial=0", r"d_initial=0.0 must not be 0"),
+        ("peft_vera", "projection_prng_key=-5", r"projection_prng_key=-5 must be at least 0"),
+        ("peft_oft", "eps=nan", r"eps=nan must be a finite number; set eps=6e-05"),
+        ("peft_oft", "eps=0", r"eps=0.0 must be in \(0, inf\)"),
+        ("peft_oft", "num_cayley_neumann_terms=1", r"num_cayley_neumann_terms=1 must be at least 2"),
+        ("peft_oft", "oft_block_size=-16", r"oft_block_size=-16 must be at least 0; set oft_block_size=32"),
+        ("peft_boft", "boft_block_size=-4", r"boft_block_size=-4 must be at least 0; set boft_block_size=4"),
+        ("peft_lokr", "decompose_factor=0", r"decompose_factor=0 must be -1 \(any factor\) or at least 1"),
+        ("peft_lokr", "decompose_factor=-3", r"decompose_factor=-3 must be at least -1"),
+        ("peft", "target_modules=", r"target_modules is empty"),
+        ("peft_ia3", "feedforward_modules=,", r"feedforward_modules=\[\] names no module"),
+    ],
+)
+def test_bad_peft_values_exit_2_before_anything_runs(method, option, message, synth_root, tmp_path, capsys):
+    code = main(argv(f"run --method {method} --task camelyon --data-root {synth_root} --results {tmp_path}",
+                     "--set", option, "--epochs", "1"))  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_every_numeric_or_list_option_has_a_meaning():
+    from methods._peft_options import MEANINGS
+
+    suite = typing.get_type_hints(PeftTunerConfig)
+    for tuner, spec in TUNERS.items():
+        hints = typing.get_type_hints(peft_config_class(tuner))
+        for name in (*spec.common, *spec.own):
+            hint = suite[name] if name in suite else hints[name]
+            if not {int, float, list[str]} & {hint, *typing.get_args(hint)}:
+                continue
+            assert name in MEANINGS, f"{tuner}'s option {name} ({hint}) has no meaning to check it by"
