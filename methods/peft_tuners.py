@@ -16,6 +16,9 @@ Options (`--set`):
   `options` as text. Fields that would make peft select trainable parameters by name (`bias`,
   `modules_to_save`), rewrite the frozen weights (PiSSA-style initialisations) or change which layers are
   targeted behind the count's back are not offered.
+- every value is checked when the config is made, before anything runs: each numeric option by its meaning
+  (`MEANINGS` in `methods._peft_options`: drop rates in [0, 1), sizes and counts integers from their least
+  useful value, scales and initial values finite), module lists non-empty, then by peft's config class.
 
 What is tunable is found by structure: every peft tuner layer in the backbone (an instance of peft's
 `BaseTunerLayer`) declares its adapter containers in `adapter_layer_names` (LoRA's `lora_A`/`lora_B`,
