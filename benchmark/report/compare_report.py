@@ -11,7 +11,7 @@ import pandas as pd
 
 from benchmark.papers.reference import Discrepancy, issues_for, source_label
 from benchmark.report.compare import MARK, ROW_TITLES, Block, Comparison, is_marked
-from benchmark.report.format import printed
+from benchmark.report.format import csv_text, markdown_table, printed
 from benchmark.run.results import atomic_write_bytes
 
 
@@ -74,9 +74,7 @@ def markdown(c: Comparison) -> str:
             "like for like": f"no {MARK}" if b.marked() else "yes",
         })  # fmt: skip
     lines += [
-        pd.DataFrame(summary).to_markdown(index=False, disable_numparse=True)
-        if summary
-        else "(no reference rows selected)",
+        markdown_table(summary, disable_numparse=True) if summary else "(no reference rows selected)",
         "",
     ]
     if c.unreported:
@@ -118,7 +116,7 @@ def markdown(c: Comparison) -> str:
                     MARK: MARK if is_marked(line) else "",
                     "note": "; ".join(x for x in (None if shared else line.mismatch, line.note) if x),
                 })  # fmt: skip
-            lines += [pd.DataFrame(table).to_markdown(index=False, disable_numparse=True), ""]
+            lines += [markdown_table(table, disable_numparse=True), ""]
     shown = {int(b.reference.line) for b in c.blocks}
     explained: dict[tuple[str, str, str], list[Discrepancy]] = {}
     for d in c.reference.discrepancies:
@@ -157,7 +155,7 @@ def write_comparison(c: Comparison) -> tuple[Path, Path]:
     """Write `compare.md` and `compare.csv` into the results directory, each atomically; return their paths."""
     md, csv = c.results / "compare.md", c.results / "compare.csv"
     text = markdown(c).encode()
-    table = c.lines.to_csv(index=False, float_format="%.4f").encode()
+    table = csv_text(c.lines).encode()
     atomic_write_bytes(csv, table)
     atomic_write_bytes(md, text)
     return md, csv

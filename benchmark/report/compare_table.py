@@ -27,7 +27,7 @@ import pandas as pd
 from benchmark.core.errors import UserError
 from benchmark.papers.reference import ReferenceDataError, ReferenceTable, source_label
 from benchmark.report.compare import MARK, ROWS, comparison_line, method_variants, ours_frame
-from benchmark.report.format import printed
+from benchmark.report.format import csv_text, markdown_table, printed
 from benchmark.run.results import PROJECT_ROOT, atomic_write_bytes, load_results
 
 PAPER_TABLES = PROJECT_ROOT / "results" / "reference" / "paper_tables.json"
@@ -176,7 +176,7 @@ def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
         "protocol or backbone differs from the reported line's (the note says how); a mean only where every task "
         "it averages has results.",
         "",
-        pd.DataFrame(body).to_markdown(index=False, disable_numparse=True),
+        markdown_table(body, disable_numparse=True),
         "",
         f"- {table.note}",
     ]
@@ -192,6 +192,6 @@ def write_table(results: Path, reference: ReferenceTable, key: str) -> tuple[Pat
     view = table_view(results, reference, table)
     text = markdown(view, table, Path(results))
     md, csv = Path(results) / f"compare-{key}.md", Path(results) / f"compare-{key}.csv"
-    atomic_write_bytes(csv, view.to_csv(index=False, float_format="%.4f").encode())
+    atomic_write_bytes(csv, csv_text(view).encode())
     atomic_write_bytes(md, text.encode())
     return md, text

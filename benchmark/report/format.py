@@ -69,3 +69,43 @@ def protocol_label(protocol: str, n_seeds: int, budget: str = "full") -> str:
         "tune": f"val200-last-epoch-{seeds}",
     }[protocol]
     return label if budget == "full" else f"{label} ({budget} budget)"
+
+
+def markdown_text(value: Any) -> str:
+    """A cell's text made safe for a Markdown table: a `|` would end the cell, a line break the row.
+
+    The backslash is escaped first so that a label's own `\\` cannot turn the escaped `\\|` back into a cell
+    separator (GFM splits cells at every pipe that no backslash escapes).
+    """
+    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(text.splitlines())
+
+
+def markdown_table(rows: list[dict[str, Any]], **options: Any) -> str:
+    """`rows` as a Markdown table (pandas' `to_markdown`, which writes cells as they are), every text escaped."""
+    safe = [{markdown_text(k): markdown_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    return pd.DataFrame(safe).to_markdown(index=False, **options)
+
+
+# Leading characters that make a spreadsheet read a CSV cell as a formula (OWASP, "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """`frame` as CSV (floats to 4 decimals), its text cells that a spreadsheet would run as a formula prefixed
+    with `'` as OWASP recommends; numbers, negative ones included, stay numbers. Every text stays in its cell."""
+
+    def safe(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        # pandas' writer quotes a cell holding a line feed but not one holding a bare carriage return, which
+        # would end the row: such a return is written as a line feed.
+        text = value.replace("\r\n", "\n").replace("\r", "\n")
+        return "'" + text if value.startswith(FORMULA_START) else text
+
+    out = frame.copy()
+    for column in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[column]):  # numbers are written as numbers, never prefixed
+            out[column] = out[column].map(safe)
+    out.columns = [safe(str(c)) for c in out.columns]
+    return out.to_csv(index=False, float_format="%.4f")

@@ -6,11 +6,15 @@ reads without JavaScript. The inline script (`page.js`) only adds sorting by any
 protocol filters, the plot's tooltips and the toggle for the papers' reported rows.
 
 The plot is inline SVG (`benchmark.report.svg`). The page fetches nothing: styles and script are inline, and its
-Content-Security-Policy forbids every request.
+Content-Security-Policy forbids every request and runs no inline script or style but the page's own, named by
+their SHA-256 hashes (computed as the page is written), so markup that a label smuggled into the page would
+not run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import re
 from collections import Counter
@@ -33,7 +37,18 @@ from benchmark.report.svg import plot_svg
 from tasks import GROUPS
 
 HERE = Path(__file__).resolve().parent
-CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
+
+
+def csp_hash(source: str) -> str:
+    """A CSP source expression allowing exactly the inline `<script>` or `<style>` whose text is `source`."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+def content_security_policy(script: str, style: str) -> str:
+    """No request at all; only the page's own inline script and style, by hash (never `'unsafe-inline'`)."""
+    return f"default-src 'none'; script-src {csp_hash(script)}; style-src {csp_hash(style)}; img-src data:"
+
+
 OURS_PROTOCOLS = {
     "val-tuned": "lr and weight decay chosen on val200 after training on train800 (the grid), then trained on "
     "train800val200; test accuracy after the last epoch",
@@ -240,16 +255,18 @@ def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
         if reported
         else ""
     )
+    # The exact text between the tags: the CSP's hashes must cover it byte for byte.
+    style, script = "\n" + (HERE / "page.css").read_text(), "\n" + (HERE / "page.js").read_text()
+    csp = content_security_policy(script, style)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
 <title>peft-bench leaderboard</title>
-<style>
-{(HERE / "page.css").read_text()}</style>
+<style>{style}</style>
 </head>
 <body>
 <h1>peft-bench leaderboard</h1>
@@ -271,8 +288,7 @@ def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
 <h2>Per task</h2>
 {per_task_table(board)}
 {sources}
-<script>
-{(HERE / "page.js").read_text()}</script>
+<script>{script}</script>
 </body>
 </html>
 """

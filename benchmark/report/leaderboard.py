@@ -38,9 +38,11 @@ from benchmark.report.format import (
     GROUP_SIZES,
     TASK_ORDER,
     average_cell,
+    csv_text,
     format_count,
     format_mean_std,
     incomplete,
+    markdown_table,
     printed,
     protocol_label,
     trained_params,
@@ -280,7 +282,7 @@ def markdown(board: pd.DataFrame) -> str:
         row["head"] = format_count(r.get("head"))
         row["failed"] = int(r.runs_failed) if ours else "—"
         summary.append(row)
-    lines += [pd.DataFrame(summary).to_markdown(index=False) if summary else "(no results)", ""]
+    lines += [markdown_table(summary) if summary else "(no results)", ""]
     if tasks and not board.empty:
         lines += ["## Per task", ""]
         per_task = []
@@ -294,7 +296,7 @@ def markdown(board: pd.DataFrame) -> str:
             else:
                 row.update({t: format_mean_std(r.get(f"{t}_mean"), r.get(f"{t}_std")) for t in tasks})
             per_task.append(row)
-        lines += [pd.DataFrame(per_task).to_markdown(index=False), ""]
+        lines += [markdown_table(per_task), ""]
     if reported and (board.kind == "reported").any():
         lines += ["## Sources of the reported rows", ""]
         sources = board[board.kind == "reported"].drop_duplicates("source_full")
@@ -341,8 +343,9 @@ def plot(board: pd.DataFrame) -> bytes:
         else:
             ax.scatter([x], [r.avg_tasks_mean], s=40, color=colour[r.method], zorder=3)
             label, size, tint = f"{r.method} ({r.tasks} tasks)", 8, "black"
+        # Labels are plain text: a `$` in a method name is no mathtext formula (an unpaired one would not draw).
         ax.annotate(label, (x, r.avg_tasks_mean), textcoords="offset points", xytext=offset, fontsize=size,
-                    color=tint)  # fmt: skip
+                    color=tint, usetex=False, parse_math=False)  # fmt: skip
     if any_reported or any_incomplete:
         dot = {"marker": "o", "linestyle": "", "color": "0.3"}
         handles = [plt.Line2D([], [], **dot, label="ours: mean over the board's tasks")]
@@ -384,7 +387,7 @@ def write_leaderboard(
         board = with_reported(board, reference, reported)
     files = {
         "leaderboard.md": markdown(board).encode(),
-        "leaderboard.csv": board.to_csv(index=False, float_format="%.4f").encode(),
+        "leaderboard.csv": csv_text(board).encode(),
         "accuracy_vs_params.png": plot(board),
         "leaderboard.html": html_page(board, page_meta(records)).encode(),
     }
