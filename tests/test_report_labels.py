@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmark.cli import main
 from benchmark.report.leaderboard import write_leaderboard
@@ -146,3 +147,26 @@ def test_the_page_runs_only_its_own_inline_script_and_style(tmp_path):
 
     assert directives["script-src"] == allowed("script") and directives["style-src"] == allowed("style")
     assert "<script>alert(1)" not in page and page.count("<script") == 1
+
+
+def test_chromium_runs_the_pages_script_and_no_other(tmp_path):
+    """An inline script that is not the page's own is refused by the browser; the page's own still sorts."""
+    from benchmark.report import screenshot as browser
+
+    reason = browser.missing()
+    if reason:
+        pytest.skip(f"browser test skipped: {reason}")
+    results = tmp_path / "r"
+    for i, method in enumerate(("lora", "vpt_deep", "full")):
+        write(results, method, "dtd", 42, 60.0 + i)
+    write_leaderboard(results)
+    page = results / "leaderboard.html"
+    page.write_text(page.read_text().replace("</body>", "<script>document.title = 'injected';</script></body>"))
+    driver = browser.chromium()
+    try:
+        driver.get(page.as_uri())
+        assert driver.title == "peft-bench leaderboard"
+        driver.execute_script("document.querySelector('#summary th:nth-child(1)').click()")
+        assert driver.execute_script("return document.querySelector('#summary th').getAttribute('aria-sort')")
+    finally:
+        driver.quit()
