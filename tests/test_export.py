@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,89 @@ def test_merged_model_of_the_linear_probe_is_the_backbone_with_its_head():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def saved_run(synth_root, tmp_path_factory) -> Path:
+    """One short peft_lora run saved with --save-tunable on a weights file; tests copy it before changing it."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("saved")
+    weights = root / "test_vit.safetensors"
+    save_file(create_backbone("test_vit", pretrained=False, init_seed=3).state_dict(), str(weights))
+    code = main(argv(f"run --method peft_lora --task camelyon --data-root {synth_root} --results {root / 'results'}",
+                     "--epochs", "1", "--batch-size", "16", "--save-tunable", "--weights", str(weights)))  # fmt: skip
+    assert code == 0
+    return root / "results" / "runs" / "peft_lora" / "camelyon" / "final-s42.json"
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, args: list[str], message: str) -> None:
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda run: run, "is the run's result ("),
+        (lambda run: run.with_suffix(".safetensors"), "is the run's tunable state ("),
+        (lambda run: run.parent / ".." / "camelyon" / "final-s42.json", "is the run's result ("),
+        (lambda run: run.parents[4] / "test_vit.safetensors", "is the backbone's weights file ("),
+        (lambda run: run.parents[4] / "link" / "final-s42.safetensors", "is the run's tunable state ("),
+        (lambda run: run.parents[4] / "state-link.safetensors", "is the run's tunable state ("),
+    ],
+    ids=["result", "state", "dotdot", "weights", "symlinked-folder", "symlink"],
+)
+def test_export_never_writes_over_an_input(saved_run, out, message, capsys):
+    root = saved_run.parents[4]
+    (root / "link").unlink(missing_ok=True)
+    (root / "link").symlink_to(saved_run.parent, target_is_directory=True)
+    (root / "state-link.safetensors").unlink(missing_ok=True)
+    (root / "state-link.safetensors").symlink_to(saved_run.with_suffix(".safetensors"))
+    before = files_of(root)
+    refused(capsys, ["export", "--merge", str(saved_run), "--out", str(out(saved_run))], message)
+    assert files_of(root) == before
+    assert (root / "state-link.safetensors").is_symlink()
+
+
+def test_export_to_an_existing_directory_is_refused(saved_run, tmp_path, capsys):
+    refused(capsys, ["export", "--merge", str(saved_run), "--out", str(tmp_path)], f"--out {tmp_path} is a directory")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[: len(data) // 2], "is not a readable tunable state (Error while deserializing header"),
+        (lambda data: b"", "is not a readable tunable state"),
+        (lambda data: b"\x89garbage" * 40, "is not a readable tunable state"),
+    ],
+    ids=["truncated", "empty", "garbage"],
+)
+def test_a_damaged_tunable_state_is_refused_in_one_line(saved_run, tmp_path, damage, message, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run.parent, run_dir)
+    state = run_dir / "final-s42.safetensors"
+    state.write_bytes(damage(state.read_bytes()))
+    before = files_of(tmp_path)
+    refused(capsys, ["export", "--merge", str(run_dir / "final-s42.json")], message)
+    assert files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["../../x.safetensors", "/tmp/x.safetensors", "sub/final-s42.safetensors"])
+def test_a_state_name_outside_the_run_folder_is_refused(saved_run, tmp_path, name, capsys):
+    run_dir = tmp_path / "a" / "b" / "run"
+    shutil.copytree(saved_run.parent, run_dir)
+    (run_dir / "sub").mkdir()
+    shutil.copy(run_dir / "final-s42.safetensors", run_dir / "sub" / "final-s42.safetensors")
+    result = run_dir / "final-s42.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "tunable_state": name}))
+    before = files_of(tmp_path)
+    refused(capsys, ["export", "--merge", str(result)], f"names its tunable state {name!r}, which is not a file in")
+    assert files_of(tmp_path) == before

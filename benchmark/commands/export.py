@@ -20,7 +20,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("result", metavar="RESULT.json", help="a run's result file, saved with --save-tunable")
     p.add_argument("--merge", action="store_true", help="fold the method into the backbone's weights (required)")
-    p.add_argument("--out", metavar="FILE", help="default: <result>-merged.safetensors beside the result")
+    p.add_argument(
+        "--out", metavar="FILE",
+        help="default: <result>-merged.safetensors beside the result; never a file export reads (refused)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
 

@@ -7,6 +7,8 @@ A run saved with `--save-tunable` leaves its tunable state (plus head) beside it
 writes the backbone plus the head as one timm state dict. The merged model IS a plain timm `VisionTransformer`,
 so its forward costs exactly the frozen backbone's. Before writing, the merged model's logits are compared
 with the adapted model's on a random batch (fp32, evaluation mode) and the largest difference is reported.
+Export never writes over a file it reads: an output that is the result, its tunable state or the backbone's
+weights file (by resolved path, through symbolic and hard links) or a directory is refused before any work.
 
 Load it with `timm.create_model(name, num_classes=C, pretrained=True, pretrained_cfg_overlay=dict(file=FILE,
 num_classes=C))`, or `load_state_dict(safetensors.torch.load_file(FILE))` on `timm.create_model(name,
@@ -15,10 +17,12 @@ num_classes=C)` (add `img_size=` when the run used another input size). The file
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save
 from timm.models.vision_transformer import VisionTransformer
 
@@ -60,9 +64,39 @@ def rebuild(record: dict[str, Any], state_path: Path) -> tuple[Any, Any]:
     model = config.build(backbone, task.num_classes)
     try:
         model.load_tunable(state_path)
+    except SafetensorError as e:
+        raise UserError(f"{state_path} is not a readable tunable state ({e}); it is damaged: train the run again "
+                        "with --save-tunable") from None  # fmt: skip
     except ValueError as e:
         raise UserError(f"{state_path} does not fit the run's model ({e})") from None
     return model.eval(), task
+
+
+def tunable_state_path(result: Path, record: dict[str, Any]) -> Path:
+    """The tunable state saved beside `result`: the file its record names, which must lie in the run's folder."""
+    name = record.get("tunable_state") or f"{result.stem}.safetensors"
+    if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or "\0" in name:
+        raise UserError(f"{result} names its tunable state {name!r}, which is not a file in the run's folder; export "
+                        f"reads only a state saved beside its result (e.g. {result.stem}.safetensors)")  # fmt: skip
+    return result.with_name(name)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one file: the same inode where both exist (symbolic or hard links), else the same
+    resolved path."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse, before any work, an output path that is a directory or one of `inputs` (what it is -> path)."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; pass a file name (e.g. {out / 'merged.safetensors'})")
+    for what, path in inputs.items():
+        if _same_file(out, path):
+            raise UserError(f"--out {out} is {what} ({path}), which export reads and never writes over; pass "
+                            "another file")  # fmt: skip
 
 
 def export_merged(result: Path, out: Path) -> dict[str, Any]:
@@ -72,10 +106,17 @@ def export_merged(result: Path, out: Path) -> dict[str, Any]:
         raise UserError(f"{result} does not exist; pass a run's result JSON")
     if record.get("status") != "ok":
         raise UserError(f"{result} is a failed run ({record.get('error')}); export a successful one")
-    state_path = result.with_name(record.get("tunable_state") or f"{result.stem}.safetensors")
+    state_path = tunable_state_path(result, record)
     if not state_path.is_file():
         raise UserError(f"{result} has no saved tunable state ({state_path.name}); run it again with --save-tunable "
                         "(delete the result first, or pass --out to `run`)")  # fmt: skip
+    from benchmark.run.resolve import settings_from_record
+
+    inputs = {"the run's result": result, "the run's tunable state": state_path}
+    weights = settings_from_record(record).weights
+    if weights:
+        inputs["the backbone's weights file"] = Path(weights).expanduser()
+    check_output(out, inputs)
     model, task = rebuild(record, state_path)
     merged = merged_model(model, task.num_classes, record["method"]).eval()
     size = model.backbone.patch_embed.img_size
