@@ -65,8 +65,11 @@ def file_hash(path: Path) -> str:
 def result_digest(path: Path) -> str | None:
     """What a decision depends on in one result file (None when there is none): its outcome and identity."""
     record = read_result(path)
-    if record is None:
-        return None
+    return None if record is None else record_digest(record)
+
+
+def record_digest(record: dict[str, Any]) -> str:
+    """`result_digest` of a record already read (or just written: the digest goes through JSON as stored)."""
     fields = {k: record.get(k) for k in DIGESTED}
     fields["config"] = identity(fields["config"] or {}, deferred=False, grid=False)
     return json_hash(fields)

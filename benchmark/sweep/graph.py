@@ -40,6 +40,7 @@ from benchmark.sweep.decisions import (
     file_hash,
     read_candidates,
     read_json_decision,
+    record_digest,
     result_digest,
     write_candidates,
     write_json_decision,
@@ -226,7 +227,7 @@ class Sweep:
 
     def select(self, task: Task, plans: list[Plan], records: list[dict[str, Any]]) -> dict[str, Any]:
         """The grid's winner (`select_grid_point`) as a decision file; the selection the final runs record."""
-        inputs = {p.path.name: result_digest(p.path) for p in plans}
+        inputs = {p.path.name: record_digest(r) for p, r in zip(plans, records, strict=True)}
 
         def compute() -> tuple[dict[str, Any], dict[str, Any]]:
             point = select_grid_point(records)
@@ -309,7 +310,8 @@ class Sweep:
         # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
         self.add_to_plan(sum(self.needs_run(p.path) for p in rewinds))
         records = self.settle([self.run(p) for p in rewinds])
-        inputs = {"candidates": stored.sha256, **{p.path.name: result_digest(p.path) for p in rewinds}}
+        inputs = {"candidates": stored.sha256,
+                  **{p.path.name: record_digest(r) for p, r in zip(rewinds, records, strict=True)}}  # fmt: skip
 
         def compute() -> tuple[dict[str, Any], dict[str, Any]]:
             if not rewinds:
