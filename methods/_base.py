@@ -287,8 +287,13 @@ class MethodConfig:
     """
 
     name: ClassVar[str] = ""
-    # Whether logits at initialisation equal those of the frozen backbone plus the same head.
+    # Whether logits at initialisation equal those of the frozen backbone plus the same head (a config whose
+    # answer depends on its fields overrides this with a property).
     identity_at_init: ClassVar[bool] = False
+    # The method's training semantics: bumped whenever a change alters what a run with the same config trains
+    # (an initialisation, a loss term, a drop-path). Part of a run's identity (`method_version` in its config),
+    # so results trained under another version are never resumed as if they were this one's.
+    version: ClassVar[int] = 1
 
     recipe: Recipe = field(default_factory=Recipe)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -196,25 +196,39 @@ class Wrapped(nn.Module):
 
     The block keeps calling the submodule by its own name (`norm1`, `attn.qkv`, `drop_path2`, ...), so its
     forward is unchanged; extra positional and keyword arguments (an attention mask) go to the submodule.
+    `drop_path` (a timm `DropPath`, or `nn.Identity` at rate 0) is applied to the submodule's output before
+    `after`: a second drop-path on that path in training, as PETL_Vision's Houlsby adapter has; it is the
+    identity in evaluation, so folding (`methods/_merge.py`) is unaffected by it.
     """
 
-    def __init__(self, module: nn.Module, *, before: nn.Module | None = None, after: nn.Module | None = None):
+    def __init__(
+        self, module: nn.Module, *, before: nn.Module | None = None, after: nn.Module | None = None,
+        drop_path: nn.Module | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
+        if drop_path is not None and not isinstance(drop_path, DropPath | nn.Identity):
+            raise TypeError(f"drop_path must be a timm DropPath or nn.Identity, got {type(drop_path).__name__}")
         self.module = module
         self.before = before
         self.after = after
+        self.drop_path = drop_path
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.before is not None:
             x = self.before(x)
         m = self.module
-        if isinstance(m, nn.LayerNorm) and m.weight is not None and hasattr(self.after, "output_affine"):
+        if (
+            isinstance(m, nn.LayerNorm) and m.weight is not None and hasattr(self.after, "output_affine")
+            and self.drop_path is None
+        ):  # fmt: skip
             # An affine map after a LayerNorm is a LayerNorm with other affine parameters: one kernel, whose
             # backward yields the gradients of both, instead of two more passes over the tokens.
             scale, shift = self.after.output_affine()
             bias = shift if m.bias is None else torch.addcmul(shift, m.bias, scale)
             return F.layer_norm(x, m.normalized_shape, m.weight * scale, bias, m.eps)
         x = m(x, *args, **kwargs)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
         return x if self.after is None else self.after(x)
 
 

@@ -9,7 +9,15 @@ qkv(x) ← W x + b + scale · B A dropout(x), A: D → r (kaiming-uniform a=√5
 dropout 0.1 on the branch input: 3·D·r + D·r per block, 294,912 on ViT-B/16 at r = 8.
 `targets=q,v`: two pairs per block, added to the q rows [0, D) and the v rows [2D, 3D) of qkv; the k slice
 is the frozen one, bit for bit. Same count (2·2·D·r per block), scale α/r (α = r unless set: scale 1).
-Both start as the identity (B = 0) and fold into the qkv weight (`merged_backbone`).
+Both fold into the qkv weight (`merged_backbone`).
+
+`init=noah` (default): NOAH's effective initialisation. Its `VisionTransformer.__init__` ends with
+`apply(_init_weights)`, which re-initialises every `nn.Linear` after the blocks are built, LoRA's A and B
+included (`methods/_timm_init.py`): the runs behind NOAH's table start from A, B ~ N(0, 0.02²) (truncated at
+±2), so the model is not the pretrained function at init. Here the branches are built as `paper` says, then
+each A and B (block by block, pair by pair) is re-drawn after all blocks, in NOAH's order.
+`init=paper`: the constructor's (and the LoRA paper's) init, A kaiming-uniform(a=√5), B zero: the identity
+at init.
 
 Why not HF peft (which the suite's generic `peft` method uses): peft adapts whole modules, so on timm's
 fused qkv it can express the NOAH variant but not the q,v-slice one; one module here serves both.
@@ -36,9 +44,11 @@ from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
+from methods._timm_init import reinit_weight
 from methods._vit import vit_report
 
 LORA_TARGETS = ("qkv", "q,v")
+LORA_INITS = ("noah", "paper")
 
 
 class LoRA(TunableModule):
@@ -106,6 +116,11 @@ class LoRAModel(PeftModel):
             branch = LoRA(qkv.in_features, qkv.out_features, config.rank, scale=config.scale,
                           dropout=config.dropout, slices=slices)  # fmt: skip
             replace_module(backbone, f"blocks.{i}.attn.qkv", ParallelLinear(qkv, branch))
+        if config.init == "noah":  # after every block is built, as NOAH's `apply(_init_weights)`
+            for branch in self.tunable_modules():
+                for a, b in zip(branch.a, branch.b, strict=True):
+                    reinit_weight(a)
+                    reinit_weight(b)
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         return timm_no_weight_decay(self)
@@ -124,27 +139,34 @@ class LoRAConfig(MethodConfig):
         targets: `qkv` (one pair on the whole fused qkv, NOAH) or `q,v` (a pair on each of the q and v slices).
         alpha: scale = alpha / rank; None: alpha = rank, scale 1 (NOAH's, and the q,v variant's default).
         dropout: dropout on the branch input.
+        init: `noah` (A, B truncated-normal std 0.02, as NOAH's runs started) or `paper` (A kaiming-uniform,
+            B zero: the identity at init).
         drop_path_rate: the backbone's stochastic depth.
         head_init: `trunc_normal` (NOAH), `torch` or `vpt`.
     """
 
-    identity_at_init: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: init=noah (NOAH's re-initialised A and B) by default
 
     recipe: Recipe = field(default_factory=petl_recipe)
     rank: int = 8
     targets: str = "qkv"
     alpha: float | None = None
     dropout: float = 0.1
+    init: str = "noah"
     drop_path_rate: float = 0.1
     head_init: str = "trunc_normal"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check_choices({"targets": LORA_TARGETS, "head_init": HEAD_INITS})
+        self.check_choices({"targets": LORA_TARGETS, "init": LORA_INITS, "head_init": HEAD_INITS})
         _checks.integer(self, "rank", 1)
         if self.alpha is not None:  # none: alpha = rank
             _checks.real(self, "alpha", 0.0, low_open=True)
         _checks.rates(self, "dropout", "drop_path_rate")
+
+    @property
+    def identity_at_init(self) -> bool:  # B = 0 only under the paper's init
+        return self.init == "paper"
 
     @property
     def scale(self) -> float:

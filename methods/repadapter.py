@@ -14,8 +14,9 @@ m = s (B_dense a + b). Per module D·h + h + D·h/g + D; 24 modules, h = 8, g = 
 
 Recipe (`train.py`): AdamW lr 1e-3, weight decay 1e-4 on every trainable tensor, batch 64, 100 epochs, timm
 cosine warm-up 10 from 1e-6 to 1e-5 stepped per epoch, drop-path 0.1, head as timm's `reset_classifier`.
-`train.py` also adds λ·‖W_B‖₂ (Frobenius norm, not squared; λ = `--sparse_lambda`, default 1) of every B
-weight to the loss; the spec does not list it; here it is `sparse_lambda`, default 1 as the code runs.
+The official main-branch `train.py` trains with cross-entropy alone. A term λ·Σ‖W_B‖₂ (the Frobenius norm of
+every B weight, not squared) exists only on an unmerged side branch of the official repository (1285c27,
+`--sparse_lambda`), whose scripts all pass λ = 0: here `sparse_lambda`, default 0 (off), kept as an option.
 The official code kept the best of ten test evaluations; the suite reports the last epoch.
 """
 
@@ -115,13 +116,15 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
         groups: g, the groups of the up-projection (must divide h and the width).
         dropout: dropout between A and B.
         placement: `block` (before attention and MLP, the VTAB variant `repblock`) or `attn` (`repattn`).
-        sparse_lambda: weight of Σ‖W_B‖₂ in the loss (the official `--sparse_lambda`; 0 turns it off).
+        sparse_lambda: weight of Σ‖W_B‖₂ in the loss (the side branch's `--sparse_lambda`; 0, the default and
+            the main branch's objective, turns it off).
         drop_path_rate: the backbone's stochastic depth.
         head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
         per_task: apply the per-task s in `for_task`.
     """
 
     identity_at_init: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: sparse_lambda 0 by default (cross-entropy alone, as the official main branch)
 
     recipe: Recipe = field(default_factory=petl_recipe)
     scale: float = 1.0
@@ -129,7 +132,7 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
     groups: int = 2
     dropout: float = 0.1
     placement: str = "block"
-    sparse_lambda: float = 1.0
+    sparse_lambda: float = 0.0
     drop_path_rate: float = 0.1
     head_init: str = "torch"
     per_task: bool = True

@@ -115,8 +115,8 @@ def test_lora_qv_leaves_the_k_slice_bit_identical():
         torch.testing.assert_close(adapted[..., start:stop] - frozen[..., start:stop], delta, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_starts_at_zero_with_kaiming_a():
-    branch = build("lora").backbone.blocks[0].attn.qkv.branch
+def test_lora_paper_init_starts_at_zero_with_kaiming_a():
+    branch = build("lora", init="paper").backbone.blocks[0].attn.qkv.branch
     assert torch.count_nonzero(branch.b[0]) == 0
     bound = 1 / D**0.5  # kaiming-uniform(a=√5) on fan_in D
     assert branch.a[0].abs().max() <= bound and branch.a[0].std() > bound / 3
@@ -214,10 +214,10 @@ def test_repadapter_is_block_diagonal_and_its_merge_equals_the_unmerged_forward(
 
 
 def test_repadapter_sparsity_term():
-    model = perturb(build("repadapter"))
+    model = perturb(build("repadapter", sparse_lambda=1))
     norms = [m.up.weight.norm() for m in model.modules() if isinstance(m, TunableModule)]
     torch.testing.assert_close(model.regularization(), torch.stack(norms).sum())
-    assert build("repadapter", sparse_lambda=0).regularization() is None
+    assert build("repadapter").regularization() is None  # default 0: cross-entropy alone, as the official main branch
 
 
 # -- adapters ----------------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class RunSpec:
         """Everything that determines the run's outcome; two runs with equal dicts are the same run."""
         out = {
             "method": self.config.name,
+            "method_version": self.config.version,  # its training semantics (`MethodConfig.version`)
             "task": self.task.id,
             "seed": self.seed,
             "protocol": self.protocol,

@@ -45,7 +45,7 @@ from benchmark.sweep.decisions import (
     write_candidates,
     write_json_decision,
 )
-from benchmark.sweep.resume import conflict
+from benchmark.sweep.resume import conflict, stale_version
 from methods import MethodConfig, PruneCandidate
 from tasks import Task
 
@@ -121,6 +121,9 @@ class Sweep:
         """Whether the stored result at the plan's path is stale: trained under an earlier decision than the plan's
         (the grid's winner, a pruning stage's masks). UserError for a result of another configuration, and for a
         stale one without `--rerun-stale`."""
+        if self.rerun_stale and (why := stale_version(plan.path, plan.spec, self.data, deferred=deferred)):
+            self.note(f"{self.name}/{plan.spec.task.id}: {why}; rerun")
+            return True
         if not (why := conflict(plan.path, plan.spec, self.data, deferred=deferred)):
             return False
         if deferred or conflict(plan.path, plan.spec, self.data, deferred=True):

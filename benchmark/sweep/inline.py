@@ -109,7 +109,8 @@ def prepare_sweep(
         known += [(p, True) for p in state.final_plans(cfg, task, seeds)]
     for p, _ in known:
         check_result_path(p.path, results)
-    conflicts = [c for p, deferred in known if (c := conflict(p.path, p.spec, data, deferred=deferred))]
+    conflicts = [c for p, deferred in known
+                 if (c := conflict(p.path, p.spec, data, deferred=deferred, rerun_stale=rerun_stale))]  # fmt: skip
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
     for path in clean_orphans(results / "runs" / config.name):

@@ -1,5 +1,11 @@
 """Whether a result file already on disk stands for a planned run, so that a sweep resumes instead of re-running
-it, and refuses to mix results of different configurations or data under one path."""
+it, and refuses to mix results of different configurations or data under one path.
+
+A result trained under another version of its method's training semantics (`method_version` in its config,
+`MethodConfig.version`; absent in results written before versions existed) is stale, whatever its method
+config says (the change may be a default, such as an initialisation): refused unless `--rerun-stale`, which
+reruns it.
+"""
 
 from __future__ import annotations
 
@@ -33,21 +39,57 @@ def identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str,
     return config
 
 
-def conflict(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
-    """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none)."""
+def conflict(
+    path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False, rerun_stale: bool = False
+) -> str | None:
+    """Why an existing result at `path` cannot stand for `spec` (None when it can, or when there is none, or when
+    it is stale by its method's version and `rerun_stale` lets the sweep rerun it)."""
     record = read_result(path)
     if record is None:
         return None
-    splits = data.arrays[spec.task.id]
-    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
-        if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
-            return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
+    if why := stale_version(path, spec, data, deferred=deferred):
+        return None if rerun_stale else f"{why}: pass --rerun-stale to rerun it"
+    if split := _data_differs(record, spec, data):
+        return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
     grid = spec.protocol == "grid"
     old = identity(record.get("config", {}), deferred=deferred, grid=grid)
     new = identity(spec.config_dict(), deferred=deferred, grid=grid)
     if old == new:
         return None
     return f"{path} was produced with a different configuration ({'; '.join(diff(old, new)[:3])})"
+
+
+def stale_version(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
+    """Why the result at `path` is stale: trained under another version of the method's training semantics, on
+    the same data and with the same run settings (the method config is not compared: the new version may have
+    changed a default). None otherwise (no result, the same version, or a result that conflicts otherwise)."""
+    record = read_result(path)
+    if record is None:
+        return None
+    stored = record.get("config") or {}
+    old, new = stored.get("method_version"), spec.config.version
+    if old == new or _data_differs(record, spec, data):
+        return None
+    grid = spec.protocol == "grid"
+    skip = ("method_version", "method_config")
+    rest = [{k: v for k, v in identity(c, deferred=deferred, grid=grid).items() if k not in skip}
+            for c in (stored, spec.config_dict())]  # fmt: skip
+    if rest[0] != rest[1]:
+        return None
+    was = "no version (a result from before methods had versions)" if old is None else f"version {old}"
+    return (
+        f"{path} was trained under {was} of {spec.config.name}'s training semantics, which have changed since "
+        f"(this code trains version {new})"
+    )
+
+
+def _data_differs(record: dict[str, Any], spec: RunSpec, data: SweepData) -> str | None:
+    """The split the stored result was produced from a different file of (None: the same data)."""
+    splits = data.arrays[spec.task.id]
+    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
+        if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
+            return split
+    return None
 
 
 def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
