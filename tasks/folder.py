@@ -7,6 +7,8 @@ so callers can report it in one line before any training starts.
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -20,6 +22,12 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 HOW_TO_GET_DATA = (
     "get VTAB-1k with `python -m benchmark data` (or `python -m benchmark synth --out DIR` for synthetic data)"
 )
+
+
+# Pillow warns about an image over `Image.MAX_IMAGE_PIXELS` (DecompressionBombWarning, two lines on stderr per
+# image) and refuses one over twice that. `decode_image` refuses both itself, in one line, so the warning says
+# nothing more.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
@@ -116,15 +124,29 @@ def _escapes(rel: str) -> str | None:
     return None
 
 
+def _too_many_pixels(pixels: int | str) -> str:
+    return (
+        f"{pixels} pixels, over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); "
+        "shrink the image or remove it from its split file"
+    )
+
+
 def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.ndarray:
     """Decode an image file to RGB and resize it straight to `size`×`size` (no crop); uint8 [3, S, S].
 
     Every mode Pillow opens is read as the pixel values the file means (`tasks.images.to_rgb`: high bit
-    depths scaled to 8 bits, alpha dropped), or refused with a `DataError` naming the file.
+    depths scaled to 8 bits, alpha dropped), or refused with a `DataError` naming the file; so is an image
+    with more pixels than Pillow's decompression-bomb limit, before its pixels are decoded.
     """
     try:
         with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ValueError(_too_many_pixels(im.width * im.height))
             im = to_rgb(im).resize((size, size), INTERPOLATIONS[interpolation])
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses to open it
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"cannot read image {path}: {_too_many_pixels(found[1] if found else 'more')}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None

@@ -20,6 +20,7 @@ from benchmark.core.errors import UserError
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
+    from benchmark.core.paths import check_cache_dir
     from benchmark.perf import loader
 
     if args.scaleout:
@@ -29,6 +30,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
     data_root = Path(args.data_root).expanduser() if args.data_root else None
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else None
+    check_cache_dir(cache_dir)
     if args.data:
         rows = loader.data_perf(
             task_list(args.tasks),

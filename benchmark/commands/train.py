@@ -24,6 +24,7 @@ from benchmark.commands.options import (
     training_options,
 )
 from benchmark.core.errors import UserError
+from benchmark.core.paths import check_cache_dir, check_dir, check_files
 
 
 def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, seeds: list[int], *,
@@ -36,6 +37,7 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
     from benchmark.sweep.launch import launch_options
 
     launch = launch_options(args)  # checked before anything is written or submitted
+    check_output_paths(results, configs, launch.launcher, args.cache_dir)
     if len(configs) > 1:
         checked = ("protocol", "settings", "options", "recipe_overrides", "task_overrides")
         for config in configs:
@@ -74,7 +76,21 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
     )
 
 
+def check_output_paths(results: Path, configs: list[Any], launcher: str, cache_dir: str | None) -> None:
+    """Every directory and file a sweep writes outside its runs, checked before the first run: the image cache,
+    the job logs (`--launcher local|slurm`) and the leaderboard's files."""
+    from benchmark.run.results import REPORT_FILES
+
+    check_cache_dir(cache_dir)
+    fix = "move it away or pick another --results"
+    if launcher != "inline":
+        for config in configs:
+            check_dir(results / "logs" / config.name, "job log directory", "--results", fix)
+    check_files([results / name for name in REPORT_FILES], fix)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    check_cache_dir(args.cache_dir)  # before the libraries of the sweep, which complain about a bad $HOME too
     names = method_names(args.method)
     if not names:
         raise UserError("--method needs at least one method name (`python -m benchmark methods` lists them)")
@@ -86,6 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    check_cache_dir(args.cache_dir)  # before the imports below, whose libraries complain about a bad $HOME too
     from benchmark.run.resolve import build_backbone, resolve_config
     from benchmark.run.results import check_writable, run_path, write_json
     from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data

@@ -8,7 +8,9 @@ normalised on the device by the LightningModule.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,15 +22,21 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from tasks import DataError, SplitFile, Task, decode_image, find_task_dir, read_split
+from benchmark.core.errors import UserError
+from benchmark.core.paths import available_memory, cache_location, check_cache_dir, check_space, size_text
+from tasks import SplitFile, Task, decode_image, find_task_dir, read_split
 
 CACHE_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits instead of clipped
+# Memory one decoding thread holds per image side squared: Pillow keeps RGB at 4 bytes a pixel (the resized
+# image and the intermediate of its two-pass resize), then the 3-byte numpy copy, and each thread's share of
+# the decoded images waiting to be copied into the cache (DECODE_AHEAD per thread, 3 bytes a pixel).
+DECODE_AHEAD = 2
+DECODE_BYTES_PER_PIXEL = 4 + 4 + 3 + 3 * DECODE_AHEAD
 
 
 def default_cache_dir() -> Path:
     """`$PEFT_BENCH_CACHE/arrays`, or `~/.cache/peft-bench/arrays`."""
-    base = os.environ.get("PEFT_BENCH_CACHE") or Path.home() / ".cache" / "peft-bench"
-    return Path(base).expanduser() / "arrays"
+    return cache_location()[0]
 
 
 @dataclass
@@ -68,42 +76,102 @@ def _cache_key(split: SplitFile, image_size: int, interpolation: str) -> str:
     return h.hexdigest()[:16]
 
 
+def open_entry(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """The cache entry at `path` memory-mapped, or None and why it cannot be used ("" when there is none).
+
+    The `.npy` header is checked against the file's size first: a truncated file (a copy cut short, a disk
+    that filled up under another tool) would otherwise fail in `np.load` or serve garbage.
+    """
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            major, _ = fmt.read_magic(f)
+            if major not in (1, 2):
+                return None, f"has .npy format version {major}, not 1 or 2"
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            stored, fortran, dtype = read_header(f)
+            expected = f.tell() + math.prod(stored) * dtype.itemsize
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError) as e:
+        return None, f"is unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
+    if size < expected:
+        return None, f"is truncated ({size} of {expected} bytes)"
+    if tuple(stored) != shape or dtype != np.uint8 or fortran:
+        return None, f"holds {dtype} {tuple(stored)}, not uint8 {shape}"
+    return np.load(path, mmap_mode="r"), ""
+
+
+def decode_workers(split: SplitFile, image_size: int, workers: int) -> int:
+    """Decoding threads that fit in the available memory (at most `workers`), or a `UserError` saying how much one
+    needs, before anything is allocated."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    per_thread = DECODE_BYTES_PER_PIXEL * image_size**2
+    available = available_memory()
+    if available is None:
+        return workers
+    if per_thread > available:
+        raise UserError(
+            f"decoding {split.task.id} {split.split} at {image_size} px needs about {size_text(per_thread)} of memory, "
+            f"and {size_text(available)} is available; pass a smaller --image-size"
+        )
+    return min(workers, available // per_thread)
+
+
+def decode_into(path: Path, split: SplitFile, shape: tuple[int, ...], interpolation: str, workers: int) -> None:
+    """Decode the split into a new `.npy` at `path`: written to a temporary file, its blocks reserved first
+    (a full disk is then an `OSError` here, not a SIGBUS while writing the mapping), and renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)
+        size = shape[-1]
+        # In slices, so at most DECODE_AHEAD decoded images per thread wait to be copied into the mapping
+        # (`Executor.map` would decode the whole split ahead).
+        step = workers * DECODE_AHEAD
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(split.images), step):
+                batch = split.images[start : start + step]
+                for i, image in enumerate(pool.map(lambda p: decode_image(p, size, interpolation), batch), start):
+                    out[i] = image
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def load_split_images(
     split: SplitFile, image_size: int, interpolation: str = "bicubic", cache_dir: Path | None = None, workers: int = 0
 ) -> SplitArrays:
     """The split's images as a memory-mapped uint8 array, decoded on the first call and cached on disk.
 
     The array is written to a temporary file and renamed into place, so an interrupted decode never
-    leaves a cache entry that later loads as complete. Pillow releases the GIL while decoding and
-    resizing, so a thread pool uses every core.
+    leaves a cache entry that later loads as complete; an entry that is damaged anyway (truncated, another
+    shape) is rebuilt, with one line on stderr. Disk space and memory are checked before anything is allocated.
+    Pillow releases the GIL while decoding and resizing, so a thread pool uses every core.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = check_cache_dir(cache_dir)
     key = _cache_key(split, image_size, interpolation)
     path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px-{interpolation}-{key}.npy"
-    labels = np.asarray(split.labels, dtype=np.int64)
-    if not path.is_file():
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.stem}-", suffix=".npy")
-        os.close(fd)
-        try:
-            out = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, image_size, image_size)
-            )
-            workers = workers or min(8, os.cpu_count() or 1)
-            with ThreadPoolExecutor(workers) as pool:
-                decoded = pool.map(lambda p: decode_image(p, image_size, interpolation), split.images, chunksize=16)
-                for i, image in enumerate(decoded):
-                    out[i] = image
-            out.flush()
-            del out
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    images = np.load(path, mmap_mode="r")
-    if images.shape[0] != len(labels):
-        raise DataError(f"cache {path} holds {images.shape[0]} images, {split.path} lists {len(labels)}; delete it")
-    return SplitArrays(split.split, images, labels, split.sha256)
+    shape = (len(split), 3, image_size, image_size)
+    images, damage = open_entry(path, shape)
+    if images is None:
+        if damage:
+            print(f"image cache entry {path} {damage}; rebuilding it", file=sys.stderr, flush=True)
+        what = f"the image cache of {split.task.id} {split.split} ({len(split)} images at {image_size} px)"
+        fix = "free some space, pass a smaller --image-size, or point --cache-dir (or $PEFT_BENCH_CACHE) elsewhere"
+        check_space(cache_dir, math.prod(shape) + 4096, what, fix)  # 4096: more than any .npy header
+        workers = decode_workers(split, image_size, workers)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        decode_into(path, split, shape, interpolation, workers)
+        images = np.load(path, mmap_mode="r")
+    return SplitArrays(split.split, images, np.asarray(split.labels, dtype=np.int64), split.sha256)
 
 
 class ArrayDataset(Dataset):

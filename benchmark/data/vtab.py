@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from benchmark.core.errors import UserError
+from benchmark.core.paths import check_dir
 from benchmark.run.results import check_writable
 from tasks import SPLITS, DataError, SplitFile, Task, read_split, sources
 from tasks import archive as arc
@@ -30,9 +31,14 @@ HF_VERSION = 1
 HF_MARKER = "peft-bench.json"
 
 
-def default_out() -> Path:
-    """`$VTAB_ROOT`, or `~/.cache/peft-bench/vtab-1k`."""
-    return Path(os.environ.get("VTAB_ROOT") or "~/.cache/peft-bench/vtab-1k").expanduser()
+def out_location(out: Path | None = None) -> tuple[Path, str]:
+    """Where the task folders go and the setting it came from: `--out`, else `$VTAB_ROOT`, else
+    `$HOME/.cache/peft-bench/vtab-1k`."""
+    if out is not None:
+        return Path(out).expanduser(), "--out"
+    if os.environ.get("VTAB_ROOT"):
+        return Path(os.environ["VTAB_ROOT"]).expanduser(), "$VTAB_ROOT"
+    return Path.home() / ".cache" / "peft-bench" / "vtab-1k", "$HOME"
 
 
 def _say(message: str) -> None:
@@ -180,12 +186,18 @@ def run(
     download: Callable[[str | None], Path] = download_archive,
 ) -> int:
     """Fetch (or take `source`), validate, install under `out`, report, cache, export; UserError on any failure."""
-    out = (Path(out).expanduser() if out is not None else default_out()).absolute()
+    out, how = out_location(out)
+    out = out.absolute()
     if source is not None:
         source = Path(source).expanduser()
         if not source.exists():
             raise UserError(f"--from {source} does not exist; pass the downloaded {FILENAME} or an unpacked folder")
+    check_dir(out, "data directory", how, "pass --out DIR (or set $VTAB_ROOT) naming a directory")
     check_writable(out, option="--out", what="data directory")
+    if cache:
+        from benchmark.core.paths import check_cache_dir
+
+        check_cache_dir(cache_dir)
 
     def get_source() -> sources.Source:
         path = source if source is not None else download(revision)
