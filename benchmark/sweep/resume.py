@@ -76,11 +76,8 @@ def stale_version(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool 
             for c in (stored, spec.config_dict())]  # fmt: skip
     if rest[0] != rest[1]:
         return None
-    was = "no version (a result from before methods had versions)" if old is None else f"version {old}"
-    return (
-        f"{path} was trained under {was} of {spec.config.name}'s training semantics, which have changed since "
-        f"(this code trains version {new})"
-    )
+    was = "a result that records no version" if old is None else f"version {old}"
+    return f"{path} was trained before {spec.config.name}'s training semantics changed (from {was} to version {new})"
 
 
 def _data_differs(record: dict[str, Any], spec: RunSpec, data: SweepData) -> str | None:
