@@ -244,3 +244,71 @@ def test_squeue_missing_mid_sweep_is_one_line():
     with pytest.raises(UserError) as e:
         Queue(strict=True, run=missing, sleep=lambda s: None).snapshot()
     assert "squeue failed 4 times" in str(e.value) and "No such file" in str(e.value)
+
+
+# -- corrupt claims: stale at once, taken over with one line -------------------------------------------------
+CORRUPT = {
+    "empty": b"",
+    "binary garbage": b"\x00\xff\xfe\x80 garbage",
+    "an ISO date as heartbeat": json.dumps(
+        {"host": "node-a", "pid": 4321, "started": 0.0, "heartbeat": "2026-12-03T14:00:00+00:00"}
+    ).encode(),
+    "truncated": b'{"host": "node-a", "pid": 43',
+    "not an object": b"[1, 2]",
+    "no pid": json.dumps({"host": "node-a", "started": time.time(), "heartbeat": time.time()}).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPT))
+def test_a_corrupt_claim_is_stale_at_once_and_taken_over(kind, tmp_path):
+    result = tmp_path / "r.json"
+    claim_path(result).write_bytes(CORRUPT[kind])
+    owner = read_owner(claim_path(result))
+    assert "unreadable" in stale_reason(owner)
+    claim = try_claim(result, heartbeat=False)
+    assert claim is not None and claim.reclaimed_from.startswith("an unknown owner (the claim file is unreadable")
+    assert read_owner(claim_path(result))["pid"] == os.getpid()
+    claim.release()
+    claim_path(result).write_bytes(CORRUPT[kind])
+    assert clean_orphans(tmp_path) == [claim_path(result)] and not claim_path(result).exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "binary garbage", "an ISO date as heartbeat"])
+def test_a_sweep_takes_over_a_corrupt_claim_with_one_line_and_never_waits(kind, synth_root, tmp_path, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    """A corrupt claim appears on a run's result while the sweep runs another: the sweep takes it over, says so in
+    one line, and runs it (waiting for it, as for a live owner, would block the sweep until it went stale)."""
+    from benchmark.cli import main
+    from benchmark.sweep import graph
+    from tests.conftest import argv
+
+    results = tmp_path / "r"
+    second = results / "runs/linear/svhn/final-s44.json"
+    real = graph.execute
+
+    def corrupting(spec, *args, **kwargs):
+        if spec.seed == 42:
+            claim_path(second).write_bytes(CORRUPT[kind])
+        return real(spec, *args, **kwargs)
+
+    poll, sleep = 1234.5, time.sleep
+
+    def no_wait(seconds):
+        if seconds == poll:
+            raise AssertionError("the sweep waited for a corrupt claim")
+        sleep(seconds)
+
+    monkeypatch.setattr(graph, "execute", corrupting)
+    monkeypatch.setattr(graph, "CLAIM_POLL_S", poll)
+    monkeypatch.setattr(graph.time, "sleep", no_wait)
+    capsys.readouterr()
+    assert main(argv(f"bench --method linear --tasks svhn --data-root {synth_root} --results {results}",
+                     "--epochs", "1", "--seeds", "42,44")) == 0  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(second) in err[0] and "unreadable" in err[0], err
+    assert json.loads(second.read_text())["status"] == "ok" and not claim_path(second).exists()
+
+
+def test_an_owner_that_breaks_the_schema_is_never_written(tmp_path):
+    with pytest.raises(ValueError, match="refusing to write an invalid claim: its `heartbeat`"):
+        claims.owner_text({"host": "a", "pid": 1, "started": 0.0, "heartbeat": "2026-12-03T14:00:00+00:00"})

@@ -172,21 +172,82 @@ def test_the_driver_leaves_the_pruning_decision_to_a_worker(synth_root, tmp_path
     ] == {"candidates": stored.sha256}
 
 
+def rehashed(stored: dict, **edit) -> str:
+    """`stored` with `edit` applied to the decision and its hash recomputed: consistent, but against the schema."""
+    from benchmark.sweep.decisions import json_hash
+
+    decision = {k: v for k, v in {**stored, **edit}.items() if k not in ("about", "inputs", "sha256")}
+    return json.dumps({**stored, **edit, "sha256": json_hash(decision)})
+
+
+GRID_ABOUT = {"lr": 0.1, "weight_decay": 0.0, "val_acc": 50.0, "tuning_seed": 42, "grid": [[0.1, 0.0, 50.0]]}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         lambda d: "{not json",
+        lambda d: "",
+        lambda d: b"\x00\xff\xfe garbage",
         lambda d: json.dumps([1, 2]),
         lambda d: json.dumps({**d, "lr": 0.5}),  # the decision edited, its hash not
         lambda d: json.dumps({k: v for k, v in d.items() if k != "sha256"}),
+        # Consistent with their hashes, but not decisions a sweep can use:
+        lambda d: rehashed(d, lr="0.1"),
+        lambda d: json.dumps({k: v for k, v in d.items() if k != "about"}),
+        lambda d: json.dumps({**d, "inputs": 5}),
+        lambda d: json.dumps({**d, "about": {**d["about"], "grid": [[0.1, 0.0]]}}),
     ],
 )
 def test_a_damaged_json_decision_is_named_as_corrupt(tmp_path, damage):
     from benchmark.sweep.decisions import DecisionError, write_json_decision
 
     path = tmp_path / "grid-selection.json"
-    stored = write_json_decision(path, {"lr": 0.1, "weight_decay": 0.0}, {"lr0.1-wd0.json": "ab"}, {"grid": []})
+    decision = {"lr": 0.1, "weight_decay": 0.0, "tuning_seed": 42}
+    stored = write_json_decision(path, decision, {"lr0.1-wd0.json": "ab"}, GRID_ABOUT)
     assert read_json_decision(path) == stored
-    path.write_text(damage(stored))
+    damaged = damage(stored)
+    path.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
     with pytest.raises(DecisionError, match=rf"the decision file {path} is corrupt .*--rerun-stale"):
         read_json_decision(path)
+
+
+@pytest.mark.parametrize("edit", [{"candidate": None}, {"candidates": "not a hash"}])
+def test_a_prune_choice_against_its_schema_is_named_as_corrupt(tmp_path, edit):
+    from benchmark.sweep.decisions import DecisionError, write_json_decision
+
+    path = tmp_path / "final-prune-choice.json"
+    decision = {"candidate": "tok1-seg1", "candidates": "0" * 64}
+    stored = write_json_decision(path, decision, {"candidates": "0" * 64}, {"search": [["tok1-seg1", 50.0]]})
+    assert read_json_decision(path) == stored
+    path.write_text(rehashed(stored, **edit))
+    with pytest.raises(DecisionError, match=rf"the decision file {path} is corrupt \(its `candidate"):
+        read_json_decision(path)
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        [{"key": "tok1-seg1", "info": {}}],  # no preference
+        {"key": "tok1-seg1", "info": {}, "preference": []},  # not a list
+        [{"key": "", "info": {}, "preference": []}],
+    ],
+)
+def test_candidates_whose_listing_breaks_the_schema_are_named_as_corrupt(tmp_path, listing):
+    """The listing's hash is recomputed: only the schema tells that no sweep can use it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from benchmark.sweep.decisions import DecisionError, candidates_hash, write_candidates
+    from methods import PruneCandidate
+
+    path = tmp_path / "final-prune-candidates.safetensors"
+    write_candidates(
+        path, [PruneCandidate("tok1-seg1", {"mask": torch.ones(3)}, {"kept": 1}, (1.0,))], {"dense": "ab"}
+    )
+    state = load_file(str(path))
+    metadata = {"candidates": json.dumps(listing), "inputs": json.dumps({"dense": "ab"}),
+                "sha256": candidates_hash(state, listing)}  # fmt: skip
+    save_file(state, str(path), metadata=metadata)
+    with pytest.raises(DecisionError, match=rf"the decision file {path} is corrupt \(its metadata: .*--rerun-stale"):
+        read_candidates(path)

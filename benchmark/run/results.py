@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import platform
 import subprocess
@@ -21,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from benchmark.core.errors import UserError
+from benchmark.run.schema import RESULT
+from benchmark.run.schema import SCHEMA_VERSION as SCHEMA_VERSION  # the runner writes it
+from benchmark.run.schema import problem as schema_problem
 from tasks.atomic import atomic_write_bytes
 
-SCHEMA_VERSION = 1
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,90 +39,65 @@ def grid_tune_path(results: Path, method: str, task: str, lr: float, weight_deca
     return Path(results) / "runs" / method / task / "grid-tune" / f"lr{lr:g}-wd{weight_decay:g}.json"
 
 
-def write_json(path: Path, obj: Any) -> bool:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n").encode())
-
-
 class ResultFileError(UserError):
     """A result file that cannot be trusted: unreadable, truncated, or not of the result schema."""
 
 
-# The result schema: required keys and their types. Every reader of result files goes through
-# `validate_result` (via `read_result` / `load_results`), so the sweep's resume, `leaderboard`, `compare`
-# and `reproduce` accept and refuse exactly the same files.
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema": int,
-    "method": str,
-    "task": str,
-    "seed": int,
-    "protocol": str,
-    "mode": str,
-    "status": str,
-    "config": dict,
-}
-_PARAM_KEYS = ("tunable", "head", "backbone", "nonzero_tunable")
-MODES = ("final", "tune")
-STATUSES = ("ok", "failed")
+def json_text(obj: Any) -> str:
+    """`obj` as `write_json` writes it (NaN allowed: a diverged run records its non-finite losses)."""
+    return json.dumps(obj, indent=1, sort_keys=False, allow_nan=True) + "\n"
 
 
-def _finite_accuracy(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0.0 <= value <= 100.0
-    )
+def write_json(path: Path, obj: Any) -> bool:
+    return atomic_write_bytes(path, json_text(obj).encode())
 
 
-def schema_problem(record: Any) -> str | None:
-    """What makes `record` an invalid result (None when it is valid)."""
-    if not isinstance(record, dict):
-        return f"it holds a JSON {type(record).__name__}, not a result object"
-    for key, kind in _REQUIRED.items():
-        if key not in record:
-            return f"it has no `{key}`"
-        if not isinstance(record[key], kind) or isinstance(record[key], bool):
-            return f"its `{key}` is {record[key]!r}, not a {getattr(kind, '__name__', kind)}"
-    if record["schema"] != SCHEMA_VERSION:
-        return f"it has schema {record['schema']}, and this version of the suite reads schema {SCHEMA_VERSION}"
-    if record["status"] not in STATUSES:
-        return f"its status is {record['status']!r}, not one of {', '.join(STATUSES)}"
-    if record["mode"] not in MODES:
-        return f"its mode is {record['mode']!r}, not one of {', '.join(MODES)}"
-    if record["status"] == "ok":
-        metric = "test_acc" if record["mode"] == "final" else "val_acc"
-        if not _finite_accuracy(record.get(metric)):
-            return f"its `{metric}` is {record.get(metric)!r} under status ok (a percentage in [0, 100] is required)"
-        params = record.get("params")
-        if not isinstance(params, dict) or any(
-            not isinstance(params.get(k), int) or isinstance(params.get(k), bool) or params[k] < 0 for k in _PARAM_KEYS
-        ):
-            return f"its `params` is {params!r} under status ok (counts {', '.join(_PARAM_KEYS)} are required)"
+def result_problem(text: str | bytes, path: Path) -> str | None:
+    """What makes `text` an invalid result file at `path` (None when it is valid): the result schema
+    (`benchmark.run.schema`), and a file under `runs/<method>/<task>/` must be a result of that method and task."""
+    if not text.strip():
+        return "it is empty"
+    try:
+        record = RESULT.validate_json(text)
+    except ValidationError as e:
+        return schema_problem(e)
+    parts = Path(path).parts
+    if "runs" in parts:
+        i = len(parts) - 1 - parts[::-1].index("runs")
+        if len(parts) > i + 2 and (record.method, record.task) != (parts[i + 1], parts[i + 2]):
+            return f"it is a result of {record.method}/{record.task}, filed under {parts[i + 1]}/{parts[i + 2]}"
     return None
 
 
+def invalid(path: Path, problem: str) -> ResultFileError:
+    return ResultFileError(
+        f"{path} is not a valid result file: {problem}; delete it (the same command then runs it again) or "
+        "move it out of the results directory"
+    )
+
+
 def validate_result(record: Any, path: Path) -> dict[str, Any]:
-    """`record` when it is a valid result read from `path`, else `ResultFileError` (one line: which file, why,
-    and what to do). A file under `runs/<method>/<task>/` must also be a result of that method and task."""
-    problem = schema_problem(record)
-    if problem is None:
-        parts = Path(path).parts
-        if "runs" in parts:
-            i = len(parts) - 1 - parts[::-1].index("runs")
-            if len(parts) > i + 2 and (record["method"], record["task"]) != (parts[i + 1], parts[i + 2]):
-                problem = (
-                    f"it is a result of {record['method']}/{record['task']}, filed under {parts[i + 1]}/{parts[i + 2]}"
-                )
-    if problem is not None:
-        raise ResultFileError(
-            f"{path} is not a valid result file: {problem}; delete it (the same command then runs it again) or "
-            "move it out of the results directory"
-        )
+    """`record` when it is a valid result for `path` (checked as the JSON text `write_json` makes of it), else
+    `ResultFileError` (one line: which file, why, and what to do)."""
+    if (problem := result_problem(json_text(record), path)) is not None:
+        raise invalid(path, problem)
     return record
 
 
+def write_result(path: Path, record: dict[str, Any]) -> bool:
+    """Write a result record atomically, after validating the very text written: a record that violates the
+    schema is a bug of its writer, raised as `ValueError` before anything is written."""
+    text = json_text(record)
+    if (problem := result_problem(text, path)) is not None:
+        raise ValueError(f"refusing to write an invalid result to {path}: {problem}")
+    return atomic_write_bytes(path, text.encode())
+
+
 def read_result(path: Path) -> dict[str, Any] | None:
-    """The validated result at `path`; None when there is none. Anything else there is a `ResultFileError`."""
+    """The validated result at `path`; None when there is none. Anything else there is a `ResultFileError`.
+
+    The dict returned is `json.loads`'s of the file (keys and values as stored, so hashes of it do not depend on
+    the schema's models)."""
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -132,15 +109,9 @@ def read_result(path: Path) -> dict[str, Any] | None:
         ) from None
     except OSError as e:
         raise ResultFileError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from None
-    try:
-        record = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        why = "it is empty" if not text.strip() else f"it is not valid JSON ({str(e).splitlines()[0]})"
-        raise ResultFileError(
-            f"{path} is not a valid result file: {why}; delete it (the same command then runs it again) or move it "
-            "out of the results directory"
-        ) from None
-    return validate_result(record, path)
+    if (problem := result_problem(text, path)) is not None:
+        raise invalid(path, problem)
+    return json.loads(text)
 
 
 def load_results(results: Path) -> list[dict[str, Any]]:

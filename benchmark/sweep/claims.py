@@ -1,9 +1,11 @@
 """Claims: a run is claimed atomically before it starts, so that no two processes ever run it at once.
 
-A claim is a small JSON file beside the run's result (`<result>.claim`), created exclusively
-(`O_CREAT | O_EXCL`, atomic on local and NFS file systems), holding its owner: host, pid, user, SLURM job
+A claim is a small JSON file beside the run's result (`<result>.claim`), created exclusively and complete
+(written to a temporary file, then `os.link`ed into place: atomic on local and NFS file systems, and never
+over an existing claim), holding its owner (`benchmark.run.schema.ClaimOwner`): host, pid, user, SLURM job
 id and restart count (when inside a job), start time and a heartbeat that the owner refreshes while the run
-is in flight.
+is in flight. Since no claim is ever seen half-written, one that does not validate (empty, garbage, a date
+where the heartbeat's seconds belong) is corrupt and stale at once.
 Whoever holds the claim is the only one who may write the result: it re-checks the result's identity
 under the claim, right before the atomic rename (`sweep.Sweep.run`). The claim is removed after the
 result is written, or when the run is abandoned.
@@ -11,7 +13,7 @@ result is written, or when the run is abandoned.
 A claim whose owner is gone is stale and may be taken over: a dead pid on this host; on another host, a
 SLURM job of ours that has left the queue or is pending again (asked of the one cached `squeue` snapshot
 the whole process shares, `benchmark.sweep.slurm`); an earlier incarnation of this very SLURM job (it was
-requeued since); or a heartbeat older than `stale_after` seconds (any host). Taking over renames the stale
+requeued since); a heartbeat older than `stale_after` seconds (any host); or a corrupt claim file. Taking over renames the stale
 file away, then reads the moved file back: when it is no longer the owner that was judged stale (another
 process replaced the stale claim with its own in between), it is put back (`os.link`, which never
 overwrites) and the claim counts as live. What this cannot undo: a third process creating a claim in the
@@ -35,6 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from benchmark.run.schema import CLAIM
+from benchmark.run.schema import problem as schema_problem
 from benchmark.sweep.slurm import Queue, shared_queue
 
 CLAIM_SUFFIX = ".claim"
@@ -80,25 +86,36 @@ def _user() -> str | None:
 
 
 def read_owner(path: Path) -> dict[str, Any] | None:
-    """The owner recorded in a claim file; None when it is gone. An unreadable one (a claim being written,
-    or garbage) reads as an owner with no pid, so only its age decides whether it is stale."""
+    """The owner recorded in a claim file (validated against `benchmark.run.schema.ClaimOwner`); None when it is
+    gone. A claim is never seen half-written (`try_claim` links a complete file into place, a heartbeat replaces
+    it), so one that does not validate is corrupt: it reads as an owner with no host or pid and an `unreadable`
+    reason, which `stale_reason` judges stale at once."""
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
-    except OSError:
-        text = ""
+    except OSError as e:
+        return _unreadable(path, f"it cannot be read: {e.strerror or e}")
+    if not text.strip():
+        return _unreadable(path, "it is empty")
     try:
-        owner = json.loads(text)
-    except ValueError:
-        owner = None
-    if not isinstance(owner, dict):
-        try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        return {"host": None, "pid": None, "slurm_job_id": None, "started": mtime, "heartbeat": mtime}
-    return owner
+        CLAIM.validate_json(text)
+    except ValidationError as e:
+        return _unreadable(path, schema_problem(e))
+    return json.loads(text)
+
+
+def _unreadable(path: Path, why: str) -> dict[str, Any] | None:
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    return {"host": None, "pid": None, "slurm_job_id": None, "started": mtime, "heartbeat": mtime, "unreadable": why}
+
+
+def owner_label(owner: dict[str, Any]) -> str:
+    """Who holds a claim, for messages: `host:pid` (an unknown owner when the claim file is unreadable)."""
+    return "an unknown owner" if owner.get("unreadable") else f"{owner.get('host')}:{owner.get('pid')}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -114,6 +131,8 @@ def _pid_alive(pid: int) -> bool:
 def stale_reason(owner: dict[str, Any], *, stale_after: float = STALE_AFTER, queue: Queue | None = None) -> str | None:
     """Why a claim's owner is gone (None when it may still be running). SLURM is asked through `queue` (the
     process's shared snapshot by default), never once per claim."""
+    if owner.get("unreadable"):
+        return f"the claim file is unreadable: {owner['unreadable']}; treated as stale"
     age = time.time() - float(owner.get("heartbeat") or owner.get("started") or 0.0)
     if age > stale_after:
         return f"its heartbeat is {age:.0f} s old"
@@ -205,14 +224,39 @@ class Claim:
         self.release()
 
 
+def owner_text(owner: dict[str, Any]) -> str:
+    """A claim file's content, validated: an owner that violates the schema is a bug, raised before any write."""
+    text = json.dumps(owner)
+    try:
+        CLAIM.validate_json(text)
+    except ValidationError as e:
+        raise ValueError(f"refusing to write an invalid claim: {schema_problem(e)}") from None
+    return text
+
+
 def _write_owner(path: Path, owner: dict[str, Any]) -> None:
     """Rewrite a claim we hold (heartbeat): through a temporary file and a rename, never half-written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(owner))
+        tmp.write_text(owner_text(owner))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create(path: Path, owner: dict[str, Any]) -> bool:
+    """Create the claim file holding `owner`, complete, unless one exists (False): written to a temporary file,
+    then linked into place (`os.link` never overwrites, and is atomic on local and NFS file systems), so no reader
+    ever sees a claim half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new.tmp")
+    try:
+        tmp.write_text(owner_text(owner))
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def try_claim(result: Path, *, stale_after: float = STALE_AFTER, heartbeat: bool = True) -> Claim | None:
@@ -226,18 +270,18 @@ def try_claim(result: Path, *, stale_after: float = STALE_AFTER, heartbeat: bool
     for _ in range(3):
         owner = _owner()
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            created = _create(path, owner)
+        except FileNotFoundError:  # the temporary file was removed (`clean_orphans`) before the link: again
+            continue
+        if not created:
             current = read_owner(path)
             if current is None:
                 continue  # released meanwhile: try again
             why = stale_reason(current, stale_after=stale_after)
             if why is None or not take_over(path, current):
                 return None
-            reclaimed = f"{current.get('host')}:{current.get('pid')} ({why})"
+            reclaimed = f"{owner_label(current)} ({why})"
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
         claim = Claim(result, path, owner, reclaimed_from=reclaimed)
         if heartbeat:
             claim.start_heartbeat()

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
 from benchmark.core.errors import UserError
-from benchmark.run.results import read_result, write_json
+from benchmark.run.results import json_text, read_result, write_json
+from benchmark.run.schema import CANDIDATES, decision_schema
+from benchmark.run.schema import problem as schema_problem
 from benchmark.sweep.resume import identity
 from tasks.atomic import atomic_write_bytes
 
@@ -80,8 +83,13 @@ def write_json_decision(
     path: Path, decision: dict[str, Any], inputs: dict[str, Any], about: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write `decision` with its inputs, what else is worth knowing about it (`about`: e.g. every grid point's
-    accuracy) and its hash, which covers the decision alone; returns what a later read gives back."""
+    accuracy) and its hash, which covers the decision alone; returns what a later read gives back. A decision that
+    violates its file's schema (`benchmark.run.schema.decision_schema`) is a bug, raised before anything is written."""
     out = {**decision, "about": about or {}, "inputs": inputs, "sha256": json_hash(decision)}
+    try:
+        decision_schema(Path(path).name).validate_json(json_text(out))
+    except ValidationError as e:
+        raise ValueError(f"refusing to write an invalid decision to {path}: {schema_problem(e)}") from None
     write_json(path, out)
     return out
 
@@ -89,13 +97,16 @@ def write_json_decision(
 def read_json_decision(path: Path) -> dict[str, Any] | None:
     """The stored decision at `path` (None when there is none); a `DecisionError` when it is corrupt."""
     try:
-        stored = json.loads(Path(path).read_text())
+        text = Path(path).read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise DecisionError(corrupt(path, f"it cannot be read as JSON ({type(e).__name__})")) from None
-    if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str) or "inputs" not in stored:
-        raise DecisionError(corrupt(path, "it is not a decision file"))
+    except OSError as e:
+        raise DecisionError(corrupt(path, f"it cannot be read: {e.strerror or e}")) from None
+    try:
+        decision_schema(Path(path).name).validate_json(text)
+    except ValidationError as e:
+        raise DecisionError(corrupt(path, "it is empty" if not text.strip() else schema_problem(e))) from None
+    stored = json.loads(text)
     decision = {k: v for k, v in stored.items() if k not in ("about", "inputs", "sha256")}
     if json_hash(decision) != stored["sha256"]:
         raise DecisionError(corrupt(path, "its content does not match its recorded sha256"))
@@ -124,6 +135,10 @@ def write_candidates(path: Path, candidates: list[Any], inputs: dict[str, Any]) 
     listing = json.loads(json.dumps(listing))  # as read back: tuples become lists
     digest = candidates_hash(state, listing)
     metadata = {"candidates": json.dumps(listing), "inputs": json.dumps(inputs), "sha256": digest}
+    try:
+        CANDIDATES.validate_python(metadata)
+    except ValidationError as e:
+        raise ValueError(f"refusing to write invalid candidates to {path}: {schema_problem(e)}") from None
     atomic_write_bytes(Path(path), save(state, metadata=metadata))
     return read_candidates(path)  # type: ignore[return-value]
 
@@ -139,11 +154,13 @@ def read_candidates(path: Path) -> StoredCandidates | None:
         state = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
-        listing = json.loads(metadata["candidates"])
-        inputs = json.loads(metadata["inputs"])
-        digest = metadata["sha256"]
-    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (SafetensorError, ValueError, RuntimeError) as e:  # `load` checked the header: a dict of str -> str
         raise DecisionError(corrupt(path, f"it cannot be read ({type(e).__name__})")) from None
+    try:
+        CANDIDATES.validate_python(metadata)
+    except ValidationError as e:
+        raise DecisionError(corrupt(path, f"its metadata: {schema_problem(e)}")) from None
+    listing, inputs, digest = json.loads(metadata["candidates"]), json.loads(metadata["inputs"]), metadata["sha256"]
     if candidates_hash(state, listing) != digest:
         raise DecisionError(corrupt(path, "its content does not match its recorded sha256"))
     out = []

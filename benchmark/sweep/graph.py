@@ -23,7 +23,7 @@ from benchmark.core.errors import UserError
 from benchmark.data.arrays import SplitArrays, VTABDataModule
 from benchmark.run.backbone import NORMALIZATIONS
 from benchmark.run.resolve import Backbones
-from benchmark.run.results import grid_tune_path, read_result, run_path, write_json
+from benchmark.run.results import grid_tune_path, read_result, run_path, write_result
 from benchmark.run.runner import (
     TUNING_SEED,
     RunSpec,
@@ -168,7 +168,7 @@ class Sweep:
                     "run the same command again"
                 )
             self.check(plan, deferred)
-            write_json(plan.path, record)
+            write_result(plan.path, record)
         finally:
             claim.release()
         if record["status"] != "ok":
