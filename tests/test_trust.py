@@ -76,7 +76,8 @@ def test_a_result_written_meanwhile_with_another_configuration_is_not_overwritte
     finally:
         owner.kill()
     one_line_error(capsys, r"final-s42.json was produced with a different configuration .*epochs: 3 -> 2")
-    assert target.read_bytes() == theirs and files_under(results) == ["runs/linear/svhn/final-s42.json"]
+    assert target.read_bytes() == theirs
+    assert files_under(results) == ["runs/linear/final.settings", "runs/linear/svhn/final-s42.json"]
 
 
 def test_leaderboard_and_compare_separate_configurations_within_a_row(tmp_path):
@@ -190,8 +191,9 @@ def test_a_signal_mid_run_stops_cleanly_and_the_sweep_resumes(signum, synth_root
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert lines[-1].startswith(f"stopped by {signal.Signals(signum).name}: finished runs are saved"), err
     assert "Traceback" not in err
-    # Nothing recorded for the run in flight, no temporary file, no claim left behind.
-    assert files_under(results) == []
+    # Nothing recorded for the run in flight, no temporary file, no claim left behind (the directory's settings,
+    # written before the first run, stay).
+    assert files_under(results) == ["runs/full/final.settings"]
     assert main(bench_args(synth_root, results, "--epochs", "2", "--lr", "0.01", method="full", seeds="42")) == 0
     record = json.loads((results / "runs/full/svhn/final-s42.json").read_text())
     assert record["status"] == "ok"
@@ -242,7 +244,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(synth_root, tmp_path
     results = tmp_path / "r"
     capsys.readouterr()
     assert main(bench_args(synth_root, results)) == 2
-    err = one_line_error(capsys, r"no space left on the device writing .*final-s42.json, \d+ MiB free there")
+    err = one_line_error(
+        capsys, r"no space left on the device writing .*final(-s42.json|.settings), \d+ MiB free there"
+    )
     assert ".tmp" not in err
     assert files_under(results) == []
 

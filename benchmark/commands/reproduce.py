@@ -45,6 +45,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     sweep_and_report(
         args, [cls()], [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
         protocol=plan.protocol.protocol, settings=settings, options=plan.options, task_overrides=plan.task_overrides(),
+        recipe_overrides={"epochs": args.epochs},  # also in every task's overrides; here for the directory's settings
     )  # fmt: skip
     try:
         comparison = compare(results, reference, methods=[cls.name], sources=args.source)

@@ -42,7 +42,7 @@ from benchmark.sweep.decisions import StoredCandidates
 from benchmark.sweep.executors import make_executor
 from benchmark.sweep.graph import Plan, StageError, Sweep
 from benchmark.sweep.inline import prepare_sweep
-from benchmark.sweep.jobs import MAX_ARRAY, Batch, InFlight, dead_runs
+from benchmark.sweep.jobs import MAX_ARRAY, Batch, InFlight, dead_runs, executed_runs
 from benchmark.sweep.launch import LaunchOptions
 from benchmark.sweep.slurm import SNAPSHOT_MAX_AGE_S, Queue, QueueUnavailable, cancel, rejection, sharing
 from benchmark.sweep.worker import RunJob, Worker, WorkerContext, mtime_ns
@@ -193,7 +193,8 @@ def drive(
     quiet_lightning()
     logs = state.results / "logs" / config.name
     ctx = WorkerContext(state.protocol, state.settings, state.results, Path(kwargs["data_root"]),
-                        kwargs.get("cache_dir"), launch.threads, state.rerun_stale)  # fmt: skip
+                        kwargs.get("cache_dir"), launch.threads, state.rerun_stale,
+                        interruptible=launch.launcher == "local")  # fmt: skip
     executor = make_executor(launch.launcher, logs, launch.slurm, f"peft-bench-{config.name}")
     where = (f"{launch.workers} local worker(s)" if launch.launcher == "local" else
              f"SLURM job arrays ({launch.runs_per_job} run(s) per job, at most {launch.parallelism} jobs at once, "
@@ -238,11 +239,13 @@ def drive(
 def _settle(state: WaveSweep, batch: Batch, attempts: Counter[Path], executed: list[dict[str, Any]]) -> None:
     """A batch whose jobs have all ended: each of its runs is done (its record joins `executed`), run
     by another process (waited for on the next walk), submitted again, or recorded failed."""
-    dead = dead_runs(batch.jobs)
+    dead, ran = dead_runs(batch.jobs), executed_runs(batch.jobs)
     for job in batch.runs:
         if mtime_ns(job.path) != job.seen:
             state.retried.add(job.path)
-            if job.kind == "run" and (record := read_result(job.path)) is not None:
+            # Counted only when this batch's jobs executed it: not when another process (an inline sweep,
+            # another driver) wrote it meanwhile.
+            if job.kind == "run" and str(job.path) in ran and (record := read_result(job.path)) is not None:
                 executed.append(record)
             continue
         if (owner := read_owner(claim_path(job.path))) is not None and stale_reason(owner) is None:

@@ -3,16 +3,81 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import submitit
+from submitit.local.local import LocalJob
 
 from benchmark.core.errors import UserError
 from benchmark.sweep.slurm import Queue, never_starts
 
 # A local worker lives as long as the wave it serves; submitit's default would kill it after 2 minutes.
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+# How long a stopped local job may take to end (its workers release their claims) before it is killed.
+STOP_WAIT_S = 30.0
+# The controller process of each local job this process started, by job id (`LocalExecutor`).
+CONTROLLERS: dict[str, subprocess.Popen] = {}
+
+
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's local executor, except that each job's controller runs in a session of its own and writes to
+    `controllers.log` in the job folder.
+
+    submitit starts the controller in the driver's process group, writing to the driver's stderr, and has no
+    option otherwise: a Ctrl-C at the terminal then reaches every controller too, and each prints its
+    `KeyboardInterrupt` traceback there (as does one that `LocalJob.cancel` interrupts). Here a signal reaches
+    the driver alone, which stops its jobs as a signal stops a command (`stop_local`). The controller is the one
+    submitit starts (`submitit.local._local`), with the environment `submitit.local.local.start_controller` gives it.
+    """
+
+    def _submit_command(self, command: str) -> LocalJob:
+        ntasks = self.parameters.get("tasks_per_node", 1)
+        n_gpus = self.parameters.get("gpus_per_node", 0)
+        visible = self.parameters.get("visible_gpus", ())
+        gpus = range(n_gpus) if visible == () else visible[:n_gpus]
+        env = {
+            **os.environ,
+            "SUBMITIT_LOCAL_NTASKS": str(ntasks),
+            "SUBMITIT_LOCAL_COMMAND": command,
+            "SUBMITIT_LOCAL_TIMEOUT_S": str(int(60 * self.parameters.get("timeout_min", 2.0))),
+            "SUBMITIT_LOCAL_SIGNAL_DELAY_S": str(int(self.parameters.get("signal_delay_s", 30))),
+            "SUBMITIT_LOCAL_NODEID": "0",
+            "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+            "SUBMITIT_STDERR_TO_STDOUT": "",
+            "SUBMITIT_EXECUTOR": "local",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(k) for k in gpus),
+            "SUBMITIT_LOCAL_WITH_SHELL": "",
+        }
+        with open(self.folder / "controllers.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "submitit.local._local", str(self.folder)], env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+        for pid in [pid for pid, p in CONTROLLERS.items() if p.poll() is not None]:
+            del CONTROLLERS[pid]  # ended: nothing left to stop
+        CONTROLLERS[str(process.pid)] = process
+        return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+
+def stop_local(jobs: list[Any], wait_s: float = STOP_WAIT_S) -> None:
+    """Stop local jobs as a signal stops a command: SIGTERM to each controller, which forwards it to its workers;
+    each worker raises `Interrupted` (its claim released, its run in flight not recorded) and ends, and so does
+    the controller. A job still running after `wait_s` seconds is killed (SIGKILL to its session)."""
+    controllers = [p for job in jobs if (p := CONTROLLERS.get(str(job.job_id))) is not None and p.poll() is None]
+    for process in controllers:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    for process in controllers:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def check_slurm() -> None:
@@ -33,12 +98,10 @@ def check_slurm() -> None:
 
 def make_executor(launcher: str, folder: Path, params: dict[str, Any], name: str):
     """submitit's local or SLURM executor, logging under `folder` (`<job id>_<task>_log.err` and `.out`)."""
-    import submitit
-
     logging.getLogger("submitit").setLevel(logging.ERROR)
     folder.mkdir(parents=True, exist_ok=True)
     if launcher == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
         return executor
     executor = submitit.SlurmExecutor(folder=folder)

@@ -26,6 +26,7 @@ from benchmark.run.runner import (
     quiet_lightning,
 )
 from benchmark.sweep.claims import clean_orphans
+from benchmark.sweep.directory import check_directory
 from benchmark.sweep.graph import Plan, Sweep
 from benchmark.sweep.resume import conflict
 from methods import MethodConfig
@@ -81,8 +82,9 @@ def prepare_sweep(
     """Everything a sweep checks and loads before its first run: per-task configs, backbone, data, conflicts.
 
     Returns the sweep's state (a `sweep_cls`), each task's config, and the runs whose identity is known
-    before any training, each with whether it is deferred (see `resume.identity`). Nothing is written; leftovers of
-    killed runs (orphan temporary files, stale claims) are removed.
+    before any training, each with whether it is deferred (see `resume.identity`). Nothing is written but the
+    directory's settings file, once every check has passed (`directory.check_directory`: a sweep of other settings
+    stops here); leftovers of killed runs (orphan temporary files, stale claims) are removed.
     """
     configs = task_configs(config, tasks, protocol=protocol, settings=settings, options=options,
                            recipe_overrides=recipe_overrides, task_overrides=task_overrides)  # fmt: skip
@@ -113,6 +115,8 @@ def prepare_sweep(
                  if (c := conflict(p.path, p.spec, data, deferred=deferred, rerun_stale=rerun_stale))]  # fmt: skip
     if conflicts:
         raise UserError(f"{conflicts[0]}; use another --results directory or delete the old results")
+    check_directory(results, config, protocol=protocol, settings=settings, data=data, options=options,
+                    recipe_overrides=recipe_overrides, rerun_stale=rerun_stale)  # fmt: skip
     for path in clean_orphans(results / "runs" / config.name):
         tqdm.write(f"removed {path}, left by a run that was killed", file=sys.stderr)
     return state, configs, known

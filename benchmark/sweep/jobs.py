@@ -15,13 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.core.errors import UserError
-from benchmark.sweep.executors import job_failure, job_finished, job_tasks, never_starting, stderr_tail
+from benchmark.sweep.executors import job_failure, job_finished, job_tasks, never_starting, stderr_tail, stop_local
 from benchmark.sweep.launch import LaunchOptions
 from benchmark.sweep.slurm import Queue, cancel
 from benchmark.sweep.worker import RunJob
 
 # SLURM's default MaxArraySize is 1001 (indices 0-1000): larger submissions go as several arrays.
 MAX_ARRAY = 1000
+
+
+def executed_runs(jobs: list[Any]) -> set[str]:
+    """The result paths that `jobs` executed themselves (their workers' `peft-bench: done` lines): not those
+    they found done, or left to another process that had claimed them first."""
+    return {line.split(" ", 3)[2] for task in [t for job in jobs for t in job_tasks(job)]
+            for line in (task.stderr() or "").splitlines() if line.startswith("peft-bench: done ")}  # fmt: skip
 
 
 def dead_runs(jobs: list[Any]) -> dict[str, tuple[str, str]]:
@@ -115,11 +122,11 @@ class InFlight:
             raise UserError(f"{why}; this sweep's jobs are cancelled")
 
     def cancel(self) -> None:
-        """Stop every job in flight (their runs are not recorded, and resume later)."""
+        """Stop every job in flight (their runs are not recorded, and resume later); local jobs are waited for,
+        so that their claims are released when the driver ends (`executors.stop_local`)."""
         jobs = [j for b in self.batches for j in b.jobs]
         self.batches = []
         if self.launch.launcher == "slurm":
             cancel(sorted({str(j.job_id) for j in jobs}))
             return
-        for job in jobs:
-            job.cancel(check=False)
+        stop_local(jobs)

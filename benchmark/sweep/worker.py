@@ -12,6 +12,7 @@ dead job was on.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import submitit
 
+from benchmark.core.errors import Interrupted
+from benchmark.core.signals import interruptible
 from benchmark.run.runner import RunSpec, Settings
 
 
@@ -49,6 +52,9 @@ class WorkerContext:
     cache_dir: Path | None
     threads: int
     rerun_stale: bool = False
+    # Local workers: SIGTERM (the driver stopping its jobs) raises `Interrupted`, as in any command, so the run in
+    # flight releases its claim and is not recorded. (submitit's jobs otherwise ignore SIGTERM.)
+    interruptible: bool = False
 
 
 def mtime_ns(path: Path) -> int | None:
@@ -73,6 +79,17 @@ class Worker(submitit.helpers.Checkpointable):
     (`Checkpointable`): the result files hold all the state, so the requeued job skips what is done."""
 
     def __call__(self, ctx: WorkerContext, jobs: list[RunJob], offset: int = 0) -> list[dict[str, Any]]:
+        if not ctx.interruptible:
+            return self.work(ctx, jobs, offset)
+        try:
+            with interruptible():
+                return self.work(ctx, jobs, offset)
+        except Interrupted as e:
+            print(f"peft-bench: stopped by {signal.Signals(e.signum).name}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
+
+    def work(self, ctx: WorkerContext, jobs: list[RunJob], offset: int) -> list[dict[str, Any]]:
+        """Run this job's share of `jobs` (see the module's docstring)."""
         import torch
         from tqdm.auto import tqdm
 

@@ -1,0 +1,141 @@
+"""The launchers under an outside audit's cases: a signal to a local driver ends in one line, each process counts
+only the runs it executed, and drivers of different configurations never share a results directory. Each test
+failed on the code before its fix."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from benchmark.cli import main
+from tests.conftest import argv
+from tests.test_launch import PROJECT, leftovers, starts_and_ends, wait_for
+
+# Runs long enough (a few seconds each on a CPU) for signals and other processes to land while they are in flight.
+SLOW = ["--set", "num_tokens=4", "--epochs", "6", "--batch-size", "32"]
+
+
+def bench(results, root, *extra: str, method: str = "vpt_deep", tasks: str = "camelyon") -> list[str]:
+    return argv(f"bench --method {method} --tasks {tasks} --data-root {root} --results {results}", *extra)
+
+
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmark", *args], cwd=PROJECT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def run_claims(results) -> list:
+    """Claims on runs in flight (not the directory's settings file, claimed for a moment at a sweep's start)."""
+    return list((results / "runs").glob("*/*/*.json.claim"))
+
+
+def executed(out: str) -> int:
+    return int(re.search(r"^(\d+) run\(s\) executed", out, re.M).group(1))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_local_driver_ends_in_one_line_and_stops_its_workers(signum, synth_root, tmp_path):
+    """SIGTERM as `kill` sends it (to the driver); SIGINT as Ctrl-C sends it (to the terminal's process group)."""
+    results = tmp_path / "r"
+    proc = start(bench(results, synth_root, *SLOW, "--seeds", "42,44", "--launcher", "local", "--workers", "2"),
+                 start_new_session=True)  # fmt: skip
+    wait_for(lambda: run_claims(results) or proc.poll() is not None)
+    assert proc.poll() is None, proc.stdout.read()
+    workers = set()
+    for claim in run_claims(results):
+        with contextlib.suppress(FileNotFoundError, ValueError):  # released or being written meanwhile
+            workers.add(json.loads(claim.read_text())["pid"])
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert out.strip().splitlines()[-1].startswith(f"stopped by {signal.Signals(signum).name}: finished runs"), out
+    # Its workers stopped with it, and released their claims: nothing is left for a resume to take over.
+    assert not any(alive(pid) for pid in workers)
+    assert not leftovers(results)
+
+
+@pytest.mark.slow
+def test_an_inline_and_a_local_sweep_on_one_directory_count_only_their_own_runs(synth_root, tmp_path, capsys):
+    """The local driver's one worker goes through seeds 42, 44 and 82 in turn; an inline sweep of seed 82, started
+    once the worker is on 42, runs it before the worker gets there (the worker then skips it)."""
+    results = tmp_path / "r"
+    args = bench(results, synth_root, *SLOW)
+    proc = start([*args, "--seeds", "42,44,82", "--launcher", "local", "--workers", "1"])
+    wait_for(lambda: run_claims(results) or proc.poll() is not None)
+    capsys.readouterr()
+    assert main([*args, "--seeds", "82"]) == 0
+    inline = executed(capsys.readouterr().out)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    _, ends, _ = starts_and_ends(results)  # what the local driver's worker executed, from its log
+    assert (executed(out), inline) == (ends.total(), 3 - ends.total()), out
+
+
+def result_files(results) -> dict[str, bytes]:
+    return {str(p.relative_to(results)): p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+def test_a_sweep_of_other_settings_stops_before_anything_and_one_of_the_same_settings_adds(synth_root, tmp_path,
+                                                                                           capsys):  # fmt: skip
+    results = tmp_path / "r"
+    same = ["--epochs", "1", "--batch-size", "32", "--lr", "0.01"]
+    assert main(bench(results, synth_root, *same, "--seeds", "42", method="linear")) == 0
+    # Other seeds and tasks of the same settings (the options in another order, the default given) add to it.
+    assert main(bench(results, synth_root, "--lr", "0.01", "--epochs", "1", "--batch-size", "32", "--seeds", "44",
+                      "--precision", "32", method="linear", tasks="camelyon,svhn")) == 0  # fmt: skip
+    before = result_files(results)
+    capsys.readouterr()
+    assert main(bench(results, synth_root, *same, "--epochs", "2", "--seeds", "82", method="linear")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "runs/linear/final.settings holds the settings" in err and "recipe.epochs: 1 -> 2" in err
+    assert "--rerun-stale" in err
+    assert result_files(results) == before  # nothing written
+    settings = results / "runs/linear/final.settings"
+    assert set(json.loads(settings.read_text())["data"]) == {"camelyon", "svhn"}
+    # Per-task settings (VPT's recipe per task: its weight decay, warmup) are not the directory's.
+    vpt = [*same, "--set", "num_tokens=4", "--seeds", "42"]
+    assert main(bench(results, synth_root, *vpt, method="vpt_deep", tasks="camelyon")) == 0
+    assert main(bench(results, synth_root, *vpt, method="vpt_deep", tasks="svhn")) == 0
+    # --rerun-stale is the user's choice to replace them.
+    assert main(bench(results, synth_root, *same, "--epochs", "2", "--seeds", "82", "--rerun-stale",
+                      method="linear")) == 0  # fmt: skip
+    assert json.loads(settings.read_text())["config"]["method_config"]["recipe"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_two_drivers_of_different_settings_started_together_leave_one_settings(synth_root, tmp_path):
+    """A local driver and an inline sweep on one directory, one with 6 epochs and one with 5: one of them runs,
+    the other stops before writing anything (before submitting anything, for the driver)."""
+    results = tmp_path / "r"
+    args = bench(results, synth_root, *SLOW, "--seeds", "42,44")
+    procs = {6: start([*args, "--launcher", "local", "--workers", "2"]), 5: start([*args, "--epochs", "5"])}
+    outs = {epochs: proc.communicate(timeout=300)[0] for epochs, proc in procs.items()}
+    codes = {epochs: proc.returncode for epochs, proc in procs.items()}
+    assert sorted(codes.values()) == [0, 2], outs
+    loser = next(e for e, c in codes.items() if c == 2)
+    assert f"recipe.epochs: {11 - loser} -> {loser}" in outs[loser] and "Traceback" not in outs[loser], outs[loser]
+    finals = sorted((results / "runs").rglob("final-s*.json"))
+    assert len(finals) == 2 and {json.loads(p.read_text())["config"]["method_config"]["recipe"]["epochs"]
+                                 for p in finals} == {11 - loser}  # fmt: skip
+    assert not (results / "logs").exists() or loser != 6  # the driver stopped before submitting anything
