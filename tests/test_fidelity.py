@@ -26,6 +26,7 @@ from benchmark.run.resolve import config_from_record
 from methods import PeftModel, get_method, list_methods
 from methods._bottleneck import ResidualBottleneck
 from tests.conftest import argv, tiny_vit
+from tests.test_launch import slurm_unavailable
 
 D = 48  # tiny_vit's width
 TINY = dict(img_size=32, patch_size=8, embed_dim=D, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=0)  # tiny_vit
@@ -244,12 +245,20 @@ def bench_args(synth_root: Path, results: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("recorded", [1, None])
-def test_resume_refuses_a_result_of_another_version_and_rerun_stale_reruns_it(recorded, synth_root, tmp_path,
-                                                                               capsys):  # fmt: skip
+@pytest.mark.parametrize(("recorded", "launcher"), [(1, "inline"), (None, "inline"), (1, "local"), (1, "slurm")])
+def test_resume_refuses_a_result_of_another_version_and_rerun_stale_reruns_it(recorded, launcher, synth_root,
+                                                                               tmp_path, capsys):  # fmt: skip
     """A result trained under an earlier version of the method (or before versions existed: no key) is refused
     in one line naming both versions and the ways out; `--rerun-stale` reruns it under this version."""
     results = tmp_path / "r"
+    launch = {
+        "inline": (),
+        "local": ("--launcher", "local", "--workers", "1"),
+        "slurm": ("--launcher", "slurm", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1", "--slurm-time",
+                  "20", "--threads", "1"),
+    }[launcher]  # fmt: skip
+    if launcher == "slurm" and (why := slurm_unavailable()):
+        pytest.skip(why)
     assert main(bench_args(synth_root, results)) == 0
     path = results / "runs/lora/svhn/final-s42.json"
     record = json.loads(path.read_text())
@@ -262,7 +271,7 @@ def test_resume_refuses_a_result_of_another_version_and_rerun_stale_reruns_it(re
     old = path.read_bytes()
     capsys.readouterr()
 
-    assert main(bench_args(synth_root, results)) == 2
+    assert main(bench_args(synth_root, results, *launch)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     was = "version 1" if recorded else "a result that records no version"
@@ -270,8 +279,8 @@ def test_resume_refuses_a_result_of_another_version_and_rerun_stale_reruns_it(re
     assert "--rerun-stale" in err and "another --results directory" in err, err
     assert path.read_bytes() == old  # nothing written
 
-    assert main(bench_args(synth_root, results, "--rerun-stale")) == 0
+    assert main(bench_args(synth_root, results, "--rerun-stale", *launch)) == 0
     rerun = json.loads(path.read_text())
     assert rerun["config"]["method_version"] == 2 and rerun["status"] == "ok"
-    assert main(bench_args(synth_root, results)) == 0  # and it resumes from it now
+    assert main(bench_args(synth_root, results, *launch)) == 0  # and it resumes from it now
     assert json.loads(path.read_text()) == rerun
