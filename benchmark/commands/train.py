@@ -104,7 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache_dir)  # before the imports below, whose libraries complain about a bad $HOME too
     from benchmark.run.resolve import build_backbone, resolve_config
-    from benchmark.run.results import check_writable, run_path, write_json
+    from benchmark.run.results import check_writable, run_path, write_result
     from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
     from benchmark.sweep.claims import claim_path, read_owner, try_claim
 
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     try:
         record = execute(spec, backbone, data, progress=not args.quiet)
-        write_json(out, record)
+        write_result(out, record)
     finally:
         claim.release()
     acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]

@@ -35,7 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmark.core.errors import UserError
-from benchmark.run.results import provenance, read_result, write_json
+from benchmark.run.results import provenance, read_result, write_result
 from benchmark.run.runner import new_record, quiet_lightning
 from benchmark.sweep.claims import claim_path, claimed, read_owner, stale_reason
 from benchmark.sweep.decisions import StoredCandidates
@@ -172,7 +172,7 @@ def record_failure(state: WaveSweep, job: RunJob, cause: str, log: str) -> bool:
         record = new_record(job.spec, state.data)
         record.update(error=f"the worker died, twice: {cause}", traceback=log, wall_time_s=None,
                       started_at=now, finished_at=now, provenance=provenance())  # fmt: skip
-        write_json(job.path, record)
+        write_result(job.path, record)
     return True
 
 
