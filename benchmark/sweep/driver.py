@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from benchmark.core.errors import UserError
 from benchmark.run.results import provenance, read_result, write_result
 from benchmark.run.runner import new_record, quiet_lightning
-from benchmark.sweep.claims import claim_path, claimed, read_owner, stale_reason
+from benchmark.sweep.claims import claim_path, claimed, owner_label, read_owner, stale_reason
 from benchmark.sweep.decisions import StoredCandidates
 from benchmark.sweep.executors import make_executor
 from benchmark.sweep.graph import Plan, StageError, Sweep
@@ -100,8 +100,7 @@ class WaveSweep(Sweep):
             if why is None:
                 self.elsewhere.add(job.path)
                 return PENDING
-            self.note(f"{job.path}: the claim of {owner.get('host')}:{owner.get('pid')} is stale ({why}); "
-                      "it is taken over")  # fmt: skip
+            self.note(f"{job.path}: the claim of {owner_label(owner)} is stale ({why}); it is taken over")
         self.wave[job.path] = job
         return PENDING
 
