@@ -16,7 +16,7 @@ import pytest
 
 from benchmark.cli import main
 from tests.conftest import argv
-from tests.test_launch import PROJECT, leftovers, starts_and_ends, wait_for
+from tests.test_launch import PROJECT, leftovers, slurm_unavailable, starts_and_ends, wait_for
 
 # Runs long enough (a few seconds each on a CPU) for signals and other processes to land while they are in flight.
 SLOW = ["--set", "num_tokens=4", "--epochs", "6", "--batch-size", "32"]
@@ -121,6 +121,22 @@ def test_a_sweep_of_other_settings_stops_before_anything_and_one_of_the_same_set
     assert main(bench(results, synth_root, *same, "--epochs", "2", "--seeds", "82", "--rerun-stale",
                       method="linear")) == 0  # fmt: skip
     assert json.loads(settings.read_text())["config"]["method_config"]["recipe"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_a_driver_of_other_settings_stops_before_submitting_anything(launcher, synth_root, tmp_path, capsys):
+    if launcher == "slurm" and (why := slurm_unavailable()):
+        pytest.skip(why)
+    results = tmp_path / "r"
+    assert main(bench(results, synth_root, "--epochs", "1", "--seeds", "42", method="linear")) == 0
+    before = result_files(results)
+    capsys.readouterr()
+    extra = ["--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1"] if launcher == "slurm" else []
+    assert main(bench(results, synth_root, "--epochs", "2", "--seeds", "44", "--launcher", launcher, *extra,
+                      method="linear")) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "recipe.epochs: 1 -> 2" in err, err
+    assert result_files(results) == before and not (results / "logs").exists()
 
 
 @pytest.mark.slow
