@@ -2,7 +2,8 @@
 
 Linear(D → h) with bias, an activation, dropout, Linear(h → D) with bias. Two initialisations occur in
 the code bases the specs read:
-- `xavier`: both weights xavier-uniform, both biases N(0, 1e-6²) (NOAH, PETL_Vision's Houlsby adapter):
+- `xavier`: both weights xavier-uniform, both biases N(0, 1e-6²), as NOAH's and PETL_Vision's adapters
+  declare it (their ViTs then re-initialise every Linear: `methods/_timm_init.py`, the adapters' `init`):
   the up-projection is not zero, so the adapter does not start as the identity;
 - `lora`: down weight kaiming-uniform(a=√5) (PyTorch's Linear default), up weight and both biases zero
   (AdaptFormer's official code): the branch starts at exactly zero.

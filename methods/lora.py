@@ -5,7 +5,7 @@ the VTAB-1k row comes from NOAH's implementation (ZhangYuanhan-AI/NOAH e9c55f3,
 `model/supernet_vision_transformer_timm.py`, `experiments/LoRA/ViT-B_prompt_lora_8.yaml`).
 
 `targets=qkv` (default, NOAH): one pair per block on the whole fused qkv output,
-qkv(x) ← W x + b + scale · B A dropout(x), A: D → r (kaiming-uniform a=√5), B: r → 3D (zeros), scale 1,
+qkv(x) ← W x + b + scale · B A dropout(x), A: D → r, B: r → 3D, scale 1,
 dropout 0.1 on the branch input: 3·D·r + D·r per block, 294,912 on ViT-B/16 at r = 8.
 `targets=q,v`: two pairs per block, added to the q rows [0, D) and the v rows [2D, 3D) of qkv; the k slice
 is the frozen one, bit for bit. Same count (2·2·D·r per block), scale α/r (α = r unless set: scale 1).
@@ -13,11 +13,11 @@ Both fold into the qkv weight (`merged_backbone`).
 
 `init=noah` (default): NOAH's effective initialisation. Its `VisionTransformer.__init__` ends with
 `apply(_init_weights)`, which re-initialises every `nn.Linear` after the blocks are built, LoRA's A and B
-included (`methods/_timm_init.py`): the runs behind NOAH's table start from A, B ~ N(0, 0.02²) (truncated at
-±2), so the model is not the pretrained function at init. Here the branches are built as `paper` says, then
-each A and B (block by block, pair by pair) is re-drawn after all blocks, in NOAH's order.
-`init=paper`: the constructor's (and the LoRA paper's) init, A kaiming-uniform(a=√5), B zero: the identity
-at init.
+included (`methods/_timm_init.py`): the runs behind NOAH's table start from A, B ~ N(0, 0.02²) (timm's
+`trunc_normal_`, bounds ±2), so the model is not the pretrained function at init. Here the branches are
+built as `paper` says, then each A and B (block by block, pair by pair) is re-drawn after all blocks, in
+NOAH's order. `init=paper`: the constructor's (and the LoRA paper's) init, A kaiming-uniform(a=√5), B zero:
+the identity at init.
 
 Why not HF peft (which the suite's generic `peft` method uses): peft adapts whole modules, so on timm's
 fused qkv it can express the NOAH variant but not the q,v-slice one; one module here serves both.
