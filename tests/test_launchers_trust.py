@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,8 +112,18 @@ def test_a_sweep_of_other_settings_stops_before_anything_and_one_of_the_same_set
     assert "runs/linear/final.settings holds the settings" in err and "recipe.epochs: 1 -> 2" in err
     assert "--rerun-stale" in err
     assert result_files(results) == before  # nothing written
+    # Several methods: all are checked before the first one's runs.
+    assert main(bench(results, synth_root, *same, "--epochs", "2", "--seeds", "82", method="full,linear")) == 2
+    assert "recipe.epochs: 1 -> 2" in capsys.readouterr().err and result_files(results) == before
     settings = results / "runs/linear/final.settings"
     assert set(json.loads(settings.read_text())["data"]) == {"camelyon", "svhn"}
+    # Other data for a task it holds (one test image fewer) is another setting too.
+    other = tmp_path / "data"
+    shutil.copytree(synth_root, other)
+    split = other / "patch_camelyon" / "test.txt"
+    split.write_text("\n".join(split.read_text().splitlines()[:-1]) + "\n")
+    assert main(bench(results, other, *same, "--seeds", "82", method="linear")) == 2
+    assert "data.camelyon.test: sha256" in capsys.readouterr().err and result_files(results) == before
     # Per-task settings (VPT's recipe per task: its weight decay, warmup) are not the directory's.
     vpt = [*same, "--set", "num_tokens=4", "--seeds", "42"]
     assert main(bench(results, synth_root, *vpt, method="vpt_deep", tasks="camelyon")) == 0

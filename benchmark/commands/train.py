@@ -39,9 +39,14 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
     launch = launch_options(args)  # checked before anything is written or submitted
     check_output_paths(results, configs, launch.launcher, args.cache_dir)
     if len(configs) > 1:
+        from benchmark.sweep.directory import precheck
+
         checked = ("protocol", "settings", "options", "recipe_overrides", "task_overrides")
         for config in configs:
             task_configs(config, tasks, **{k: v for k, v in kwargs.items() if k in checked})
+        for config in configs:  # the directory's settings of every method, before the first method's runs
+            precheck(results, config, rerun_stale=getattr(args, "rerun_stale", False),
+                     **{k: v for k, v in kwargs.items() if k in checked[:4]})  # fmt: skip
     if launch.launcher != "inline":
         from benchmark.sweep.driver import drive
 

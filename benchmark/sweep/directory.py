@@ -79,6 +79,28 @@ def differences(stored: dict[str, Any], config: dict[str, Any], data: dict[str, 
     return out
 
 
+def refusal(path: Path, config: MethodConfig, protocol: str, changed: list[str]) -> UserError:
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return UserError(
+        f"{path} holds the settings of every {protocol} run of {config.name} in this results directory, and this "
+        f"sweep's differ ({'; '.join(changed[:3])}{more}); use another --results directory, or the directory's "
+        "settings, or pass --rerun-stale to replace them"
+    )
+
+
+def precheck(results: Path, config: MethodConfig, *, protocol: str, settings: Settings,
+             options: dict[str, str] | None = None, recipe_overrides: dict[str, Any] | None = None,
+             rerun_stale: bool = False) -> None:  # fmt: skip
+    """`check_directory`'s refusal, read-only and without the data: a command sweeping several methods checks
+    them all before the first one's runs."""
+    path = settings_path(results, config.name, protocol)
+    stored = read_settings(path)
+    if stored is None or rerun_stale:
+        return
+    if changed := diff(stored["config"], sweep_identity(config, protocol, settings, options, recipe_overrides)):
+        raise refusal(path, config, protocol, changed)
+
+
 def check_directory(results: Path, config: MethodConfig, *, protocol: str, settings: Settings, data: SweepData,
                     options: dict[str, str] | None = None, recipe_overrides: dict[str, Any] | None = None,
                     rerun_stale: bool = False) -> Path:  # fmt: skip
@@ -96,12 +118,7 @@ def check_directory(results: Path, config: MethodConfig, *, protocol: str, setti
         stored = read_settings(path)
         if stored is not None and (changed := differences(stored, mine["config"], mine["data"])):
             if not rerun_stale:
-                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                raise UserError(
-                    f"{path} holds the settings of every {protocol} run of {config.name} in this results directory, "
-                    f"and this sweep's differ ({'; '.join(changed[:3])}{more}); use another --results directory, "
-                    "or the directory's settings, or pass --rerun-stale to replace them"
-                )
+                raise refusal(path, config, protocol, changed)
         elif stored is not None and all(stored["data"].get(t, {}).keys() >= s.keys() for t, s in mine["data"].items()):
             return path  # the same settings, every task already known: nothing to write
         data = {**(stored or {}).get("data", {})}
