@@ -194,7 +194,11 @@ def test_a_signal_mid_run_stops_cleanly_and_the_sweep_resumes(signum, synth_root
     # Nothing recorded for the run in flight, no temporary file, no claim left behind (the directory's settings,
     # written before the first run, stay).
     assert files_under(results) == ["runs/full/final.settings"]
-    assert main(bench_args(synth_root, results, "--epochs", "2", "--lr", "0.01", method="full", seeds="42")) == 0
+    # Resumed with fewer epochs, for speed: other settings than the directory's, which --rerun-stale replaces.
+    resume = bench_args(
+        synth_root, results, "--epochs", "2", "--lr", "0.01", "--rerun-stale", method="full", seeds="42"
+    )
+    assert main(resume) == 0
     record = json.loads((results / "runs/full/svhn/final-s42.json").read_text())
     assert record["status"] == "ok"
 
