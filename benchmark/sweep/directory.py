@@ -40,10 +40,10 @@ def settings_path(results: Path, method: str, protocol: str) -> Path:
 def sweep_identity(config: MethodConfig, protocol: str, settings: Settings, options: dict[str, str] | None,
                    recipe_overrides: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """What every run of the sweep shares, compared as resuming compares a run (`resume.identity`): the method's
-    config with the user's options and recipe overrides but no task's values, and the run settings."""
+    version and config with the user's options and recipe overrides but no task's values, and the run settings."""
     shared = config.with_options(dict(options or {})).with_recipe(**(recipe_overrides or {}))
-    planned = {"method": config.name, "protocol": protocol, "method_config": shared.to_dict(),
-               **dataclasses.asdict(settings)}  # fmt: skip
+    planned = {"method": config.name, "protocol": protocol, "method_version": config.version,
+               "method_config": shared.to_dict(), **dataclasses.asdict(settings)}  # fmt: skip
     return identity(planned, deferred=True, grid=protocol == "grid")
 
 
