@@ -198,6 +198,7 @@ GRID_ABOUT = {"lr": 0.1, "weight_decay": 0.0, "val_acc": 50.0, "tuning_seed": 42
         lambda d: json.dumps({**d, "inputs": 5}),
         lambda d: json.dumps({**d, "about": {**d["about"], "grid": [[0.1, 0.0]]}}),
     ],
+    ids=["not-json", "empty", "binary", "list", "edited", "no-hash", "text-lr", "no-about", "inputs-5", "short-grid"],
 )
 def test_a_damaged_json_decision_is_named_as_corrupt(tmp_path, damage):
     from benchmark.sweep.decisions import DecisionError, write_json_decision

@@ -94,8 +94,8 @@ def read_owner(path: Path) -> dict[str, Any] | None:
         text = path.read_bytes()
     except FileNotFoundError:
         return None
-    except OSError as e:
-        return _unreadable(path, f"it cannot be read: {e.strerror or e}")
+    except OSError:  # not ours to read (permissions): judged by its age alone, as the owner may be alive
+        return _unreadable(path, None)
     if not text.strip():
         return _unreadable(path, "it is empty")
     try:
@@ -105,17 +105,20 @@ def read_owner(path: Path) -> dict[str, Any] | None:
     return json.loads(text)
 
 
-def _unreadable(path: Path, why: str) -> dict[str, Any] | None:
+def _unreadable(path: Path, why: str | None) -> dict[str, Any] | None:
+    """An owner for a claim file whose content is unknown, dated by the file; `why` it is corrupt (None: unknown)."""
     try:
         mtime = path.stat().st_mtime
     except OSError:
         return None
-    return {"host": None, "pid": None, "slurm_job_id": None, "started": mtime, "heartbeat": mtime, "unreadable": why}
+    owner = {"host": None, "pid": None, "slurm_job_id": None, "started": mtime, "heartbeat": mtime}
+    return {**owner, "unreadable": why} if why else owner
 
 
 def owner_label(owner: dict[str, Any]) -> str:
-    """Who holds a claim, for messages: `host:pid` (an unknown owner when the claim file is unreadable)."""
-    return "an unknown owner" if owner.get("unreadable") else f"{owner.get('host')}:{owner.get('pid')}"
+    """Who holds a claim, for messages: `host:pid` (an unknown owner when the claim file cannot tell)."""
+    host, pid = owner.get("host"), owner.get("pid")
+    return "an unknown owner" if host is None and pid is None else f"{host}:{pid}"
 
 
 def _pid_alive(pid: int) -> bool:
