@@ -53,7 +53,8 @@ def find_task_dir(root: Path, task: Task) -> Path:
     """The folder of `task` under `root`, found under its canonical id or any alias (case-insensitive)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; {HOW_TO_GET_DATA}")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data root {root} {what}; {HOW_TO_GET_DATA}")
     wanted = {n.lower() for n in task.names}
     matches = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in wanted)
     if not matches:

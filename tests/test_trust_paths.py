@@ -230,3 +230,30 @@ def test_data_reports_an_image_over_the_pixel_limit_as_invalid(kitti_tree, tmp_p
     problems = [line for line in stdout.splitlines() if "decompression-bomb limit" in line]
     assert len(problems) == 1 and name in problems[0] and "400 pixels" in problems[0], stdout
     assert not (out / KITTI.id).exists() and not (out / KITTI.folder).exists()
+
+
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, _, err = cli(capsys, *argv(RUN, "--data-root", str(a_file), "--results", str(tmp_path / "results")))
+    assert code == 2 and one_line(err).startswith(f"error: data root {a_file} is not a directory; get VTAB-1k with")
+    assert not (tmp_path / "results").exists()
+
+
+def test_data_hf_refuses_a_file_where_the_datasets_go_before_installing(kitti_tree, tmp_path, capsys):
+    out = tmp_path / "vtab"
+    out.mkdir()
+    (out / "hf").write_text("a file where the datasets go")
+    code, _, err = cli(capsys, "data", "--from", str(kitti_tree), "--out", str(out), "--tasks", "kitti", "--hf")
+    line = one_line(err)
+    assert code == 2 and line == f"error: Hugging Face dataset directory {out / 'hf'} (from --out) is not a " \
+        "directory; move it away or pick another --out"  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("mode", [["--scaleout", "1"], ["--slurm"]])
+def test_perf_measurements_refuse_an_output_path_that_is_a_file_before_measuring(mode, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, _, err = cli(capsys, "perf", *mode, "--out", str(a_file))
+    assert code == 2 and one_line(err) == f"error: the perf tables {a_file} is a file; pass a directory to --out"

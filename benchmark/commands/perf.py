@@ -55,10 +55,12 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
 def _scaleout(args: argparse.Namespace) -> int:
     from benchmark.perf.scaleout import markdown, measure
+    from benchmark.run.results import check_writable
 
     if min(args.scaleout) < 1:
         raise UserError(f"--scaleout takes worker counts of at least 1, got {args.scaleout}")
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    check_writable(Path(args.out).expanduser(), option="--out", what="the perf tables")
     json_path, md_path = measure(args.scaleout, runs=args.runs, epochs=args.epochs, out=Path(args.out), say=say)
     print(markdown(json.loads(json_path.read_text())))
     print(f"written: {md_path} and {json_path.name}")
@@ -67,8 +69,10 @@ def _scaleout(args: argparse.Namespace) -> int:
 
 def _slurm(args: argparse.Namespace) -> int:
     from benchmark.perf.slurm import markdown, measure
+    from benchmark.run.results import check_writable
     from benchmark.sweep.executors import check_slurm
 
+    check_writable(Path(args.out).expanduser(), option="--out", what="the perf tables")
     check_slurm()
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     json_path, md_path = measure(runs=args.runs, epochs=args.epochs, out=Path(args.out), say=say)

@@ -198,6 +198,8 @@ def run(
         from benchmark.core.paths import check_cache_dir
 
         check_cache_dir(cache_dir)
+    if hf:
+        check_dir(out / "hf", "Hugging Face dataset directory", how, "move it away or pick another --out")
 
     def get_source() -> sources.Source:
         path = source if source is not None else download(revision)
