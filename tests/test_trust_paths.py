@@ -257,3 +257,14 @@ def test_perf_measurements_refuse_an_output_path_that_is_a_file_before_measuring
     a_file.write_text("x")
     code, _, err = cli(capsys, "perf", *mode, "--out", str(a_file))
     assert code == 2 and one_line(err) == f"error: the perf tables {a_file} is a file; pass a directory to --out"
+
+
+def test_reproduce_refuses_a_comparison_path_that_is_a_directory_before_training(synth_root, tmp_path, capsys):
+    results = tmp_path / "repro"
+    (results / "compare.csv").mkdir(parents=True)
+    args = ["reproduce", "--method", "linear", "--budget", "quick", "--tasks", "svhn", "--data-root", str(synth_root),
+            "--results", str(results), "--epochs", "1", *argv("")]  # fmt: skip
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and one_line(err) == f"error: {results / 'compare.csv'} is a directory where a file belongs; " \
+        "move it away or pick another --results"  # fmt: skip
+    assert files_under(results) == []

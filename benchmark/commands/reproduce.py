@@ -24,6 +24,7 @@ from benchmark.core.errors import UserError
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from benchmark.core.paths import check_files
     from benchmark.papers.protocols import plan_reproduction
     from benchmark.papers.reference import load_reference
     from benchmark.report.compare import check_sources, compare
@@ -41,6 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(describe_waves(plan))
         return 0
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
+    check_files([results / "compare.md", results / "compare.csv"], "move it away or pick another --results")
     settings = dataclasses.replace(run_settings(args), budget=args.budget)
     sweep_and_report(
         args, [cls()], [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
