@@ -312,3 +312,40 @@ def test_a_sweep_takes_over_a_corrupt_claim_with_one_line_and_never_waits(kind, 
 def test_an_owner_that_breaks_the_schema_is_never_written(tmp_path):
     with pytest.raises(ValueError, match="refusing to write an invalid claim: its `heartbeat`"):
         claims.owner_text({"host": "a", "pid": 1, "started": 0.0, "heartbeat": "2026-12-03T14:00:00+00:00"})
+
+
+@pytest.mark.slow
+def test_the_local_driver_takes_over_a_corrupt_claim_with_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    """Under `--launcher local`, a corrupt claim on a planned run (here written right after the sweep's start-up
+    clean-up) is stale: the driver says so in one line and a worker runs it, instead of waiting for it."""
+    from benchmark.cli import main
+    from benchmark.sweep import driver
+    from tests.conftest import argv
+
+    results = tmp_path / "r"
+    second = results / "runs/linear/svhn/final-s44.json"
+    real_wave, sleep, slept = driver.WaveSweep.next_wave, time.sleep, []
+
+    def corrupt_first(self, *args, **kwargs):
+        if not slept and not claim_path(second).exists() and not second.exists():
+            second.parent.mkdir(parents=True, exist_ok=True)
+            claim_path(second).write_bytes(b"")
+            slept.append(0.0)
+        return real_wave(self, *args, **kwargs)
+
+    def bounded(seconds):
+        slept.append(seconds)
+        if sum(slept) > 60:
+            raise AssertionError("the driver waited for a corrupt claim")
+        sleep(seconds)
+
+    monkeypatch.setattr(driver.WaveSweep, "next_wave", corrupt_first)
+    monkeypatch.setattr(driver, "POLL_S", 0.2)
+    monkeypatch.setattr(driver.time, "sleep", bounded)
+    capsys.readouterr()
+    assert main(argv(f"bench --method linear --tasks svhn --data-root {synth_root} --results {results}",
+                     "--epochs", "1", "--seeds", "42,44", "--launcher", "local", "--workers", "1",
+                     "--threads", "1")) == 0  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if str(second) in line]
+    assert len(err) == 1 and "unknown owner" in err[0] and "unreadable: it is empty" in err[0], err
+    assert json.loads(second.read_text())["status"] == "ok" and not claim_path(second).exists()
