@@ -173,7 +173,7 @@ def test_a_cache_too_large_for_the_disk_is_refused_before_allocating(kitti_tree,
                           capture_output=True, text=True, preexec_fn=limit, timeout=300)  # fmt: skip
     line = one_line(proc.stderr)
     assert proc.returncode == 2
-    assert line.startswith("error: the image cache of kitti ") and " images at 300000 px) needs " in line, line
+    assert line.startswith("error: the image cache of 4 split(s) (2711 images at 300000 px) needs "), line
     assert " TiB in " in line and " is free there; free some space, pass a smaller --image-size" in line
     assert files_under(cache) == []
 
@@ -268,3 +268,23 @@ def test_reproduce_refuses_a_comparison_path_that_is_a_directory_before_training
     assert code == 2 and one_line(err) == f"error: {results / 'compare.csv'} is a directory where a file belongs; " \
         "move it away or pick another --results"  # fmt: skip
     assert files_under(results) == []
+
+
+def test_the_cache_of_every_split_is_checked_for_space_together(kitti_tree, tmp_path, monkeypatch, capsys):
+    """Each of kitti's splits at 16 px fits in the 1 MiB the disk reports free, all four (2 MiB) do not: nothing
+    is decoded. The free space is what `statvfs` says, as for a small disk."""
+    statvfs = os.statvfs
+
+    def small_disk(path):
+        real = statvfs(path)
+        return os.statvfs_result((*real[:4], 2**20 // real.f_frsize, *real[5:]))
+
+    out, cache = tmp_path / "vtab", tmp_path / "cache"
+    monkeypatch.setattr(os, "statvfs", small_disk)
+    code, _, err = cli(capsys, "data", "--from", str(kitti_tree), "--out", str(out), "--tasks", "kitti",
+                       "--image-size", "16", "--cache-dir", str(cache))  # fmt: skip
+    line = one_line(err)
+    assert code == 2 and line == f"error: the image cache of 4 split(s) (2711 images at 16 px) needs 2.0 MiB in " \
+        f"{cache}, and 1.0 MiB is free there; free some space, pass a smaller --image-size, or point --cache-dir " \
+        "(or $PEFT_BENCH_CACHE) elsewhere"  # fmt: skip
+    assert files_under(cache) == []

@@ -31,6 +31,7 @@ CACHE_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits instead of clippe
 # image and the intermediate of its two-pass resize), then the 3-byte numpy copy, and each thread's share of
 # the decoded images waiting to be copied into the cache (DECODE_AHEAD per thread, 3 bytes a pixel).
 DECODE_AHEAD = 2
+NPY_HEADER = 4096  # bytes: more than any .npy header
 DECODE_BYTES_PER_PIXEL = 4 + 4 + 3 + 3 * DECODE_AHEAD
 
 
@@ -76,31 +77,57 @@ def _cache_key(split: SplitFile, image_size: int, interpolation: str) -> str:
     return h.hexdigest()[:16]
 
 
-def open_entry(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
-    """The cache entry at `path` memory-mapped, or None and why it cannot be used ("" when there is none).
+def entry_problem(path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache entry at `path` cannot be used ("" when there is none), or None when it can.
 
-    The `.npy` header is checked against the file's size first: a truncated file (a copy cut short, a disk
-    that filled up under another tool) would otherwise fail in `np.load` or serve garbage.
+    The `.npy` header is checked against the file's size: a truncated file (a copy cut short, a disk that
+    filled up under another tool) would otherwise fail in `np.load` or serve garbage.
     """
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:
             major, _ = fmt.read_magic(f)
             if major not in (1, 2):
-                return None, f"has .npy format version {major}, not 1 or 2"
+                return f"has .npy format version {major}, not 1 or 2"
             read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
             stored, fortran, dtype = read_header(f)
             expected = f.tell() + math.prod(stored) * dtype.itemsize
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
-        return None, ""
+        return ""
     except (OSError, ValueError) as e:
-        return None, f"is unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
+        return f"is unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
     if size < expected:
-        return None, f"is truncated ({size} of {expected} bytes)"
+        return f"is truncated ({size} of {expected} bytes)"
     if tuple(stored) != shape or dtype != np.uint8 or fortran:
-        return None, f"holds {dtype} {tuple(stored)}, not uint8 {shape}"
-    return np.load(path, mmap_mode="r"), ""
+        return f"holds {dtype} {tuple(stored)}, not uint8 {shape}"
+    return None
+
+
+def cache_entry(
+    split: SplitFile, image_size: int, interpolation: str, cache_dir: Path
+) -> tuple[Path, tuple[int, ...]]:
+    """The path of the split's cache entry and the shape of its array."""
+    key = _cache_key(split, image_size, interpolation)
+    path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px-{interpolation}-{key}.npy"
+    return path, (len(split), 3, image_size, image_size)
+
+
+SPACE_ADVICE = "free some space, pass a smaller --image-size, or point --cache-dir (or $PEFT_BENCH_CACHE) elsewhere"
+
+
+def check_cache_space(
+    splits: list[SplitFile], image_size: int, interpolation: str = "bicubic", cache_dir: Path | None = None
+) -> None:
+    """Raise `UserError` unless the cache entries still to be decoded for `splits` fit on the cache's disk
+    together, so a sweep or an install never stops for space half-way through decoding."""
+    cache_dir = check_cache_dir(cache_dir)
+    todo = [e for e in (cache_entry(s, image_size, interpolation, cache_dir) for s in splits)
+            if entry_problem(*e) is not None]  # fmt: skip
+    if todo:
+        images = sum(shape[0] for _, shape in todo)
+        what = f"the image cache of {len(todo)} split(s) ({images} images at {image_size} px)"
+        check_space(cache_dir, sum(math.prod(shape) + NPY_HEADER for _, shape in todo), what, SPACE_ADVICE)
 
 
 def decode_workers(split: SplitFile, image_size: int, workers: int) -> int:
@@ -157,21 +184,17 @@ def load_split_images(
     Pillow releases the GIL while decoding and resizing, so a thread pool uses every core.
     """
     cache_dir = check_cache_dir(cache_dir)
-    key = _cache_key(split, image_size, interpolation)
-    path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px-{interpolation}-{key}.npy"
-    shape = (len(split), 3, image_size, image_size)
-    images, damage = open_entry(path, shape)
-    if images is None:
-        if damage:
-            print(f"image cache entry {path} {damage}; rebuilding it", file=sys.stderr, flush=True)
+    path, shape = cache_entry(split, image_size, interpolation, cache_dir)
+    problem = entry_problem(path, shape)
+    if problem is not None:
+        if problem:
+            print(f"image cache entry {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
         what = f"the image cache of {split.task.id} {split.split} ({len(split)} images at {image_size} px)"
-        fix = "free some space, pass a smaller --image-size, or point --cache-dir (or $PEFT_BENCH_CACHE) elsewhere"
-        check_space(cache_dir, math.prod(shape) + 4096, what, fix)  # 4096: more than any .npy header
+        check_space(cache_dir, math.prod(shape) + NPY_HEADER, what, SPACE_ADVICE)
         workers = decode_workers(split, image_size, workers)
         cache_dir.mkdir(parents=True, exist_ok=True)
         decode_into(path, split, shape, interpolation, workers)
-        images = np.load(path, mmap_mode="r")
-    return SplitArrays(split.split, images, np.asarray(split.labels, dtype=np.int64), split.sha256)
+    return SplitArrays(split.split, np.load(path, mmap_mode="r"), np.asarray(split.labels, np.int64), split.sha256)
 
 
 class ArrayDataset(Dataset):

@@ -213,6 +213,14 @@ def run(
         raise UserError(f"cannot install into {out} ({e}); free some space or pick another --out") from None
     print_report(reports)
     good = [r for r in reports if r.ok]
+    if cache:  # all the tasks' entries together: an install never stops for space half-way through decoding
+        from benchmark.data.arrays import check_cache_space
+
+        try:
+            every = [read_split(r.path, r.task, s) for r in good if r.path is not None for s in SPLITS]
+        except DataError as e:
+            raise UserError(f"{e} (while caching; run the same command again)") from None
+        check_cache_space(every, image_size, interpolation, cache_dir)
     for r in good:
         assert r.path is not None
         try:
