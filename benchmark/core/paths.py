@@ -24,10 +24,9 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_dir(path: Path, what: str, how: str, fix: str) -> None:
-    """Raise `UserError` unless `path` is a directory, or one can be created there, and files can be written in it.
-
-    Creates nothing: the check stops at the nearest existing ancestor.
+def check_dir(path: Path, what: str, how: str, fix: str, *, writable: bool = True) -> None:
+    """Raise `UserError` unless `path` is a directory, or one can be created there, and (`writable`) files can be
+    written in it. Creates nothing: the check stops at the nearest existing ancestor.
     """
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():
@@ -35,7 +34,7 @@ def check_dir(path: Path, what: str, how: str, fix: str) -> None:
     probe = nearest_existing(path)
     if not probe.is_dir():
         raise UserError(f"{what} {path} (from {how}) cannot be created: {probe} is not a directory; {fix}")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path} (from {how}) cannot be written: {probe} is not writable; {fix}")
 
 
@@ -94,11 +93,12 @@ def cache_location(cache_dir: Path | str | None = None) -> tuple[Path, str]:
     return Path.home() / ".cache" / "peft-bench" / "arrays", "$HOME"
 
 
-def check_cache_dir(cache_dir: Path | str | None = None) -> Path:
+def check_cache_dir(cache_dir: Path | str | None = None, *, writable: bool = False) -> Path:
     """The image cache directory, or a `UserError` naming the setting to change when it cannot be one.
 
-    Light on imports, so commands check it before the libraries they load complain about the same `$HOME`.
+    A cache that is only read (one built in advance, shared read-only) need not be `writable`. Light on
+    imports, so commands check it before the libraries they load complain about the same `$HOME`.
     """
     path, how = cache_location(cache_dir)
-    check_dir(path, "image cache directory", how, CACHE_ADVICE)
+    check_dir(path, "image cache directory", how, CACHE_ADVICE, writable=writable)
     return path

@@ -121,10 +121,11 @@ def check_cache_space(
 ) -> None:
     """Raise `UserError` unless the cache entries still to be decoded for `splits` fit on the cache's disk
     together, so a sweep or an install never stops for space half-way through decoding."""
-    cache_dir = check_cache_dir(cache_dir)
+    setting, cache_dir = cache_dir, check_cache_dir(cache_dir)
     todo = [e for e in (cache_entry(s, image_size, interpolation, cache_dir) for s in splits)
             if entry_problem(*e) is not None]  # fmt: skip
     if todo:
+        check_cache_dir(setting, writable=True)
         images = sum(shape[0] for _, shape in todo)
         what = f"the image cache of {len(todo)} split(s) ({images} images at {image_size} px)"
         check_space(cache_dir, sum(math.prod(shape) + NPY_HEADER for _, shape in todo), what, SPACE_ADVICE)
@@ -183,13 +184,14 @@ def load_split_images(
     shape) is rebuilt, with one line on stderr. Disk space and memory are checked before anything is allocated.
     Pillow releases the GIL while decoding and resizing, so a thread pool uses every core.
     """
-    cache_dir = check_cache_dir(cache_dir)
+    setting, cache_dir = cache_dir, check_cache_dir(cache_dir)
     path, shape = cache_entry(split, image_size, interpolation, cache_dir)
     problem = entry_problem(path, shape)
     if problem is not None:
         if problem:
             print(f"image cache entry {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
         what = f"the image cache of {split.task.id} {split.split} ({len(split)} images at {image_size} px)"
+        check_cache_dir(setting, writable=True)
         check_space(cache_dir, math.prod(shape) + NPY_HEADER, what, SPACE_ADVICE)
         workers = decode_workers(split, image_size, workers)
         cache_dir.mkdir(parents=True, exist_ok=True)
