@@ -166,3 +166,28 @@ def test_two_drivers_of_different_settings_started_together_leave_one_settings(s
     assert len(finals) == 2 and {json.loads(p.read_text())["config"]["method_config"]["recipe"]["epochs"]
                                  for p in finals} == {11 - loser}  # fmt: skip
     assert not (results / "logs").exists() or loser != 6  # the driver stopped before submitting anything
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"", "not valid JSON"),
+        (b"\xff\xfe garbage", "not valid JSON"),
+        (
+            b'{"method": "linear", "protocol": "final", "config": {}, "data": {"camelyon": {"test": 3}}}',
+            "data.camelyon.test",
+        ),
+        (b'{"method": "linear", "protocol": "best", "config": {}, "data": {}}', "protocol"),
+        (b'{"method": "linear", "protocol": "final", "config": null, "data": {}}', "config"),
+    ],
+)
+def test_a_damaged_settings_file_is_one_line_naming_it(content, why, synth_root, tmp_path, capsys):
+    results = tmp_path / "r"
+    settings = results / "runs/linear/final.settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_bytes(content)
+    assert main(bench(results, synth_root, "--epochs", "1", "--seeds", "42", method="linear")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "final.settings is not a settings file of this project" in err and why in err, err
+    assert settings.read_bytes() == content and list(results.rglob("*.json")) == []

@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.run.resolve import build_backbone, resolve_config
     from benchmark.run.results import check_writable, run_path, write_result
     from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
-    from benchmark.sweep.claims import claim_path, read_owner, try_claim
+    from benchmark.sweep.claims import claim_path, owner_label, read_owner, try_claim
 
     cls = method_class(args.method)
     task = one_task(args.task, several="use `bench` for several")
@@ -139,9 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     claim = try_claim(out)  # the one way to run a result path: a sweep on the same directory waits for it
     if claim is None:
         owner = read_owner(claim_path(out)) or {}
-        raise UserError(
-            f"{out} is being run by {owner.get('host')}:{owner.get('pid')}; wait for it, or pass another --out"
-        )
+        raise UserError(f"{out} is being run by {owner_label(owner)}; wait for it, or pass another --out")
     try:
         record = execute(spec, backbone, data, progress=not args.quiet)
         write_result(out, record)

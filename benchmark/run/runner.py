@@ -36,7 +36,15 @@ from torch import Tensor
 from benchmark.core.device import compute_device, sync
 from benchmark.core.errors import UserError
 from benchmark.core.platform import peak_rss_mib
-from benchmark.data.arrays import SplitArrays, TaskData, VTABDataModule, load_split_images, normalize, scan_task
+from benchmark.data.arrays import (
+    SplitArrays,
+    TaskData,
+    VTABDataModule,
+    check_cache_space,
+    load_split_images,
+    normalize,
+    scan_task,
+)
 from benchmark.run.backbone import NORMALIZATIONS, meta_backbone
 from benchmark.run.module import ClassificationModule
 from benchmark.run.results import (
@@ -189,6 +197,8 @@ def prepare_data(
     """
     try:
         scanned = {t.id: scan_task(Path(root), t, splits) for t in tasks}
+        check_cache_space([td.splits[s] for td in scanned.values() for s in splits], settings.image_size,
+                          settings.interpolation, cache_dir)  # fmt: skip
         arrays = {
             tid: {
                 s: load_split_images(td.splits[s], settings.image_size, settings.interpolation, cache_dir)

@@ -1,5 +1,5 @@
-"""The suite's JSON files as pydantic models: result files, claim files and decision files (and the metadata of a
-pruning stage's candidates file). Every read and every write of those files is validated against them here, so
+"""The suite's JSON files as pydantic models: result files, claim files, decision files (and the metadata of a
+pruning stage's candidates file) and a results directory's settings files. Every read and every write of those files is validated against them here, so
 the sweep's resume, `leaderboard`, `compare`, `reproduce` and `export` accept and refuse exactly the same files.
 
 The models validate the file's JSON text (`model_validate_json`, strict): a date must be an ISO date and time, a
@@ -293,6 +293,20 @@ def decision_schema(name: str) -> TypeAdapter:
     if name.endswith("-prune-choice.json") and name.removesuffix("-prune-choice.json") in PROTOCOLS:
         return PRUNE_CHOICE
     raise ValueError(f"no decision file is called {name!r}")
+
+
+# -- a results directory's settings ----------------------------------------------------------------------------
+class DirectorySettings(Closed):
+    """`runs/<method>/<protocol>.settings` (`benchmark.sweep.directory`): what every run of the method and protocol
+    in the directory shares, and the sha256 of each task's splits."""
+
+    method: Name
+    protocol: Literal[PROTOCOLS]
+    config: dict[str, Any]  # a run's identity before any task's values (`benchmark.sweep.resume.identity`)
+    data: dict[Name, dict[Name, Sha256]]
+
+
+SETTINGS = TypeAdapter(DirectorySettings)
 
 
 # -- errors as one line ---------------------------------------------------------------------------------------

@@ -22,10 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from benchmark.core.errors import UserError
 from benchmark.run.results import write_json
 from benchmark.run.runner import Settings, SweepData
-from benchmark.sweep.claims import claim_path, claimed, read_owner
+from benchmark.run.schema import SETTINGS
+from benchmark.run.schema import problem as schema_problem
+from benchmark.sweep.claims import claim_path, claimed, owner_label, read_owner
 from benchmark.sweep.resume import diff, identity
 from methods import MethodConfig
 
@@ -54,18 +58,25 @@ def data_identity(data: SweepData) -> dict[str, dict[str, str]]:
 
 
 def read_settings(path: Path) -> dict[str, Any] | None:
+    """The settings file at `path` validated against `benchmark.run.schema.DirectorySettings` (None when absent)."""
     try:
-        stored = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it (the next sweep writes it again) "
-                        "if the results beside it are of the settings you sweep") from None  # fmt: skip
-    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or \
-            not isinstance(stored.get("data"), dict):  # fmt: skip
-        raise UserError(f"{path} is not a settings file of this project; delete it (the next sweep writes it "
-                        "again) if the results beside it are of the settings you sweep")  # fmt: skip
-    return stored
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or type(e).__name__}); check its permissions") from None
+    try:
+        SETTINGS.validate_json(text)
+    except ValidationError as e:
+        raise UserError(f"{path} is not a settings file of this project: {schema_problem(e)}; delete it (the next "
+                        "sweep writes it again) if the results beside it are of the settings you sweep") from None  # fmt: skip
+    return json.loads(text)
+
+
+def write_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Write a settings file atomically; one that violates the schema is a bug, raised before anything is written."""
+    SETTINGS.validate_python(settings)
+    write_json(path, settings)
 
 
 def differences(stored: dict[str, Any], config: dict[str, Any], data: dict[str, dict[str, str]]) -> list[str]:
@@ -113,7 +124,7 @@ def check_directory(results: Path, config: MethodConfig, *, protocol: str, setti
     with claimed(path, wait=CLAIM_WAIT_S) as claim:
         if claim is None:
             owner = read_owner(claim_path(path)) or {}
-            raise UserError(f"{path} is being written by {owner.get('host')}:{owner.get('pid')} for over "
+            raise UserError(f"{path} is being written by {owner_label(owner)} for over "
                             f"{CLAIM_WAIT_S:.0f} s; run the same command again")  # fmt: skip
         stored = read_settings(path)
         if stored is not None and (changed := differences(stored, mine["config"], mine["data"])):
@@ -124,5 +135,5 @@ def check_directory(results: Path, config: MethodConfig, *, protocol: str, setti
         data = {**(stored or {}).get("data", {})}
         for task, splits in mine["data"].items():
             data[task] = {**data.get(task, {}), **splits}
-        write_json(path, {"method": config.name, "protocol": protocol, "config": mine["config"], "data": data})
+        write_settings(path, {"method": config.name, "protocol": protocol, "config": mine["config"], "data": data})
     return path
