@@ -84,8 +84,9 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
 def check_output_paths(results: Path, configs: list[Any], launcher: str, cache_dir: str | None) -> None:
     """Every directory and file a sweep writes outside its runs, checked before the first run: the image cache,
     the job logs (`--launcher local|slurm`) and the leaderboard's files."""
-    from benchmark.run.results import REPORT_FILES
+    from benchmark.run.results import REPORT_FILES, check_writable
 
+    check_writable(results)  # the directory itself first: its own message says what is wrong with it
     check_cache_dir(cache_dir)
     fix = "move it away or pick another --results"
     if launcher != "inline":
