@@ -43,8 +43,10 @@ def test_methods_and_tasks_commands(capsys):
 
 
 def test_params_json_on_vit_b16(capsys):
-    assert main(["params", "--backbone", "vit_base_patch16_224", "--json"]) == 0
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--methods", "full,linear,lora", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows} == {"full", "linear", "lora"}
+    assert {r["tunable"] for r in rows if r["method"] == "lora"} == {294_912}
     from tasks import TASKS
 
     by = {(r["method"], r["task"]): r for r in rows}

@@ -153,25 +153,6 @@ def test_a_redone_dense_run_makes_the_rewinds_and_finals_stale(synth_root, tmp_p
     assert final["config"]["decisions"] == {"pruning": choice["sha256"]}
 
 
-@pytest.mark.slow
-def test_the_driver_leaves_the_pruning_decision_to_a_worker(synth_root, tmp_path, monkeypatch):
-    """Under `--launcher local` the masks are computed by a worker process on its device; the driver only reads
-    the decision file back (here it would fail if it computed them)."""
-
-    def not_here(self, *args, **kwargs):
-        raise AssertionError("the driver computed a pruning decision")
-
-    monkeypatch.setattr(E2VPTConfig, "prune_candidates", not_here)
-    results = tmp_path / "r"
-    assert main(e2vpt_args(synth_root, results, "--launcher", "local", "--workers", "1")) == 0
-    stored = read_candidates(results / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
-    (final,) = finals(results, "e2vpt", "camelyon")
-    assert final["status"] == "ok" and final["pruning"]["decision"]
-    assert json.loads((results / "runs/e2vpt/camelyon/final-prune/rewind-tok1-seg1.json").read_text())["config"][
-        "decisions"
-    ] == {"candidates": stored.sha256}
-
-
 def rehashed(stored: dict, **edit) -> str:
     """`stored` with `edit` applied to the decision and its hash recomputed: consistent, but against the schema."""
     from benchmark.sweep.decisions import json_hash

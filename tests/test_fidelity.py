@@ -245,7 +245,7 @@ def bench_args(synth_root: Path, results: Path, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("recorded", "launcher"), [(1, "inline"), (None, "inline"), (1, "local"), (1, "slurm")])
+@pytest.mark.parametrize(("recorded", "launcher"), [(1, "inline"), (None, "inline"), (1, "slurm")])
 def test_resume_refuses_a_result_of_another_version_and_rerun_stale_reruns_it(recorded, launcher, synth_root,
                                                                                tmp_path, capsys):  # fmt: skip
     """A result trained under an earlier version of the method (or before versions existed: no key) is refused

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from benchmark.cli import main
+from benchmark.sweep.decisions import read_candidates
+from methods import get_method
 from tests.conftest import argv
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -62,6 +64,11 @@ def starts_and_ends(results: Path) -> tuple[Counter, Counter, Counter]:
     )
 
 
+def executed(out: str) -> int:
+    """The `N run(s) executed` of a sweep's closing line."""
+    return int(re.search(r"^(\d+) run\(s\) executed", out, re.M).group(1))
+
+
 def leftovers(results: Path) -> list[Path]:
     return [p for p in results.rglob("*") if p.suffix in (".claim", ".tmp")]
 
@@ -82,16 +89,26 @@ def driver(args: list[str]) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(PIPELINES))
-def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one_thread):
+@pytest.mark.parametrize("method", ["linear", "vpt_deep", "e2vpt"])  # a plain sweep, a grid, a pruning pipeline
+def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one_thread, monkeypatch):
     tasks, extra = PIPELINES[method]
     assert main(bench_args(method, tasks, synth_root, tmp_path / "inline", *extra)) == 0
     local = tmp_path / "local"
     workers = ["--launcher", "local", "--workers", "2", "--threads", "1"]
+
+    def not_here(self, *args, **kwargs):
+        raise AssertionError("the driver computed a pruning decision")
+
+    # Under `--launcher local` the masks are computed by a worker process on its device; the driver only reads
+    # the decision file back (it would fail here if it computed them).
+    monkeypatch.setattr(get_method("e2vpt"), "prune_candidates", not_here)
     assert main(bench_args(method, tasks, synth_root, local, *extra, *workers)) == 0
     assert outcomes(local) == outcomes(tmp_path / "inline")
-    if method in ("e2vpt", "lion"):
+    if method == "e2vpt":
         assert any("final-prune" in p for p in outcomes(local))
+        stored = read_candidates(local / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
+        rewind = json.loads((local / "runs/e2vpt/camelyon/final-prune/rewind-tok1-seg1.json").read_text())
+        assert rewind["config"]["decisions"] == {"candidates": stored.sha256}
     starts, ends, skips = starts_and_ends(local)
     assert set(ends.values()) == {1} and starts == ends + skips
     assert not leftovers(local)
@@ -137,11 +154,12 @@ def test_two_drivers_at_once_run_every_run_exactly_once(synth_root, tmp_path):
     results = tmp_path / "r"
     args = bench_args("vpt_deep", "camelyon,svhn", synth_root, results, *SLOW_RUNS)
     procs = [driver(args), driver(args)]
-    for proc in procs:
-        assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
     finals = sorted((results / "runs").rglob("final-s*.json"))
     starts, ends, skips = starts_and_ends(results)
     assert len(finals) == 8 and set(ends) == {str(p) for p in finals}
+    assert sum(executed(out) for out in outs) == 8, outs  # each counts only the runs its own workers executed
     assert set(ends.values()) == {1} and starts == ends + skips  # each executed once, by one of the drivers
     assert not leftovers(results)
 

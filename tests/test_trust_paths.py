@@ -60,23 +60,27 @@ def kitti_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("setting", "source"),
     [("option", "--cache-dir"), ("PEFT_BENCH_CACHE", "$PEFT_BENCH_CACHE"), ("HOME", "$HOME")],
 )
-def test_a_cache_dir_that_is_a_file_is_one_line_before_anything(setting, source, synth_root, tmp_path):
-    """A subprocess, as `$HOME` is read at import by libraries too (matplotlib complains about it in two lines)."""
+def test_a_cache_dir_that_is_a_file_is_one_line_before_anything(setting, source, synth_root, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    """`$HOME` in a subprocess, as libraries read it at import too (matplotlib complains about it in two lines)."""
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    env = {k: v for k, v in os.environ.items() if k not in ("PEFT_BENCH_CACHE", "MPLCONFIGDIR")}
-    extra = []
-    if setting == "option":
-        extra = ["--cache-dir", str(a_file)]
-    else:
-        env[setting] = str(a_file)
+    monkeypatch.delenv("PEFT_BENCH_CACHE", raising=False)
+    extra = ["--cache-dir", str(a_file)] if setting == "option" else []
     results = tmp_path / "results"
     args = argv(RUN, "--data-root", str(synth_root), "--results", str(results), *extra)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmark", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    line = one_line(proc.stderr)
-    assert proc.returncode == 2
+    if setting == "HOME":
+        env = {k: v for k, v in os.environ.items() if k not in ("PEFT_BENCH_CACHE", "MPLCONFIGDIR")}
+        env["HOME"] = str(a_file)
+        proc = subprocess.run([sys.executable, "-m", "benchmark", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        code, err = proc.returncode, proc.stderr
+    else:
+        if setting != "option":
+            monkeypatch.setenv(setting, str(a_file))
+        code, err = main(args), capsys.readouterr().err
+    line = one_line(err)
+    assert code == 2
     assert line.startswith("error: image cache directory ") and f"(from {source})" in line, line
     assert f"{a_file} is not a directory" in line or line.endswith("naming a directory"), line
     assert "--cache-dir DIR (or set $PEFT_BENCH_CACHE)" in line
