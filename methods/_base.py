@@ -376,7 +376,7 @@ class MethodConfig:
 
     def with_options(self, options: dict[str, str]) -> Self:
         """A copy with fields set from text (`--set key=value`), each converted to the field's type."""
-        hints = typing.get_type_hints(type(self))
+        hints = _checks.type_hints(type(self))
         changes: dict[str, Any] = {}
         for key, text in options.items():
             if key not in hints or key == "recipe" or key not in {f.name for f in fields(self)}:

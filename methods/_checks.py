@@ -8,6 +8,7 @@ run that fails later.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -92,9 +93,17 @@ def divisor(config: Any, name: str, total: int, what: str) -> None:
         raise invalid(config, name, f"does not divide {what} {total}", near)
 
 
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints(cls)`, resolved once per class: every config's construction checks its fields by
+    them, and resolving string annotations costs milliseconds (a protocol plan builds thousands of configs).
+    Callers must not modify the dict."""
+    return typing.get_type_hints(cls)
+
+
 def field_types(config: Any) -> None:
     """Every field holds a value of its annotated type (bool, int, float, str, None, or a dataclass)."""
-    hints = typing.get_type_hints(type(config))
+    hints = type_hints(type(config))
     for f in fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
         allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)

@@ -9,6 +9,7 @@ the tuner's own fields offered through `--set`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -123,19 +124,25 @@ MEANINGS: dict[str, Callable[[Any, str, str], None]] = {
 }
 
 
+@functools.cache
+def options_view(tuner: str, names: tuple[str, ...]) -> type:
+    """A dataclass with the fields `names` and the tuner's defaults, so that `methods._checks` reads the values as it
+    reads a config (built once per tuner and set of names: a protocol plan checks thousands of configs)."""
+    spec = TUNERS[tuner]
+    peft_defaults = {f.name: f.default for f in dataclasses.fields(peft_config_class(tuner))}
+    return dataclasses.make_dataclass(
+        f"{tuner}_options",
+        [(name, Any, field(default=spec.defaults.get(name, peft_defaults.get(spec.common.get(name, name)))))
+         for name in names],
+    )  # fmt: skip
+
+
 def check_values(tuner: str, values: dict[str, Any]) -> None:
     """Check the resolved values (peft's field names) by their meaning (`MEANINGS`); every other number must be
     finite. A failure is a one-line `ValueError` that names the suite's option and suggests the tuner's default."""
-    spec = TUNERS[tuner]
-    to_option = {peft_name: name for name, peft_name in spec.common.items()}
-    peft_defaults = {f.name: f.default for f in dataclasses.fields(peft_config_class(tuner))}
+    to_option = {peft_name: name for name, peft_name in TUNERS[tuner].common.items()}
     options = {to_option.get(key, key): value for key, value in values.items()}
-    view_class = dataclasses.make_dataclass(
-        f"{tuner}_options",
-        [(name, Any, field(default=spec.defaults.get(name, peft_defaults.get(spec.common.get(name, name)))))
-         for name in options],
-    )  # fmt: skip
-    view = view_class(**options)  # the values with the tuner's defaults, as `methods._checks` reads a config
+    view = options_view(tuner, tuple(options))(**options)  # the values with the tuner's defaults
     for name, value in options.items():
         if name in MEANINGS:
             MEANINGS[name](view, name, tuner)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -118,7 +117,7 @@ class PeftTunerConfig(MethodConfig):
         """The resolved values: the tuner's defaults, then the common fields set, then `options`, by the
         config class's field names (without `target_modules`)."""
         spec = TUNERS[self.tuner]
-        hints = typing.get_type_hints(peft_config_class(self.tuner))
+        hints = _checks.type_hints(peft_config_class(self.tuner))
         values: dict[str, Any] = {}
         for key, value in spec.defaults.items():
             if key in spec.common:
@@ -181,7 +180,7 @@ class PeftTunerConfig(MethodConfig):
     # -- options from the command line ------------------------------------------------------------------
     def with_options(self, options: dict[str, str]) -> Self:
         """`--set`: the config's fields as usual; any other key is one of the tuner's own options."""
-        hints = typing.get_type_hints(type(self))
+        hints = _checks.type_hints(type(self))
         own_fields = {f.name for f in dataclasses.fields(self)} - {"recipe", "options"}
         changes: dict[str, Any] = {k: parse_option(k, v, hints[k]) for k, v in options.items() if k in own_fields}
         rest = {k: v for k, v in options.items() if k not in own_fields}
