@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.core.errors import UserError
-from benchmark.run.export import export_merged
-from benchmark.run.results import check_writable
 
 
 def register(subparsers: Any) -> None:
@@ -28,6 +26,10 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # Imported here, as every command does its work's modules: the command line starts without torch and timm.
+    from benchmark.run.export import export_merged
+    from benchmark.run.results import check_writable
+
     if not args.merge:
         raise UserError("export writes merged checkpoints only; pass --merge")
     result = Path(args.result).expanduser()
