@@ -121,7 +121,8 @@ class Sweep:
         """Whether the stored result at the plan's path is stale: trained under an earlier decision than the plan's
         (the grid's winner, a pruning stage's masks). UserError for a result of another configuration, and for a
         stale one without `--rerun-stale`."""
-        if self.rerun_stale and (why := stale_version(plan.path, plan.spec, self.data, deferred=deferred)):
+        record = read_result(plan.path) if self.rerun_stale else None
+        if record is not None and (why := stale_version(record, plan.path, plan.spec, self.data, deferred=deferred)):
             self.note(f"{self.name}/{plan.spec.task.id}: {why}; rerun")
             return True
         if not (why := conflict(plan.path, plan.spec, self.data, deferred=deferred)):

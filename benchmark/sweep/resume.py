@@ -47,7 +47,7 @@ def conflict(
     record = read_result(path)
     if record is None:
         return None
-    if why := stale_version(path, spec, data, deferred=deferred):
+    if why := stale_version(record, path, spec, data, deferred=deferred):
         return None if rerun_stale else f"{why}: pass --rerun-stale to rerun it"
     if split := _data_differs(record, spec, data):
         return f"{path} was produced from a different {split}.txt of {spec.task.id} (its sha256 differs)"
@@ -59,13 +59,12 @@ def conflict(
     return f"{path} was produced with a different configuration ({'; '.join(diff(old, new)[:3])})"
 
 
-def stale_version(path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False) -> str | None:
-    """Why the result at `path` is stale: trained under another version of the method's training semantics, on
-    the same data and with the same run settings (the method config is not compared: the new version may have
-    changed a default). None otherwise (no result, the same version, or a result that conflicts otherwise)."""
-    record = read_result(path)
-    if record is None:
-        return None
+def stale_version(
+    record: dict[str, Any], path: Path, spec: RunSpec, data: SweepData, *, deferred: bool = False
+) -> str | None:
+    """Why `record`, the result stored at `path`, is stale: trained under another version of the method's training
+    semantics, on the same data and with the same run settings (the method config is not compared: the new version
+    may have changed a default). None otherwise (the same version, or a result that conflicts otherwise)."""
     stored = record.get("config") or {}
     old, new = stored.get("method_version"), spec.config.version
     if old == new or _data_differs(record, spec, data):
