@@ -14,17 +14,16 @@ from benchmark.core.errors import UserError
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.core.paths import check_files
     from benchmark.papers.reference import load_reference
     from benchmark.report.leaderboard import markdown, write_leaderboard
-    from benchmark.run.results import REPORT_FILES
+    from benchmark.run.results import REPORT_FILES, check_outputs
 
     results = Path(args.results).expanduser()
     if not (results / "runs").is_dir():
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
-    check_files([results / name for name in REPORT_FILES], "move it away or pick another --results")
+    check_outputs(results, REPORT_FILES)
     reference = load_reference(args.reference) if args.reported or args.reference else None
     board = write_leaderboard(results, reference=reference, reported=args.reported or "methods")
     print(markdown(board))
@@ -32,16 +31,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmark.core.paths import check_files
     from benchmark.papers.reference import load_reference
     from benchmark.report.compare import compare
     from benchmark.report.compare_report import summary_lines, write_comparison
-    from benchmark.run.results import check_writable
+    from benchmark.run.results import check_outputs, check_writable
 
     reference = load_reference(args.reference)
     results = Path(args.results).expanduser()
     stem = f"compare-{args.table}" if args.table else "compare"
-    check_files([results / f"{stem}.md", results / f"{stem}.csv"], "move it away or pick another --results")
+    check_outputs(results, (f"{stem}.md", f"{stem}.csv"))
     if args.table:
         from benchmark.report.compare_table import write_table
 

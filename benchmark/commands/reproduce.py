@@ -24,11 +24,11 @@ from benchmark.core.errors import UserError
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmark.core.paths import check_files
     from benchmark.papers.protocols import plan_reproduction
     from benchmark.papers.reference import load_reference
     from benchmark.report.compare import check_sources, compare
     from benchmark.report.compare_report import summary_lines, write_comparison
+    from benchmark.run.results import check_outputs
 
     reference = load_reference(args.reference)
     cls = method_class(args.method)
@@ -42,7 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(describe_waves(plan))
         return 0
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
-    check_files([results / "compare.md", results / "compare.csv"], "move it away or pick another --results")
+    check_outputs(results, ("compare.md", "compare.csv"))
     settings = dataclasses.replace(run_settings(args), budget=args.budget)
     sweep_and_report(
         args, [cls()], [tp.task for tp in plan.tasks], list(plan.seeds), results=results,

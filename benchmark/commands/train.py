@@ -24,7 +24,7 @@ from benchmark.commands.options import (
     training_options,
 )
 from benchmark.core.errors import UserError
-from benchmark.core.paths import check_cache_dir, check_dir, check_files
+from benchmark.core.paths import check_cache_dir, check_dir
 
 
 def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, seeds: list[int], *,
@@ -84,15 +84,14 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
 def check_output_paths(results: Path, configs: list[Any], launcher: str, cache_dir: str | None) -> None:
     """Every directory and file a sweep writes outside its runs, checked before the first run: the image cache,
     the job logs (`--launcher local|slurm`) and the leaderboard's files."""
-    from benchmark.run.results import REPORT_FILES, check_writable
+    from benchmark.run.results import OUTPUT_FIX, REPORT_FILES, check_outputs, check_writable
 
     check_writable(results)  # the directory itself first: its own message says what is wrong with it
     check_cache_dir(cache_dir)
-    fix = "move it away or pick another --results"
     if launcher != "inline":
         for config in configs:
-            check_dir(results / "logs" / config.name, "job log directory", "--results", fix)
-    check_files([results / name for name in REPORT_FILES], fix)
+            check_dir(results / "logs" / config.name, "job log directory", "--results", OUTPUT_FIX)
+    check_outputs(results, REPORT_FILES)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

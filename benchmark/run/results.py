@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from pydantic import ValidationError
 
 from benchmark.core.errors import UserError
+from benchmark.core.paths import check_files
 from benchmark.run.schema import RESULT
 from benchmark.run.schema import SCHEMA_VERSION as SCHEMA_VERSION  # the runner writes it
 from benchmark.run.schema import problem as schema_problem
@@ -148,6 +150,14 @@ def check_writable(path: Path, *, option: str = "--results", what: str = "result
 
 # What `leaderboard` writes into a results directory (checked before a sweep trains anything).
 REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "accuracy_vs_params.png", "leaderboard.html")
+# What to do about an output path in a results directory that cannot be written.
+OUTPUT_FIX = "move it away or pick another --results"
+
+
+def check_outputs(results: Path, names: Iterable[str]) -> None:
+    """Raise `UserError` unless each of `names` can be written as a file in `results`: checked before the first
+    one is written, so a bad path leaves no partial output."""
+    check_files([Path(results) / name for name in names], OUTPUT_FIX)
 
 
 def check_result_path(path: Path, results: Path) -> None:
@@ -156,10 +166,10 @@ def check_result_path(path: Path, results: Path) -> None:
     path, results = Path(path), Path(results)
     for target in (path, *(results / name for name in REPORT_FILES)):
         if target.is_dir():
-            raise UserError(f"{target} is a directory where a file belongs; move it away or pick another --results")
+            raise UserError(f"{target} is a directory where a file belongs; {OUTPUT_FIX}")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise UserError(f"{parent} is a file where a directory belongs; move it away or pick another --results")
+            raise UserError(f"{parent} is a file where a directory belongs; {OUTPUT_FIX}")
         if parent == results:
             break
 
