@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks.atomic import atomic_write_bytes
-from tasks.folder import DataError, decode_image, read_split
+from tasks.catalog import get_task
+from tasks.folder import DataError, decode_image
 from tasks.sources import MARKER, STAGING_PREFIX, Log, Source, quiet
-from tasks.vtab import SPLITS, Task, get_task
+from tasks.splits import read_split
+from tasks.task import Task
+from tasks.vtab import SPLITS
 
 OLD_PREFIX = ".peft-bench-old-"
 MARKER_VERSION = 1

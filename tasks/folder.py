@@ -16,12 +16,22 @@ import numpy as np
 from PIL import Image
 
 from tasks.images import to_rgb
-from tasks.vtab import SPLITS, Task
+from tasks.task import Task
 
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 HOW_TO_GET_DATA = (
     "get VTAB-1k with `python -m benchmark data` (or `python -m benchmark synth --out DIR` for synthetic data)"
 )
+
+
+def how_to_get(task: Task) -> str:
+    """The advice that ends every message about `task`'s missing or broken data."""
+    if task.suite == "vtab1k":
+        return HOW_TO_GET_DATA
+    return (
+        f"get {task.suite_info.title} with `python -m benchmark data --suite {task.suite} --from DIR|ARCHIVE` "
+        f"(or `python -m benchmark synth --suite {task.suite} --out DIR` for synthetic data)"
+    )
 
 
 # Pillow warns about an image over `Image.MAX_IMAGE_PIXELS` (DecompressionBombWarning, two lines on stderr per
@@ -54,25 +64,23 @@ def find_task_dir(root: Path, task: Task) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
-        raise DataError(f"data root {root} {what}; {HOW_TO_GET_DATA}")
+        raise DataError(f"data root {root} {what}; {how_to_get(task)}")
     wanted = {n.lower() for n in task.names}
     matches = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in wanted)
     if not matches:
         tried = ", ".join(task.names)
-        raise DataError(f"no folder for task {task.id} in {root} (looked for: {tried}); {HOW_TO_GET_DATA}")
+        raise DataError(f"no folder for task {task.id} in {root} (looked for: {tried}); {how_to_get(task)}")
     if len(matches) > 1:
         names = ", ".join(p.name for p in matches)
         raise DataError(f"task {task.id} has several folders in {root} ({names}); keep one")
     return matches[0]
 
 
-def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = True) -> SplitFile:
+def read_txt_split(task_dir: Path, task: Task, split: str, *, check_files: bool = True) -> SplitFile:
     """Parse and validate `<task_dir>/<split>.txt`: line format, labels in [0, C), (optionally) files exist."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     path = Path(task_dir) / f"{split}.txt"
     if not path.is_file():
-        raise DataError(f"{path} is missing: task {task.id} needs split {split}; {HOW_TO_GET_DATA}")
+        raise DataError(f"{path} is missing: task {task.id} needs split {split}; {how_to_get(task)}")
     raw = path.read_bytes()
     images: list[Path] = []
     labels: list[int] = []
@@ -92,7 +100,7 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
             raise DataError(
                 f"{path}:{lineno}: label {label} is outside task {task.id}'s classes 0..{task.num_classes - 1}"
             )
-        problem = _escapes(rel)
+        problem = escapes(rel)
         if problem:
             raise DataError(
                 f"{path}:{lineno}: image path {rel!r} {problem}; list images by their path relative to the task "
@@ -108,7 +116,7 @@ def read_split(task_dir: Path, task: Task, split: str, *, check_files: bool = Tr
     return SplitFile(task, split, path, tuple(images), tuple(labels), hashlib.sha256(raw).hexdigest())
 
 
-def _escapes(rel: str) -> str | None:
+def escapes(rel: str) -> str | None:
     """Why the split-file path `rel` points outside its task folder, if it does (checked on the text alone).
 
     Absolute paths (POSIX or Windows) and paths whose `..` parts climb above the folder are refused, so a

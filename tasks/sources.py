@@ -12,8 +12,9 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
+from tasks.catalog import UnknownTaskError, get_task
 from tasks.folder import DataError
-from tasks.vtab import Task, UnknownTaskError, get_task
+from tasks.task import Task
 
 STAGING_PREFIX = ".peft-bench-staging-"
 MARKER = ".peft-bench-valid.json"

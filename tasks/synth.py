@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.vtab import Task
+from tasks.task import Task
 
 SYNTH_VERSION = 2
 
@@ -59,13 +59,13 @@ class SynthConfig:
         return {"train800": self.per_class, "val200": max(1, self.per_class // 4), "test": self.per_class}
 
 
-def _task_seed(task: Task, seed: int) -> int:
+def task_seed(task: Task, seed: int) -> int:
     return (seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(task.id))) % 2**32
 
 
 def class_recipes(task: Task, seed: int) -> np.ndarray:
     """Per-class (r, g, b, angle, frequency) rows, [C, 5], deterministic in (task, seed)."""
-    rng = np.random.default_rng(_task_seed(task, seed))
+    rng = np.random.default_rng(task_seed(task, seed))
     c = task.num_classes
     colours = rng.uniform(0.15, 0.85, size=(c, 3))
     angles = rng.uniform(0.0, math.pi, size=(c, 1))
@@ -213,7 +213,7 @@ def write_task(out: Path, task: Task, config: SynthConfig) -> Path:
     tmp = out / f".tmp-{task.folder}"
     shutil.rmtree(tmp, ignore_errors=True)
     recipes = class_recipes(task, config.seed)
-    rng = np.random.default_rng(_task_seed(task, config.seed) + 1)
+    rng = np.random.default_rng(task_seed(task, config.seed) + 1)
     lines: dict[str, list[str]] = {}
     for split, per_class in config.split_counts().items():
         (tmp / "images" / split).mkdir(parents=True)

@@ -6,48 +6,11 @@ Facts from the task_adaptation data classes as used by the PEFT literature (see 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from tasks.suites import VTAB1K
+from tasks.task import Task
 
-GROUPS: tuple[str, ...] = ("natural", "specialized", "structured")
-SPLITS: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
-
-
-@dataclass(frozen=True)
-class Task:
-    """One VTAB-1k task.
-
-    Attributes:
-        id: canonical id used everywhere (configs, result files, table columns).
-        group: one of `GROUPS`.
-        num_classes: number of classes; labels are 0-based integers below it.
-        test_size: number of images in the full VTAB test split.
-        label_rule: how the label is derived from the source dataset.
-        aliases: other names for the task (community layouts, other code bases), matched case-insensitively.
-        folder: the task's folder name in the community layout (NOAH's `get_vtab1k.py`).
-        split_sizes: lines expected in each split file of the real data.
-    """
-
-    id: str
-    group: str
-    num_classes: int
-    test_size: int
-    label_rule: str = "label"
-    aliases: tuple[str, ...] = ()
-    folder: str = ""
-    split_sizes: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.group not in GROUPS:
-            raise ValueError(f"task {self.id}: group {self.group!r} is not one of {GROUPS}")
-        if not self.folder:
-            object.__setattr__(self, "folder", self.id)
-        sizes = {"train800": 800, "val200": 200, "train800val200": 1000, "test": self.test_size}
-        object.__setattr__(self, "split_sizes", sizes)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Every name that resolves to this task, the canonical id first."""
-        return (self.id, *self.aliases)
+GROUPS: tuple[str, ...] = VTAB1K.groups
+SPLITS: tuple[str, ...] = VTAB1K.splits
 
 
 def _t(
@@ -153,47 +116,3 @@ TASKS: tuple[Task, ...] = (
         rule="elevation",
     ),
 )
-
-_BY_NAME: dict[str, Task] = {name.lower(): task for task in TASKS for name in task.names}
-
-
-class UnknownTaskError(KeyError):
-    """A task name that is neither a canonical id nor an alias."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def get_task(name: str) -> Task:
-    """Resolve a canonical id or alias (case-insensitive) to its task."""
-    try:
-        return _BY_NAME[name.strip().lower()]
-    except KeyError:
-        known = ", ".join(t.id for t in TASKS)
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}") from None
-
-
-def list_tasks(group: str | None = None) -> list[Task]:
-    """The tasks in table order, optionally only one group."""
-    if group is not None and group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}; groups: {', '.join(GROUPS)}")
-    return [t for t in TASKS if group is None or t.group == group]
-
-
-def parse_tasks(spec: str) -> list[Task]:
-    """Parse `all`, a group name, or a comma-separated list of task names (duplicates removed, order kept)."""
-    spec = spec.strip()
-    if spec.lower() == "all":
-        return list_tasks()
-    if spec.lower() in GROUPS:
-        return list_tasks(spec.lower())
-    tasks: list[Task] = []
-    for name in spec.split(","):
-        if not name.strip():
-            continue
-        task = get_task(name)
-        if task not in tasks:
-            tasks.append(task)
-    if not tasks:
-        raise UnknownTaskError("no task given; pass `all`, a group name or a comma-separated list of task ids")
-    return tasks

@@ -54,8 +54,14 @@ def test_parse_tasks():
     assert len(parse_tasks("all")) == 19
     assert [t.id for t in parse_tasks("specialized")] == ["camelyon", "eurosat", "resisc45", "retinopathy"]
     assert [t.id for t in parse_tasks("cifar, dtd,cifar100")] == ["cifar100", "dtd"]
-    with pytest.raises(KeyError, match="unknown task 'nope'; known tasks: cifar100"):
+    with pytest.raises(KeyError, match="unknown task 'nope' in suite vtab1k; known tasks: cifar100"):
         parse_tasks("dtd,nope")
+    assert [t.id for t in parse_tasks("all", "fgvc")] == [
+        "cub", "nabirds", "oxfordflowers", "stanforddogs", "stanfordcars"
+    ]  # fmt: skip
+    with pytest.raises(KeyError, match="a task of suite fgvc: pass --suite fgvc"):
+        parse_tasks("cub")
+    assert parse_tasks("flowers")[0].id == "flowers102" and parse_tasks("OxfordFlower", "fgvc")[0].id == "oxfordflowers"
 
 
 def _task_dir(tmp_path, lines, name="dtd"):
