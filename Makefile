@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 METHOD ?= linear
 TASKS ?= all
 SEEDS ?= 42,44,82,100,800
-DATA ?= $(or $(VTAB_ROOT),$(HOME)/.cache/peft-bench/vtab-1k)
+SUITE ?= vtab1k
+# Each suite's data folder: $VTAB_ROOT / $FGVC_ROOT, else under ~/.cache/peft-bench (as the commands default).
+DATA ?= $(if $(filter fgvc,$(SUITE)),$(or $(FGVC_ROOT),$(HOME)/.cache/peft-bench/fgvc),$(or $(VTAB_ROOT),$(HOME)/.cache/peft-bench/vtab-1k))
 RESULTS ?= results/bench
 BUDGET ?= full
 ARGS ?=
@@ -81,10 +83,10 @@ demo-group-%: $(STAMP)
 	$(DEMO_BENCH) $(DEMO_RUN_$*) --threads 1 --quiet
 
 data: $(STAMP)
-	$(PY) -m benchmark data --out $(DATA) --tasks $(TASKS) $(ARGS)
+	$(PY) -m benchmark data --suite $(SUITE) --out $(DATA) --tasks $(TASKS) $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmark bench --method $(METHOD) --tasks $(TASKS) --seeds $(SEEDS) --data-root $(DATA) --results $(RESULTS) $(ARGS)
+	$(PY) -m benchmark bench --method $(METHOD) --suite $(SUITE) --tasks $(TASKS) --seeds $(SEEDS) --data-root $(DATA) --results $(RESULTS) $(ARGS)
 
 leaderboard: $(STAMP)
 	$(PY) -m benchmark leaderboard --results $(RESULTS) $(ARGS)
@@ -95,7 +97,7 @@ compare: $(STAMP)
 # A method's published protocol, then compare. Results go to results/reproduce/<method>-<budget> unless
 # RESULTS is given; BUDGET=quick runs one seed and a 2 x 1 grid (labelled as such).
 reproduce: $(STAMP)
-	$(PY) -m benchmark reproduce --method $(METHOD) --budget $(BUDGET) --tasks $(TASKS) --data-root $(DATA) \
+	$(PY) -m benchmark reproduce --method $(METHOD) --budget $(BUDGET) --suite $(SUITE) --tasks $(TASKS) --data-root $(DATA) \
 		$(if $(filter command line environment,$(origin RESULTS)),--results $(RESULTS)) $(ARGS)
 
 # Every method's training step against the floor, and the predicted 19-task sweep, into results/perf/.

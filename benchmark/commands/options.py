@@ -13,9 +13,28 @@ from typing import Any, NoReturn
 
 from benchmark.core.errors import UserError
 from benchmark.sweep.launch import LAUNCHERS
-from tasks import UnknownTaskError, parse_tasks
+from tasks import DEFAULT_SUITE, SUITES, UnknownTaskError, parse_tasks
 
+# Where each suite's data lives unless --data-root says otherwise: $<SUITE>_ROOT, else under ~/.cache/peft-bench.
+DATA_ROOT_ENV = {"vtab1k": "VTAB_ROOT", "fgvc": "FGVC_ROOT"}
+DATA_ROOT_DIRS = {"vtab1k": "vtab-1k", "fgvc": "fgvc"}
 DEFAULT_DATA_ROOT = os.environ.get("VTAB_ROOT") or "~/.cache/peft-bench/vtab-1k"
+
+
+def default_data_root(suite: str) -> str:
+    """The data folder of `suite` when no --data-root is given: $VTAB_ROOT / $FGVC_ROOT, else the cache's."""
+    return os.environ.get(DATA_ROOT_ENV[suite]) or f"~/.cache/peft-bench/{DATA_ROOT_DIRS[suite]}"
+
+
+def resolve_data_root(args: argparse.Namespace) -> Path:
+    """The data folder a command reads: --data-root, else the suite's default."""
+    return Path(args.data_root or default_data_root(args.suite)).expanduser()
+
+
+def suite_option(p: argparse.ArgumentParser) -> None:
+    """`--suite`: which suite `--tasks` names tasks of."""
+    p.add_argument("--suite", choices=tuple(SUITES), default=DEFAULT_SUITE,
+                   help="the suite the tasks belong to (default: %(default)s)")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,16 +108,16 @@ def method_class(name: str):
         raise UserError(str(e)) from None
 
 
-def task_list(spec: str):
+def task_list(spec: str, suite: str = DEFAULT_SUITE):
     try:
-        return parse_tasks(spec)
+        return parse_tasks(spec, suite)
     except UnknownTaskError as e:
         raise UserError(str(e)) from None
 
 
 # -- shared option groups ---------------------------------------------------------------------------------
-def one_task(spec: str, several: str = "pick one") -> Any:
-    tasks = task_list(spec)
+def one_task(spec: str, several: str = "pick one", suite: str = DEFAULT_SUITE) -> Any:
+    tasks = task_list(spec, suite)
     if len(tasks) != 1:
         raise UserError(f"{spec!r} names {len(tasks)} tasks, this command takes one; {several}")
     return tasks[0]
@@ -209,11 +228,12 @@ def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def data_and_results(p: argparse.ArgumentParser) -> None:
+    suite_option(p)
     p.add_argument(
         "--data-root",
-        default=DEFAULT_DATA_ROOT,
         metavar="DIR",
-        help="VTAB-1k folder (one sub-folder per task; default: %(default)s)",
+        help="the suite's data folder, one sub-folder per task (default: $VTAB_ROOT or ~/.cache/peft-bench/vtab-1k "
+        "for vtab1k, $FGVC_ROOT or ~/.cache/peft-bench/fgvc for fgvc)",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.commands.options import (
-    DEFAULT_DATA_ROOT,
     backbone_options,
     epochs,
     launcher_options,
     method_class,
     reference_options,
     run_settings,
+    suite_option,
     task_list,
 )
 from benchmark.commands.train import sweep_and_report
@@ -32,7 +32,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     reference = load_reference(args.reference)
     cls = method_class(args.method)
-    plan = plan_reproduction(cls(), args.budget, task_list(args.tasks), reference, epochs=args.epochs,
+    plan = plan_reproduction(cls(), args.budget, task_list(args.tasks, args.suite), reference, epochs=args.epochs,
                              cache_features=not args.no_feature_cache)  # fmt: skip
     check_sources(reference, [cls.name], args.source)  # before hours of training, not after
     if args.plan:
@@ -80,11 +80,12 @@ def register(sub: Any) -> None:
         type=epochs,
         help="train this many epochs instead of the paper's (recorded; compare marks it)",
     )
+    suite_option(p)
     p.add_argument(
         "--data-root",
-        default=DEFAULT_DATA_ROOT,
         metavar="DIR",
-        help="VTAB-1k folder (one sub-folder per task; default: %(default)s)",
+        help="the suite's data folder (default: $VTAB_ROOT or ~/.cache/peft-bench/vtab-1k for vtab1k, $FGVC_ROOT "
+        "or ~/.cache/peft-bench/fgvc for fgvc)",
     )
     p.add_argument("--results", metavar="DIR", help="default: results/reproduce/<method>-<budget>")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")

@@ -17,6 +17,7 @@ from benchmark.commands.options import (
     method_options,
     one_task,
     recipe_overrides,
+    resolve_data_root,
     run_settings,
     seed,
     seed_list,
@@ -63,7 +64,7 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
             config,
             tasks,
             seeds,
-            data_root=Path(args.data_root).expanduser(),
+            data_root=resolve_data_root(args),
             results=results,
             cache_dir=args.cache_dir,
             retry_failed=args.retry_failed,
@@ -100,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not names:
         raise UserError("--method needs at least one method name (`python -m benchmark methods` lists them)")
     sweep_and_report(
-        args, [method_class(n)() for n in names], task_list(args.tasks), args.seeds, results=Path(args.results).expanduser(),
+        args, [method_class(n)() for n in names], task_list(args.tasks, args.suite), args.seeds, results=Path(args.results).expanduser(),
         protocol=args.protocol, settings=run_settings(args), options=method_options(args), recipe_overrides=recipe_overrides(args),
     )  # fmt: skip
     return 0
@@ -114,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmark.sweep.claims import claim_path, owner_label, read_owner, try_claim
 
     cls = method_class(args.method)
-    task = one_task(args.task, several="use `bench` for several")
+    task = one_task(args.task, several="use `bench` for several", suite=args.suite)
     if args.protocol == "grid":
         raise UserError("`run` trains once; use `bench --protocol grid` for the grid search")
     settings = run_settings(args)
@@ -132,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         check_writable(out.parent)
     backbone = build_backbone(config, settings)
-    data = prepare_data(Path(args.data_root).expanduser(), [task], PROTOCOL_SPLITS[args.protocol], settings,
+    data = prepare_data(resolve_data_root(args), [task], PROTOCOL_SPLITS[args.protocol], settings,
                         args.cache_dir)  # fmt: skip
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings,
                    save_state=out.with_suffix("") if args.save_tunable else None)  # fmt: skip
