@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -17,7 +18,7 @@ from tasks.atomic import DISK_FULL
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m benchmark", description="peft-bench: PEFT methods for ViTs on VTAB-1k.")
+    parser = Parser(prog="python -m benchmark", description="peft-bench: PEFT methods for ViTs on VTAB-1k and FGVC.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return e.exit_code
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): what it wanted it has; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise

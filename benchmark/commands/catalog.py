@@ -10,6 +10,7 @@ from typing import Any
 from benchmark.commands.options import (
     method_class,
     positive_int,
+    suite_option,
     task_list,
 )
 from benchmark.core.errors import UserError
@@ -25,22 +26,23 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tasks import TASKS
+    from tasks import get_suite, list_tasks
 
-    rows = [
-        {
-            "task": t.id,
-            "group": t.group,
-            "classes": t.num_classes,
-            "train800": 800,
-            "val200": 200,
-            "train800val200": 1000,
-            "test": t.test_size,
-            "folder": t.folder,
-            "aliases": ", ".join(t.aliases),
-        }
-        for t in TASKS
-    ]
+    suite = get_suite(args.suite)
+    rows = []
+    for t in list_tasks(suite=suite.id):
+        row: dict[str, Any] = {"task": t.id}
+        if len(suite.groups) > 1:
+            row["group"] = t.group
+        else:
+            row["dataset"] = t.title
+        row |= {"classes": t.num_classes, **{s: t.split_sizes[s] for s in suite.splits}, "folder": t.folder}
+        if suite.layout == "json":
+            row["images in"] = f"{t.folder}/{t.image_root}".rstrip("/") + "/"
+        rows.append(row | {"aliases": ", ".join(t.aliases)})
+    print(
+        f"{suite.title}: {len(rows)} tasks; tune on {' -> '.join(suite.tune)}, final runs on {' -> '.join(suite.final)}"
+    )
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
@@ -53,7 +55,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     import methods
 
     configs = [method_class(n.strip()) for n in (names or methods.list_methods())]
-    tasks = task_list(args.tasks)
+    tasks = task_list(args.tasks, args.suite)
     out = []
     for cls in configs:
         for task in tasks:
@@ -77,7 +79,13 @@ def cmd_params(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add this module's commands to the `python -m benchmark` subparsers."""
     sub.add_parser("methods", help="list the registered methods, one per line").set_defaults(func=cmd_methods)
-    sub.add_parser("tasks", help="the 19 VTAB-1k tasks as a table").set_defaults(func=cmd_tasks)
+    p = sub.add_parser(
+        "tasks",
+        help="a suite's tasks as a table (classes, split sizes, folders)",
+        description="Example: python -m benchmark tasks --suite fgvc",
+    )
+    suite_option(p)
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser(
         "params",
@@ -89,6 +97,7 @@ def register(sub: Any) -> None:
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--image-size", type=positive_int)
     p.add_argument("--methods", help="comma-separated method names (default: all)")
+    suite_option(p)
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
     p.set_defaults(func=cmd_params)

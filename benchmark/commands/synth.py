@@ -10,17 +10,24 @@ from typing import Any
 from benchmark.commands.options import (
     positive_int,
     seed,
+    suite_option,
     task_list,
 )
 from benchmark.core.errors import UserError
 
+# Training images per class when --per-class is not given: FGVC's 1,173 classes keep theirs few.
+DEFAULT_PER_CLASS = {"vtab1k": 8, "fgvc": 2}
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from tasks.synth import SynthConfig, write_task
+    from tasks.synth_fgvc import write_fgvc_task
 
-    tasks = task_list(args.tasks)
+    tasks = task_list(args.tasks, args.suite)
+    write = write_fgvc_task if args.suite == "fgvc" else write_task
+    per_class = args.per_class or DEFAULT_PER_CLASS[args.suite]
     try:
-        config = SynthConfig(per_class=args.per_class, image_size=args.image_size, seed=args.seed)
+        config = SynthConfig(per_class=per_class, image_size=args.image_size, seed=args.seed)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = Path(args.out).expanduser()
@@ -28,7 +35,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     check_writable(out, option="--out", what="output directory")
     for task in tasks:
-        path = write_task(out, task, config)
+        path = write(out, task, config)
         logging.getLogger("peft_bench").info("wrote %s", path)
     print(f"{len(tasks)} synthetic task(s) in {out}")
     return 0
@@ -55,13 +62,16 @@ def register(sub: Any) -> None:
     """Add this module's commands to the `python -m benchmark` subparsers."""
     p = sub.add_parser(
         "synth",
-        help="write synthetic tasks in the VTAB-1k folder layout",
+        help="write synthetic tasks in their suite's real layout (VTAB-1k's folders, FGVC's JSON splits)",
         description="Example: python -m benchmark synth --out /tmp/synth --tasks cifar100,eurosat "
-        "--per-class 8 --image-size 32",
+        "--per-class 8 --image-size 32; python -m benchmark synth --suite fgvc --out /tmp/fgvc (the five FGVC "
+        "datasets at their true class counts, non-square images of varied sizes)",
     )
     p.add_argument("--out", required=True, metavar="DIR")
+    suite_option(p)
     p.add_argument("--tasks", default="all")
-    p.add_argument("--per-class", type=positive_int, default=8, help="train images per class (val: a quarter)")
+    p.add_argument("--per-class", type=positive_int,
+                   help="train images per class, test as many, val a quarter (default: 8 for vtab1k, 2 for fgvc)")  # fmt: skip
     p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=cmd_synth)

@@ -1,0 +1,86 @@
+"""FGVC on the command line: `tasks --suite fgvc`, `synth --suite fgvc`, `params --suite fgvc`, the suite on
+`run`, and task names that stay unique across suites."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmark.cli import main
+from tasks import ALL_TASKS, SUITES, find_task_dir, get_task, list_tasks, read_split
+
+# VPT's appendix table (specs/fgvc.md §1.1): classes and train / val / test sizes.
+FGVC_TABLE = {
+    "cub": (200, 5_394, 600, 5_794),
+    "nabirds": (555, 21_536, 2_393, 24_633),
+    "oxfordflowers": (102, 1_020, 1_020, 6_149),
+    "stanforddogs": (120, 10_800, 1_200, 8_580),
+    "stanfordcars": (196, 7_329, 815, 8_041),
+}
+
+
+def test_tasks_command_prints_the_fgvc_table(capsys):
+    assert main(["tasks", "--suite", "fgvc"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(rows) == set(FGVC_TABLE)
+    for task_id, numbers in FGVC_TABLE.items():
+        assert all(str(n) in rows[task_id].split() for n in numbers), rows[task_id]
+        assert get_task(task_id).folder in rows[task_id]
+    assert "tune on train -> val, final runs on train -> test" in out
+    assert main(["tasks"]) == 0 and "cifar100" in capsys.readouterr().out  # VTAB-1k stays the default
+
+
+def test_task_names_are_unique_across_suites():
+    names = [n.lower() for t in ALL_TASKS for n in t.names]
+    assert len(names) == len(set(names))
+    assert {t.suite for t in ALL_TASKS} == set(SUITES)
+    assert get_task("flowers102").suite == "vtab1k" and get_task("oxfordflowers").suite == "fgvc"
+
+
+def test_synth_writes_the_real_layout_at_the_true_class_counts(tmp_path, capsys):
+    out = tmp_path / "fgvc"
+    assert main(["synth", "--suite", "fgvc", "--out", str(out), "--image-size", "16", "--per-class", "1"]) == 0
+    assert "5 synthetic task(s)" in capsys.readouterr().out
+    sizes = set()
+    for task in list_tasks(suite="fgvc"):
+        task_dir = find_task_dir(out, task)
+        assert task_dir.name == task.folder
+        for split in ("train", "val", "test"):
+            data = json.loads((task_dir / f"{split}.json").read_text())
+            assert isinstance(data, dict) and all(type(v) is int for v in data.values())
+            parsed = read_split(task_dir, task, split)
+            assert sorted(set(parsed.labels)) == list(range(task.num_classes))
+            assert all(p.is_relative_to(task_dir / task.image_root) for p in parsed.images)
+        from PIL import Image
+
+        for image in parsed.images[:5]:
+            with Image.open(image) as im:
+                sizes.add(im.size)
+    assert any(w != h for w, h in sizes) and len(sizes) > 3  # non-square, of varied sizes
+    assert all(k.startswith("car_ims/") for k in json.loads((out / "StanfordCars" / "test.json").read_text()))
+    # NABirds' ids are sparse, as in the real files: the remapping to contiguous labels is exercised.
+    assert max(json.loads((out / "nabirds" / "train.json").read_text()).values()) > 555
+
+
+def test_params_takes_the_suite(capsys):
+    assert main(["params", "--suite", "fgvc", "--methods", "linear", "--backbone", "vit_base_patch16_224",
+                 "--json"]) == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["task"]: r["head"] for r in rows} == {t: 769 * c for t, (c, *_) in FGVC_TABLE.items()}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--method", "linear", "--task", "cub"], "is a task of suite fgvc: pass --suite fgvc"),
+        (["bench", "--method", "linear", "--suite", "fgvc", "--tasks", "dtd"], "is a task of suite vtab1k"),
+        (["tasks", "--suite", "imagenet"], "invalid choice: 'imagenet'"),
+    ],
+)
+def test_a_task_of_another_suite_is_one_line(argv, message, tmp_path, capsys):
+    assert main([*argv, "--results", str(tmp_path / "r")] if argv[0] != "tasks" else argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
