@@ -49,7 +49,7 @@ from methods._inject import KVExtendedAttention
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
 from methods._vit import vit_report
-from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe
+from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe, vpt_task_recipe
 
 # Pre-pruning (P, N_kv) per task, from the official `command.txt` ("Documented Version").
 E2VPT_TOKENS = {
@@ -302,7 +302,7 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
 
     def task_values(self, task_id: str) -> dict[str, Any]:
         p, n_kv = E2VPT_TOKENS.get(task_id, (self.num_tokens, self.num_kv_tokens))
-        return {"num_tokens": p, "num_kv_tokens": n_kv, "recipe": vpt_recipe(*VPT_DEFAULT_RECIPE)}
+        return {"num_tokens": p, "num_kv_tokens": n_kv, "recipe": vpt_task_recipe(task_id)}
 
     @classmethod
     def tiny(cls) -> Self:

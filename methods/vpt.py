@@ -46,14 +46,28 @@ VPT_CONFIRMED_RECIPES = {
     "dmlab": (64, 1.0, 1e-3), "sun397": (128, 25.0, 1e-4), "eurosat": (64, 1.0, 1e-3), "svhn": (128, 2.5, 0.0),
 }  # fmt: skip
 VPT_DEFAULT_RECIPE = (64, 1.0, 1e-3)
+# FGVC (`specs/fgvc.md` §1.3–1.4): the prompt configs' batch of 128 and `tune_fgvc.py`'s prompt grid (VTAB's
+# without 0.05), the same weight decays. Per-dataset prompt lengths are not in the specs: the config's
+# `num_tokens` applies (an option, `--set num_tokens=`).
+VPT_FGVC_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1)
+FGVC_TASK_IDS = ("cub", "nabirds", "oxfordflowers", "stanforddogs", "stanfordcars")
+VPT_FGVC_RECIPE = (128, 1.0, 1e-3)
 
 
-def vpt_recipe(batch_size: int, base_lr: float, weight_decay: float) -> Recipe:
+def vpt_recipe(batch_size: int, base_lr: float, weight_decay: float, base_lrs: tuple[float, ...] = VPT_BASE_LRS
+               ) -> Recipe:  # fmt: skip
     """VPT's SGD recipe: lr = base × batch/256, warm-up 10 epochs from 0, cosine, 100 epochs, its lr × wd grid."""
     return Recipe(
         optimizer="sgd", lr=base_lr * batch_size / 256, weight_decay=weight_decay, batch_size=batch_size,
-        epochs=100, warmup_epochs=10, lr_grid=tuple(b * batch_size / 256 for b in VPT_BASE_LRS), wd_grid=VPT_WDS,
+        epochs=100, warmup_epochs=10, lr_grid=tuple(b * batch_size / 256 for b in base_lrs), wd_grid=VPT_WDS,
     )  # fmt: skip
+
+
+def vpt_task_recipe(task_id: str, confirmed: dict[str, tuple[int, float, float]] | None = None) -> Recipe:
+    """The VPT recipe of one task: FGVC's for an FGVC dataset, else the confirmed VTAB-1k one or the default."""
+    if task_id in FGVC_TASK_IDS:
+        return vpt_recipe(*VPT_FGVC_RECIPE, VPT_FGVC_BASE_LRS)
+    return vpt_recipe(*(confirmed or {}).get(task_id, VPT_DEFAULT_RECIPE))
 
 
 def prompt_init_bound(vit: VisionTransformer) -> float:
@@ -145,7 +159,7 @@ class _VPTConfig(PerTaskSettings, MethodConfig):
         _checks.choice(self, "head_init", HEAD_INITS)
 
     def task_values(self, task_id: str) -> dict[str, Any]:
-        recipe = vpt_recipe(*VPT_CONFIRMED_RECIPES.get(task_id, VPT_DEFAULT_RECIPE))
+        recipe = vpt_task_recipe(task_id, VPT_CONFIRMED_RECIPES)
         return {"num_tokens": VPT_DEEP_TOKENS.get(task_id, self.num_tokens), "recipe": recipe}
 
     @classmethod

@@ -84,3 +84,18 @@ def test_a_task_of_another_suite_is_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method", ["vpt_shallow", "vpt_deep", "e2vpt"])
+def test_prompt_methods_take_vpts_fgvc_recipe_on_fgvc_tasks(method):
+    import methods
+    from benchmark.run.resolve import resolve_config
+
+    cls = methods.get_method(method)
+    for task in list_tasks(suite="fgvc"):
+        recipe = resolve_config(cls, task.id).recipe
+        # tune_fgvc.py's prompt grid, scaled by batch/256 at the prompt configs' batch of 128.
+        assert recipe.batch_size == 128
+        assert recipe.lr_grid == tuple(b * 128 / 256 for b in (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1))
+        assert recipe.wd_grid == (0.01, 1e-3, 1e-4, 0.0) and recipe.epochs == 100 and recipe.warmup_epochs == 10
+    assert len(resolve_config(cls, "dtd").recipe.lr_grid) == 10  # VTAB-1k's grid keeps 0.05
