@@ -1,4 +1,5 @@
-"""The community VTAB-1k archive: find the task folders in a zip, tar or folder, stage, validate, install.
+"""A suite's task folders from a zip, tar or folder (VTAB-1k's community archive, FGVC's datasets in VPT's
+layout): find them, stage, validate, install.
 
 Pure data handling: no downloads, no command line. Problems with a task are collected as one-line
 messages in its `TaskReport`; problems with the source as a whole raise `DataError`.
@@ -6,8 +7,9 @@ messages in its `TaskReport`; problems with the source as a whole raise `DataErr
 Install protocol, so that an interrupted run never leaves a task that later passes as valid:
 
 1. the task's folder is extracted (or hard-linked/copied) into `<out>/.peft-bench-staging-<task>-<random>`;
-2. it is validated there: the four split files, their line counts (800 / 200 / 1,000 / the task's test
-   size), labels in [0, C), every listed image present and decodable;
+2. it is validated there: every split file of its suite, its size (`Task.split_sizes`: VTAB-1k's 800 / 200 /
+   1,000 / the task's test size lines, FGVC's entries of VPT's JSON splits), labels in [0, C) (FGVC: the
+   train split's distinct class ids are the task's classes), every listed image present and decodable;
 3. a valid folder is renamed to `<out>/<task id>` (older folders of the same task, under any alias, are
    moved aside first and deleted after);
 4. the marker `<out>/<task id>/.peft-bench-valid.json`, holding the sha256 of each split file, is written last.
@@ -31,19 +33,50 @@ from typing import Any
 
 from tasks.atomic import atomic_write_bytes
 from tasks.catalog import get_task
+from tasks.fgvc_sources import SPLIT_COPY, images_from, kaggle_cars, splits_from, where_to_get
 from tasks.folder import DataError, decode_image
 from tasks.sources import MARKER, STAGING_PREFIX, Log, Source, quiet
-from tasks.splits import read_split
+from tasks.splits import read_split, split_file_name
 from tasks.task import Task
-from tasks.vtab import SPLITS
 
 OLD_PREFIX = ".peft-bench-old-"
 MARKER_VERSION = 1
 MAX_IMAGE_PROBLEMS = 10
 
 
-def _count_lines(raw: bytes) -> int:
-    return sum(1 for line in raw.decode("utf-8-sig", errors="replace").splitlines() if line.strip())
+def _count_entries(raw: bytes, layout: str) -> int | None:
+    """Lines of a `txt` split file; entries of a `json` one (None when it is not one JSON object)."""
+    text = raw.decode("utf-8-sig", errors="replace")
+    if layout == "txt":
+        return sum(1 for line in text.splitlines() if line.strip())
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return len(data) if isinstance(data, dict) else None
+
+
+def advice(task: Task, what: Callable[[Task], str] = where_to_get) -> str:
+    """Where to get what a task lacks (`what`: its split files, its images, or both), as a clause ending a
+    problem; empty for VTAB-1k, whose messages say it once for the whole archive."""
+    return f"; {what(task)}" if task.suite == "fgvc" else ""
+
+
+def _size_problem(name: str, task: Task, split: str, found: int) -> str:
+    expected = task.split_sizes[split]
+    unit = "lines" if task.suite_info.layout == "txt" else "entries"
+    diff = found - expected
+    how = f"{abs(diff)} {'more' if diff > 0 else 'fewer'}"
+    copy = f"; {SPLIT_COPY}" if task.suite == "fgvc" else ""
+    return f"{name}: expected {expected} {unit}, found {found} ({how}){copy}"
+
+
+def _dir_names(folder: Path) -> set[str]:
+    """Lower-case names of the folders directly under `folder`."""
+    try:
+        return {p.name.lower() for p in folder.iterdir() if p.is_dir()}
+    except OSError:
+        return set()
 
 
 # -- reports -----------------------------------------------------------------------------------------------
@@ -78,7 +111,8 @@ def _image_problem(path: Path) -> str | None:
 
 
 def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None, workers: int = 0) -> TaskReport:
-    """Check a task folder: every split file present, its line count, its lines and labels, every image decodes.
+    """Check a task folder: every split file of its suite present, its size, its entries and labels, every image
+    decodes (and, for FGVC, the image folder is there and Stanford Cars is not Kaggle's copy).
 
     Messages name files as `display` instead of `task_dir` (the staging folder is gone by the time the
     user reads them). The report's status is FAILED when there is any problem, else INSTALLED.
@@ -90,20 +124,32 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
         return message.replace(str(task_dir), shown)
 
     report = TaskReport(task)
+    splits = task.suite_info.splits
+    # A wrong copy or no image folder: every image path would be missing; one line says why instead.
+    wrong = kaggle_cars(task, _dir_names(task_dir))
+    if wrong is not None:
+        report.problems.append(f"{shown}: {wrong}")
+    elif task.image_root and not (task_dir / task.image_root).is_dir():
+        wrong = f"{shown}/{task.image_root}/ (the image folder) is missing{advice(task, images_from)}"
+        report.problems.append(wrong)
     images: dict[Path, None] = {}
-    for split in SPLITS:
-        path = task_dir / f"{split}.txt"
+    for split in splits:
+        name = split_file_name(task, split)
+        path = task_dir / name
         if not path.is_file():
             report.lines[split] = None
-            needed = ", ".join(f"{s}.txt" for s in SPLITS)
-            report.problems.append(f"{shown}/{split}.txt is missing (task {task.id} needs {needed})")
+            needed = ", ".join(split_file_name(task, s) for s in splits)
+            report.problems.append(
+                f"{shown}/{name} is missing (task {task.id} needs {needed}){advice(task, splits_from)}"
+            )
             continue
         raw = path.read_bytes()
         report.sha256[split] = hashlib.sha256(raw).hexdigest()
-        found = report.lines[split] = _count_lines(raw)
-        expected = task.split_sizes[split]
-        if found != expected:
-            report.problems.append(f"{shown}/{split}.txt: expected {expected} lines, found {found}")
+        found = report.lines[split] = _count_entries(raw, task.suite_info.layout)
+        if found is not None and found != task.split_sizes[split]:
+            report.problems.append(_size_problem(f"{shown}/{name}", task, split, found))
+        if wrong is not None:
+            continue
         try:
             split_file = read_split(task_dir, task, split, check_files=True)
         except DataError as e:
@@ -125,9 +171,10 @@ def write_marker(task_dir: Path, report: TaskReport, source: dict[str, str]) -> 
     payload = {
         "version": MARKER_VERSION,
         "task": report.task.id,
-        "checked": "split files present, line counts, labels, every image decoded",
+        "checked": "split files present, their sizes, labels, every image decoded",
         "source": source,
-        "splits": {s: {"sha256": report.sha256[s], "lines": report.lines[s]} for s in SPLITS},
+        # `lines`: the split's size (a JSON split's entries).
+        "splits": {s: {"sha256": report.sha256[s], "lines": report.lines[s]} for s in report.task.suite_info.splits},
     }
     atomic_write_bytes(Path(task_dir) / MARKER, (json.dumps(payload, indent=1) + "\n").encode())
 
@@ -140,8 +187,8 @@ def installed_report(out: Path, task: Task) -> TaskReport | None:
         if marker.get("version") != MARKER_VERSION or marker.get("task") != task.id:
             return None
         splits = marker["splits"]
-        for split in SPLITS:
-            path = dest / f"{split}.txt"
+        for split in task.suite_info.splits:
+            path = dest / split_file_name(task, split)
             if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != splits[split]["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -151,8 +198,8 @@ def installed_report(out: Path, task: Task) -> TaskReport | None:
     return TaskReport(
         task,
         UP_TO_DATE,
-        lines={s: splits[s]["lines"] for s in SPLITS},
-        sha256={s: splits[s]["sha256"] for s in SPLITS},
+        lines={s: splits[s]["lines"] for s in task.suite_info.splits},
+        sha256={s: splits[s]["sha256"] for s in task.suite_info.splits},
         path=dest,
     )
 
@@ -201,7 +248,7 @@ def install(folder: Path, out: Path, report: TaskReport, source: dict[str, str])
 def prepare(
     out: Path,
     tasks: list[Task],
-    get_source: Callable[[], Source],
+    get_source: Callable[[], Source | None],
     *,
     workers: int = 0,
     log: Log = quiet,
@@ -209,11 +256,14 @@ def prepare(
     """Make every task in `tasks` valid under `out`: skip, validate in place, or fetch, validate and install.
 
     `get_source` is called only when some task is neither installed nor valid in place (so an installed
-    copy needs no archive and no network). Returns one report per task, in order.
+    copy needs no archive and no network); it returns None when there is no source (FGVC without `--from`):
+    then such a task keeps the problems of its folder under `out`, or is reported missing with where to get
+    it. Returns one report per task, in order.
     """
     out = Path(out)
     clean_leftovers(out)
     reports: dict[str, TaskReport] = {}
+    in_place: dict[str, TaskReport] = {}
     pending: list[Task] = []
     for task in tasks:
         done = installed_report(out, task)
@@ -230,18 +280,30 @@ def prepare(
                 reports[task.id] = report
                 continue
             log(f"{task.id}: {existing[0]} is not valid ({report.problems[0]}); installing it from the source")
+            in_place[task.id] = report
         elif existing:
             log(f"{task.id}: several folders in {out} ({', '.join(p.name for p in existing)}); installing it again")
         pending.append(task)
-    if pending:
-        source = get_source()
+    source = get_source() if pending else None
+    if pending and source is None:
+        for task in pending:
+            reports[task.id] = in_place.get(task.id) or TaskReport(
+                task, MISSING, problems=[f"not in {out} and no --from given{advice(task)}"]
+            )
+    elif pending and source is not None:
         folders = source.locate(pending)
         out.mkdir(parents=True, exist_ok=True)
         for task in pending:
             if task.id not in folders:
                 tried = ", ".join(task.names)
+                why = kaggle_cars(task, source.dir_names()) if task.id == "stanfordcars" else None
                 reports[task.id] = TaskReport(
-                    task, MISSING, problems=[f"no folder for task {task.id} in {source} (looked for: {tried})"]
+                    task,
+                    MISSING,
+                    problems=[
+                        f"no folder for task {task.id} in {source} (looked for: {tried})"
+                        + (f"; {why}" if why else advice(task))
+                    ],
                 )
         stage = source.stage({t.id: folders[t.id] for t in pending if t.id in folders}, out, log)
         try:
@@ -266,7 +328,7 @@ def report_rows(reports: Iterable[TaskReport]) -> list[dict[str, Any]]:
     rows = []
     for r in reports:
         row: dict[str, Any] = {"task": r.task.id, "group": r.task.group, "classes": r.task.num_classes}
-        for split in SPLITS:
+        for split in r.task.suite_info.splits:
             n = r.lines.get(split)
             row[split] = "-" if n is None else n
         n_problems = len(r.problems)

@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from tasks.fgvc_sources import SPLIT_COPY
 from tasks.folder import DataError, SplitFile, escapes, how_to_get
 from tasks.task import Task
 
@@ -29,12 +30,13 @@ def _load_object(path: Path, task: Task) -> tuple[dict[str, int], bytes]:
         raise DataError(f"{path} is not valid JSON ({e}); {how_to_get(task)}") from None
     if not isinstance(data, dict):
         raise DataError(
-            f"{path} holds a JSON {type(data).__name__}, not an object mapping image paths to class ids; "
-            f"{how_to_get(task)}"
+            f"{path} holds a JSON {type(data).__name__}, not one object mapping image paths to class ids; {SPLIT_COPY}"
         )
     for key, value in data.items():
         if type(value) is not int:  # bool is an int subclass; VPT's ids are plain integers
-            raise DataError(f"{path}: class id {value!r} of {key!r} is not an integer")
+            raise DataError(
+                f"{path}: class id {value!r} of {key!r} is not an integer (a JSON number such as 17); {SPLIT_COPY}"
+            )
     return data, raw
 
 
@@ -64,6 +66,8 @@ def read_json_split(task_dir: Path, task: Task, split: str, *, check_files: bool
     for rel, cid in data.items():
         problem = escapes(rel)
         if problem:
+            # `escapes` speaks of the folder the path is relative to: here the image folder.
+            problem = problem.replace("task folder", "image folder")
             raise DataError(
                 f"{path}: image path {rel!r} {problem}; list images by their path relative to the image folder "
                 f"{image_dir}, inside it"
@@ -72,7 +76,10 @@ def read_json_split(task_dir: Path, task: Task, split: str, *, check_files: bool
             raise DataError(f"{path}: class id {cid} of {rel!r} is not one of train.json's class ids")
         image = image_dir / rel
         if check_files and not image.is_file():
-            raise DataError(f"{path}: image {image} does not exist")
+            raise DataError(
+                f"{path}: image {image} does not exist; the split files name the images of {task.title}'s "
+                f"official release, unpacked under {image_dir}"
+            )
         images.append(image)
         labels.append(table[cid])
     return SplitFile(task, split, path, tuple(images), tuple(labels), hashlib.sha256(raw).hexdigest())

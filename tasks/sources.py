@@ -1,4 +1,4 @@
-"""Where the VTAB-1k task folders are read from: a folder, a zip or a tar archive (any compression), and which
+"""Where a suite's task folders are read from: a folder, a zip or a tar archive (any compression), and which
 folder inside it holds the task folders (moved out of `archive.py`, which stages, validates and installs them)."""
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ def staging_dir(out: Path, task: Task) -> Path:
     return Path(out) / f"{STAGING_PREFIX}{task.id}-{secrets.token_hex(4)}"
 
 
-def task_of(name: str) -> Task | None:
-    """The task a folder name stands for (canonical id or alias, case-insensitive), if any."""
+def task_of(name: str, suites: Iterable[str] | None = None) -> Task | None:
+    """The task a folder name stands for (canonical id or alias, case-insensitive), if any; only a task of
+    `suites` when given (a folder inside one suite's dataset may carry another suite's task name)."""
     if not name or name.startswith(".") or name.startswith("__"):
         return None
     try:
-        return get_task(name)
+        task = get_task(name)
     except UnknownTaskError:
         return None
+    return task if suites is None or task.suite in suites else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -69,6 +71,13 @@ def _choose_root(candidates: dict[str, dict[str, set[str]]], tasks: Iterable[Tas
     return root, found
 
 
+def _member_name(name: str) -> str:
+    """An archive member's name without leading `./` (as `tar -C DIR .` writes them), as `locate` saw it."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _safe_relative(rel: str) -> PurePosixPath | None:
     path = PurePosixPath(rel)
     if not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or path.name == MARKER:
@@ -93,6 +102,10 @@ class Source:
         """Task id -> the task's folder, relative to the source (posix); tasks not found are left out."""
         raise NotImplementedError
 
+    def dir_names(self) -> set[str]:
+        """Lower-case names of the folders near the source's top (as deep as task folders are looked for)."""
+        raise NotImplementedError
+
     def display(self, folder: str) -> str:
         """How messages name the task folder `folder` of this source."""
         raise NotImplementedError
@@ -109,6 +122,8 @@ class FolderSource(Source):
     """An unpacked copy; files are hard-linked into the staging folders when possible, else copied."""
 
     def locate(self, tasks: Iterable[Task]) -> dict[str, str]:
+        tasks = list(tasks)
+        suites = {t.suite for t in tasks}
         candidates: dict[str, dict[str, set[str]]] = {}
 
         def walk(folder: Path, rel: PurePosixPath, depth: int) -> None:
@@ -117,7 +132,7 @@ class FolderSource(Source):
             except OSError:
                 return
             for child in children:
-                task = task_of(child.name)
+                task = task_of(child.name, suites)
                 if task is not None:
                     candidates.setdefault(str(rel) if rel.parts else "", {}).setdefault(task.id, set()).add(child.name)
                 elif depth < MAX_ROOT_DEPTH:
@@ -125,6 +140,22 @@ class FolderSource(Source):
 
         walk(self.path, PurePosixPath(), 0)
         return _choose_root(candidates, tasks)[1]
+
+    def dir_names(self) -> set[str]:
+        names: set[str] = set()
+
+        def walk(folder: Path, depth: int) -> None:
+            try:
+                children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            except OSError:
+                return
+            for child in children:
+                names.add(child.name.lower())
+                if depth < MAX_ROOT_DEPTH:
+                    walk(child, depth + 1)
+
+        walk(self.path, 0)
+        return names
 
     def display(self, folder: str) -> str:
         return str(self.path / folder)
@@ -162,15 +193,23 @@ class _ArchiveSource(Source):
     def names(self) -> list[str]:
         raise NotImplementedError
 
-    def locate(self, tasks: Iterable[Task]) -> dict[str, str]:
+    def _dirs(self) -> set[PurePosixPath]:
         dirs: set[PurePosixPath] = set()
         for name in self.names():
             path = PurePosixPath(name)
             dirs.add(path if name.endswith("/") else path.parent)
+        return dirs
+
+    def dir_names(self) -> set[str]:
+        return {part.lower() for d in self._dirs() for part in d.parts[: MAX_ROOT_DEPTH + 1]}
+
+    def locate(self, tasks: Iterable[Task]) -> dict[str, str]:
+        tasks = list(tasks)
+        suites = {t.suite for t in tasks}
         candidates: dict[str, dict[str, set[str]]] = {}
-        for d in dirs:
+        for d in self._dirs():
             for i, part in enumerate(d.parts[: MAX_ROOT_DEPTH + 1]):
-                task = task_of(part)
+                task = task_of(part, suites)
                 if task is not None:
                     root = str(PurePosixPath(*d.parts[:i])) if i else ""
                     candidates.setdefault(root, {}).setdefault(task.id, set()).add(part)
@@ -207,9 +246,10 @@ class ZipSource(_ArchiveSource):
             for info in zf.infolist():
                 if info.is_dir():
                     continue
+                name = _member_name(info.filename)
                 for target, task_id in targets.items():
-                    if info.filename.startswith(target):
-                        rel = _safe_relative(info.filename[len(target) :])
+                    if name.startswith(target):
+                        rel = _safe_relative(name[len(target) :])
                         if rel is not None:
                             members[task_id].append((info, rel))
                         break
@@ -261,9 +301,10 @@ class TarSource(_ArchiveSource):
                 for member in tf:
                     if not member.isfile():
                         continue
+                    name = _member_name(member.name)
                     for target, task_id in targets.items():
-                        if member.name.startswith(target):
-                            rel = _safe_relative(member.name[len(target) :])
+                        if name.startswith(target):
+                            rel = _safe_relative(name[len(target) :])
                             if rel is not None:
                                 path = dests[task_id].joinpath(*rel.parts)
                                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,17 +331,16 @@ class TarSource(_ArchiveSource):
                 shutil.rmtree(dest, ignore_errors=True)
 
 
-def open_source(path: Path) -> Source:
-    """A folder, a `.zip`, or a `.tar`/`.tar.gz`/`.tgz`/`.tar.bz2`/`.tar.xz` archive."""
+def open_source(path: Path, what: str = "the downloaded vtab-1k.zip") -> Source:
+    """A folder, a `.zip`, or a `.tar`/`.tar.gz`/`.tgz`/`.tar.bz2`/`.tar.xz` archive; `what` names what the
+    user should pass instead of a wrong path."""
     path = Path(path).expanduser()
     if path.is_dir():
         return FolderSource(path)
     if not path.is_file():
-        raise DataError(f"{path} does not exist; pass the downloaded vtab-1k.zip or an unpacked folder")
+        raise DataError(f"{path} does not exist; pass {what} or an unpacked folder")
     if zipfile.is_zipfile(path):
         return ZipSource(path)
     if path.name.lower().endswith(ARCHIVE_SUFFIXES[1:]) or tarfile.is_tarfile(path):
         return TarSource(path)
-    raise DataError(
-        f"{path} is neither a folder nor a zip or tar archive; pass the downloaded vtab-1k.zip or an unpacked folder"
-    )
+    raise DataError(f"{path} is neither a folder nor a zip or tar archive; pass {what} or an unpacked folder")

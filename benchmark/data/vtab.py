@@ -1,8 +1,11 @@
-"""`python -m benchmark data`: fetch the community VTAB-1k archive, validate, install, cache, export.
+"""`python -m benchmark data`: fetch the community VTAB-1k archive (or take a suite's data from `--from`),
+validate, install, cache, export.
 
-The archive is `vtab-1k.zip` in the Hugging Face dataset repo `XiN0919/VTAB-1k` (NOAH's folder format);
-`--from` takes a local copy instead. The data handling itself lives in `tasks.archive` and `tasks.sources`;
-this module adds the download, the report, the uint8 image cache (`benchmark.data.arrays.load_split_images`) and
+The VTAB-1k archive is `vtab-1k.zip` in the Hugging Face dataset repo `XiN0919/VTAB-1k` (NOAH's folder
+format); `--from` takes a local copy instead. FGVC's images are never downloaded (each dataset has its own
+terms): `--from` names a folder or archive holding the datasets in VPT's layout, or they are validated where
+they already lie under `--out`. The data handling itself lives in `tasks.archive` and `tasks.sources`; this
+module adds the download, the report, the uint8 image cache (`benchmark.data.arrays.load_split_images`) and
 the export as Hugging Face `datasets`.
 """
 
@@ -20,8 +23,9 @@ from urllib.parse import urlparse
 from benchmark.core.errors import UserError
 from benchmark.core.paths import check_dir
 from benchmark.run.results import check_writable
-from tasks import SPLITS, DataError, SplitFile, Task, read_split, sources
+from tasks import DataError, SplitFile, Task, read_split, sources
 from tasks import archive as arc
+from tasks.fgvc_sources import SPLITS_ARCHIVE, SPLITS_REPO
 
 REPO_ID = "XiN0919/VTAB-1k"
 FILENAME = "vtab-1k.zip"
@@ -113,7 +117,7 @@ def build_cache(
     """Decode every split once into the uint8 cache (a no-op for splits already cached)."""
     from benchmark.data.arrays import load_split_images
 
-    splits = {s: read_split(task_dir, task, s) for s in SPLITS}
+    splits = {s: read_split(task_dir, task, s) for s in task.suite_info.splits}
     for split_file in splits.values():
         load_split_images(split_file, image_size, interpolation, cache_dir, workers=workers)
     return splits
@@ -175,6 +179,7 @@ def run(
     tasks: list[Task],
     *,
     out: Path | None = None,
+    out_how: str = "--out",
     source: Path | None = None,
     revision: str | None = None,
     image_size: int = 224,
@@ -185,14 +190,31 @@ def run(
     workers: int = 0,
     download: Callable[[str | None], Path] = download_archive,
 ) -> int:
-    """Fetch (or take `source`), validate, install under `out`, report, cache, export; UserError on any failure."""
-    out, how = out_location(out)
+    """Fetch (or take `source`), validate, install under `out`, report, cache, export; UserError on any failure.
+
+    `tasks` are of one suite. VTAB-1k's `out` defaults to `out_location`; `out_how` names the setting an
+    `out` passed in came from. An FGVC task neither installed nor in `source` is reported with where to get it.
+    """
+    suite = tasks[0].suite_info
+    assert all(t.suite == suite.id for t in tasks), "tasks of one suite"
+    vtab = suite.id == "vtab1k"
+    wanted = f"the downloaded {FILENAME}" if vtab else "a folder or archive holding the FGVC datasets in VPT's layout"
+    if out is None:
+        out, how = out_location(out)
+    else:
+        out, how = Path(out).expanduser(), out_how
     out = out.absolute()
+    if cache and not vtab:
+        # FGVC's runs cache each image at their resize size (shorter side size/0.875, for the crops), which
+        # depends on the backbone's image size: the first run builds that cache, not this command.
+        _say("FGVC: no image cache built here; the first run on each dataset decodes it once into the cache")
+        cache = False
     if source is not None:
         source = Path(source).expanduser()
         if not source.exists():
-            raise UserError(f"--from {source} does not exist; pass the downloaded {FILENAME} or an unpacked folder")
-    check_dir(out, "data directory", how, "pass --out DIR (or set $VTAB_ROOT) naming a directory")
+            raise UserError(f"--from {source} does not exist; pass {wanted} or an unpacked folder")
+    env = "$VTAB_ROOT" if vtab else "$FGVC_ROOT"
+    check_dir(out, "data directory", how, f"pass --out DIR (or set {env}) naming a directory")
     check_writable(out, option="--out", what="data directory")
     if cache:
         from benchmark.core.paths import check_cache_dir
@@ -201,9 +223,11 @@ def run(
     if hf:
         check_dir(out / "hf", "Hugging Face dataset directory", how, "move it away or pick another --out")
 
-    def get_source() -> sources.Source:
+    def get_source() -> sources.Source | None:
+        if source is None and not vtab:  # images are never downloaded: each dataset has its owners' terms
+            return None
         path = source if source is not None else download(revision)
-        return sources.open_source(path)
+        return sources.open_source(path, wanted)
 
     try:
         reports = arc.prepare(out, tasks, get_source, workers=workers, log=_say)
@@ -217,7 +241,7 @@ def run(
         from benchmark.data.arrays import check_cache_space
 
         try:
-            every = [read_split(r.path, r.task, s) for r in good if r.path is not None for s in SPLITS]
+            every = [read_split(r.path, r.task, s) for r in good if r.path is not None for s in suite.splits]
         except DataError as e:
             raise UserError(f"{e} (while caching; run the same command again)") from None
         check_cache_space(every, image_size, interpolation, cache_dir)
@@ -227,7 +251,7 @@ def run(
             splits = (
                 build_cache(r.path, r.task, image_size, interpolation, cache_dir, workers)
                 if cache
-                else {s: read_split(r.path, r.task, s) for s in SPLITS}
+                else {s: read_split(r.path, r.task, s) for s in suite.splits}
             )
         except DataError as e:
             raise UserError(f"{e} (while caching {r.task.id}; run the same command again)") from None
@@ -240,9 +264,14 @@ def run(
     failed = [r for r in reports if not r.ok]
     if failed:
         names = ", ".join(r.task.id for r in failed)
+        fetch = (
+            f"fetch a fresh {FILENAME}"
+            if vtab
+            else f"fetch what each names (split files: {SPLITS_ARCHIVE} of the Hugging Face dataset {SPLITS_REPO})"
+        )
         raise UserError(
             f"{len(failed)} of {len(reports)} task(s) failed validation and were not installed ({names}; "
-            f"problems listed above); fix the source or fetch a fresh {FILENAME}, then run the same command again"
+            f"problems listed above); fix the source or {fetch}, then run the same command again"
         )
     _say(f"{len(good)} task(s) ready in {out}; use it with --data-root {out}")
     return 0
