@@ -159,3 +159,51 @@ def decode_image(path: Path, size: int, interpolation: str = "bicubic") -> np.nd
         raise DataError(f"cannot read image {path}: {_too_many_pixels(found[1] if found else 'more')}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def shorter_side_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `shorter`, the longer one in proportion, rounded
+    down: the rule of torchvision's `Resize(int)`, which VPT's FGVC transforms use."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def image_dims(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone, or a `DataError` naming the file (also for an
+    image over the decompression-bomb limit, as `decode_image`)."""
+    try:
+        with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ValueError(_too_many_pixels(im.width * im.height))
+            return im.width, im.height
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"cannot read image {path}: {_too_many_pixels(found[1] if found else 'more')}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def decode_shorter(path: Path, shorter: int, interpolation: str = "bicubic", crop: int | None = None) -> np.ndarray:
+    """Decode an image file to RGB, resize its shorter side to `shorter` (`shorter_side_size`) and, with `crop`,
+    cut the centre `crop`×`crop` square out of it (torchvision's `CenterCrop` offsets); uint8 [3, H, W].
+
+    Modes and the decompression-bomb limit are handled as in `decode_image`.
+    """
+    try:
+        with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ValueError(_too_many_pixels(im.width * im.height))
+            im = to_rgb(im)
+            im = im.resize(shorter_side_size(im.width, im.height, shorter), INTERPOLATIONS[interpolation])
+            if crop is not None:
+                top, left = round((im.height - crop) / 2), round((im.width - crop) / 2)
+                im = im.crop((left, top, left + crop, top + crop))
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise DataError(f"cannot read image {path}: {_too_many_pixels(found[1] if found else 'more')}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None

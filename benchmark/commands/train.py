@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache_dir)  # before the imports below, whose libraries complain about a bad $HOME too
     from benchmark.run.resolve import build_backbone, resolve_config
     from benchmark.run.results import check_writable, run_path, write_result
-    from benchmark.run.runner import PROTOCOL_SPLITS, RunSpec, check_config, execute, prepare_data
+    from benchmark.run.runner import RunSpec, check_config, execute, prepare_data
     from benchmark.sweep.claims import claim_path, owner_label, read_owner, try_claim
 
     cls = method_class(args.method)
@@ -133,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         check_writable(out.parent)
     backbone = build_backbone(config, settings)
-    data = prepare_data(resolve_data_root(args), [task], PROTOCOL_SPLITS[args.protocol], settings,
+    data = prepare_data(resolve_data_root(args), [task], args.protocol, settings,
                         args.cache_dir)  # fmt: skip
     spec = RunSpec(config, task, args.seed, args.protocol, args.protocol, settings,
                    save_state=out.with_suffix("") if args.save_tunable else None)  # fmt: skip

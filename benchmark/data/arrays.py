@@ -1,18 +1,16 @@
-"""Splits as arrays: decoded and resized once into a uint8 cache, served by one LightningDataModule.
+"""Splits as arrays: decoded and resized once into a uint8 cache (`benchmark.data.cache`), served by one
+LightningDataModule.
 
-An epoch never decodes an image: each split is decoded once per (files, size, interpolation) into a
-`.npy` array [N, 3, S, S] that later runs memory-map. Batches leave the loader as uint8 and are
-normalised on the device by the LightningModule.
+An epoch never decodes an image: each split is decoded once per (files, preprocessing) into arrays that later
+runs memory-map. Batches leave the loader as uint8 and are normalised on the device by the LightningModule;
+a `crop_flip` suite's training batches are cut out of the cached images per batch (random crops by slicing)
+and flipped on the device (`benchmark.data.augment`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,35 +20,30 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark.core.errors import UserError
-from benchmark.core.paths import available_memory, cache_location, check_cache_dir, check_space, size_text
-from tasks import SplitFile, Task, decode_image, find_task_dir, read_split
+from benchmark.core.paths import cache_location, check_cache_dir, check_space
+from benchmark.data.augment import CropFlipDataset, flip_batch, gather_crops
+from benchmark.data.cache import (
+    NPY_HEADER,
+    SplitArrays,
+    cache_entry,
+    decode_into,
+    decode_workers,
+    decoder,
+    entry_problem,
+    index_path,
+    index_problem,
+    resize_side,
+    shorter_index,
+    split_layout,
+)
+from tasks import SplitFile, Task, find_task_dir, read_split
 
-CACHE_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits instead of clipped
-# Memory one decoding thread holds per image side squared: Pillow keeps RGB at 4 bytes a pixel (the resized
-# image and the intermediate of its two-pass resize), then the 3-byte numpy copy, and each thread's share of
-# the decoded images waiting to be copied into the cache (DECODE_AHEAD per thread, 3 bytes a pixel).
-DECODE_AHEAD = 2
-NPY_HEADER = 4096  # bytes: more than any .npy header
-DECODE_BYTES_PER_PIXEL = 4 + 4 + 3 + 3 * DECODE_AHEAD
+__all__ = ["SplitArrays", "TaskData", "VTABDataModule", "check_cache_space", "load_split_images", "scan_task"]
 
 
 def default_cache_dir() -> Path:
     """`$PEFT_BENCH_CACHE/arrays`, or `~/.cache/peft-bench/arrays`."""
     return cache_location()[0]
-
-
-@dataclass
-class SplitArrays:
-    """A split held as arrays: uint8 images [N, 3, S, S] (or float features [N, D]) and int64 labels [N]."""
-
-    name: str
-    inputs: np.ndarray
-    labels: np.ndarray
-    sha256: str = ""
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 @dataclass
@@ -68,49 +61,18 @@ def scan_task(root: Path, task: Task, splits: tuple[str, ...]) -> TaskData:
     return TaskData(task, task_dir, {s: read_split(task_dir, task, s) for s in splits})
 
 
-def _cache_key(split: SplitFile, image_size: int, interpolation: str) -> str:
-    h = hashlib.sha256(f"{CACHE_VERSION}|{split.path.resolve()}|{split.sha256}|{image_size}|{interpolation}".encode())
-    # File sizes and modification times: a replaced image invalidates the cache without hashing every byte.
-    for image in split.images:
-        st = image.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
+def entry_check(split: SplitFile, image_size: int, path: Path, shape: tuple[int, ...]) -> str | None:
+    """`entry_problem` of the split's entry, its index included for a `shorter` one."""
+    if split_layout(split) == "shorter":
+        problem = index_problem(index_path(path), len(split), image_size)
+        if problem is not None:
+            return problem and f"index {problem}"
+    return entry_problem(path, shape)
 
 
-def entry_problem(path: Path, shape: tuple[int, ...]) -> str | None:
-    """Why the cache entry at `path` cannot be used ("" when there is none), or None when it can.
-
-    The `.npy` header is checked against the file's size: a truncated file (a copy cut short, a disk that
-    filled up under another tool) would otherwise fail in `np.load` or serve garbage.
-    """
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as f:
-            major, _ = fmt.read_magic(f)
-            if major not in (1, 2):
-                return f"has .npy format version {major}, not 1 or 2"
-            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
-            stored, fortran, dtype = read_header(f)
-            expected = f.tell() + math.prod(stored) * dtype.itemsize
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return ""
-    except (OSError, ValueError) as e:
-        return f"is unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})"
-    if size < expected:
-        return f"is truncated ({size} of {expected} bytes)"
-    if tuple(stored) != shape or dtype != np.uint8 or fortran:
-        return f"holds {dtype} {tuple(stored)}, not uint8 {shape}"
-    return None
-
-
-def cache_entry(
-    split: SplitFile, image_size: int, interpolation: str, cache_dir: Path
-) -> tuple[Path, tuple[int, ...]]:
-    """The path of the split's cache entry and the shape of its array."""
-    key = _cache_key(split, image_size, interpolation)
-    path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px-{interpolation}-{key}.npy"
-    return path, (len(split), 3, image_size, image_size)
+def entry_bytes(shape: tuple[int, ...], n: int) -> int:
+    """Disk bytes of a cache entry of `shape` (a flat one's index of `n` rows included)."""
+    return math.prod(shape) + NPY_HEADER + (24 * n + NPY_HEADER if len(shape) == 1 else 0)
 
 
 SPACE_ADVICE = "free some space, pass a smaller --image-size, or point --cache-dir (or $PEFT_BENCH_CACHE) elsewhere"
@@ -122,81 +84,46 @@ def check_cache_space(
     """Raise `UserError` unless the cache entries still to be decoded for `splits` fit on the cache's disk
     together, so a sweep or an install never stops for space half-way through decoding."""
     setting, cache_dir = cache_dir, check_cache_dir(cache_dir)
-    todo = [e for e in (cache_entry(s, image_size, interpolation, cache_dir) for s in splits)
-            if entry_problem(*e) is not None]  # fmt: skip
+    todo = [(s, shape) for s in splits for path, shape in [cache_entry(s, image_size, interpolation, cache_dir)]
+            if entry_check(s, image_size, path, shape) is not None]  # fmt: skip
     if todo:
         check_cache_dir(setting, writable=True)
-        images = sum(shape[0] for _, shape in todo)
+        images = sum(len(s) for s, _ in todo)
         what = f"the image cache of {len(todo)} split(s) ({images} images at {image_size} px)"
-        check_space(cache_dir, sum(math.prod(shape) + NPY_HEADER for _, shape in todo), what, SPACE_ADVICE)
-
-
-def decode_workers(split: SplitFile, image_size: int, workers: int) -> int:
-    """Decoding threads that fit in the available memory (at most `workers`), or a `UserError` saying how much one
-    needs, before anything is allocated."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    per_thread = DECODE_BYTES_PER_PIXEL * image_size**2
-    available = available_memory()
-    if available is None:
-        return workers
-    if per_thread > available:
-        raise UserError(
-            f"decoding {split.task.id} {split.split} at {image_size} px needs about {size_text(per_thread)} of memory, "
-            f"and {size_text(available)} is available; pass a smaller --image-size"
-        )
-    return min(workers, available // per_thread)
-
-
-def decode_into(path: Path, split: SplitFile, shape: tuple[int, ...], interpolation: str, workers: int) -> None:
-    """Decode the split into a new `.npy` at `path`: written to a temporary file, its blocks reserved first
-    (a full disk is then an `OSError` here, not a SIGBUS while writing the mapping), and renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
-    os.close(fd)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        if hasattr(os, "posix_fallocate"):
-            with open(tmp, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)
-        size = shape[-1]
-        # In slices, so at most DECODE_AHEAD decoded images per thread wait to be copied into the mapping
-        # (`Executor.map` would decode the whole split ahead).
-        step = workers * DECODE_AHEAD
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(split.images), step):
-                batch = split.images[start : start + step]
-                for i, image in enumerate(pool.map(lambda p: decode_image(p, size, interpolation), batch), start):
-                    out[i] = image
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        check_space(cache_dir, sum(entry_bytes(shape, len(s)) for s, shape in todo), what, SPACE_ADVICE)
 
 
 def load_split_images(
     split: SplitFile, image_size: int, interpolation: str = "bicubic", cache_dir: Path | None = None, workers: int = 0
 ) -> SplitArrays:
-    """The split's images as a memory-mapped uint8 array, decoded on the first call and cached on disk.
+    """The split's images as memory-mapped uint8 arrays, decoded on the first call and cached on disk, in the
+    layout its suite needs (`cache.split_layout`).
 
-    The array is written to a temporary file and renamed into place, so an interrupted decode never
+    The arrays are written to temporary files and renamed into place, so an interrupted decode never
     leaves a cache entry that later loads as complete; an entry that is damaged anyway (truncated, another
     shape) is rebuilt, with one line on stderr. Disk space and memory are checked before anything is allocated.
     Pillow releases the GIL while decoding and resizing, so a thread pool uses every core.
     """
     setting, cache_dir = cache_dir, check_cache_dir(cache_dir)
     path, shape = cache_entry(split, image_size, interpolation, cache_dir)
-    problem = entry_problem(path, shape)
+    shorter = split_layout(split) == "shorter"
+    problem = entry_check(split, image_size, path, shape)
     if problem is not None:
         if problem:
             print(f"image cache entry {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
         what = f"the image cache of {split.task.id} {split.split} ({len(split)} images at {image_size} px)"
         check_cache_dir(setting, writable=True)
-        check_space(cache_dir, math.prod(shape) + NPY_HEADER, what, SPACE_ADVICE)
-        workers = decode_workers(split, image_size, workers)
+        check_space(cache_dir, entry_bytes(shape, len(split)), what, SPACE_ADVICE)
+        index = shorter_index(split, resize_side(image_size)) if shorter else None
+        side = int(index[:, 1:].max()) if index is not None and len(index) else image_size
+        workers = decode_workers(split, side, workers)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        decode_into(path, split, shape, interpolation, workers)
-    return SplitArrays(split.split, np.load(path, mmap_mode="r"), np.asarray(split.labels, np.int64), split.sha256)
+        decode_into(path, split, shape, decoder(split, image_size, interpolation), workers, index)
+    labels = np.asarray(split.labels, np.int64)
+    if shorter:
+        index = np.load(index_path(path))
+        return SplitArrays(split.split, np.load(path, mmap_mode="r"), labels, split.sha256, index, image_size)
+    return SplitArrays(split.split, np.load(path, mmap_mode="r"), labels, split.sha256)
 
 
 class ArrayDataset(Dataset):
@@ -248,6 +175,9 @@ class VTABDataModule(pl.LightningDataModule):
     `on_device`: with `auto` (on a GPU, when both splits fit in a quarter of its free memory) or `on`, both
     splits are copied to the device once in `setup`; the loaders then serve index batches (the same
     sampler and generator, so the same batches) and `on_after_batch_transfer` gathers the images there.
+
+    A training split cached uncropped (`SplitArrays.index`: a `crop_flip` suite) is served as random crops with
+    flips (`augment.CropFlipDataset`, its draws seeded by `seed`), flipped (or, resident, cut) on the device.
     """
 
     def __init__(
@@ -272,7 +202,8 @@ class VTABDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
         self.on_device = on_device
-        self.resident: dict[str, tuple[Tensor, Tensor]] = {}  # split role -> (inputs, labels) on the device
+        # split role -> (inputs, labels, index or None) on the device
+        self.resident: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -286,15 +217,22 @@ class VTABDataModule(pl.LightningDataModule):
         free, _ = torch.cuda.mem_get_info(device)
         return self.train.inputs.nbytes + self.eval.inputs.nbytes <= free // 4
 
-    def move_to(self, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+    def move_to(self, device: torch.device) -> dict[str, tuple[Tensor, Tensor, Tensor | None]]:
         """Both splits as tensors on `device` (one copy each)."""
         return {
-            role: (torch.from_numpy(np.asarray(a.inputs)).to(device), torch.from_numpy(a.labels).to(device))
+            role: (
+                torch.from_numpy(np.asarray(a.inputs)).to(device),
+                torch.from_numpy(a.labels).to(device),
+                None if a.index is None else torch.from_numpy(a.index).to(device),
+            )
             for role, a in (("train", self.train), ("eval", self.eval))
         }
 
     def _loader(self, role: str, arrays: SplitArrays, **kwargs) -> DataLoader:
-        dataset = IndexDataset(len(arrays)) if role in self.resident else ArrayDataset(arrays)
+        if arrays.index is not None:
+            dataset = CropFlipDataset(arrays, self.seed, resident=role in self.resident)
+        else:
+            dataset = IndexDataset(len(arrays)) if role in self.resident else ArrayDataset(arrays)
         return DataLoader(dataset, collate_fn=_already_batched, num_workers=self.num_workers, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -308,12 +246,20 @@ class VTABDataModule(pl.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
+        if self.eval.index is not None:
+            raise ValueError(f"evaluation split {self.eval.name} is cached uncropped; it needs its centre crops")
         return self._loader("eval", self.eval, batch_size=self.eval_batch_size, shuffle=False)
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def on_after_batch_transfer(self, batch: tuple[Tensor, ...], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if isinstance(batch, Tensor):  # indices into the resident splits
-            inputs, labels = self.resident["train" if self.trainer.training else "eval"]
+            inputs, labels, _ = self.resident["train" if self.trainer.training else "eval"]
             batch = (inputs[batch], labels[batch])
+        elif len(batch) == 4:  # indices and draws of random crops of the resident training split
+            flat, labels, index = self.resident["train"]
+            batch = (gather_crops(flat, index, self.train.crop, *batch), labels[batch[0]])
+        elif len(batch) == 3:  # random crops, still to flip
+            x, y, flips = batch
+            batch = (flip_batch(x, flips), y)
         x, y = batch
         if x.dtype == torch.uint8:
             x = normalize(x, self.mean.to(x.device), self.std.to(x.device))

@@ -1,4 +1,4 @@
-"""`reproduce`: one method's published VTAB-1k protocol, run through the suite's runner, then `compare`.
+"""`reproduce`: one method's published protocol on a suite (VTAB-1k, FGVC), run through the runner, then `compare`.
 
 `PAPER_PROTOCOLS` writes down, per method with reported numbers, the protocol of the paper (or code)
 that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md` §4,
@@ -28,6 +28,12 @@ that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md`
 result records the budget, so the leaderboard and `compare` label it. Known gap: VPT-shallow's prompt
 length is not searched (the spec's suite choice is {1, 5, 10, 50, 100, 200} on val200); the runner's grid
 covers lr × weight decay only, so VPT-shallow uses the per-task lengths of its config.
+
+FGVC (`specs/fgvc.md` §1.4, VPT's `tune_fgvc.py`; `FGVC_PROTOCOLS`): the prompt methods (`vpt_shallow`,
+`vpt_deep`, `e2vpt`) search base lrs {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1} × weight decay {0.01, 0.001,
+0.0001, 0}, `linear` its own lr grid (VTAB's, with 0.05), `full` {5e-3, 1e-3, 5e-4, 1e-4} (all per 256 images);
+the other methods keep their VTAB-1k protocol. Tuning trains on `train` and selects on `val`, final runs train
+on `train` again and test once after the last epoch (`tasks.suites.FGVC`); seeds and budgets as VTAB-1k's.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ from benchmark.core.errors import UserError
 from benchmark.papers.reference import REPORTED_EPOCHS, ReferenceTable
 from benchmark.report.format import protocol_label
 from benchmark.run.resolve import resolve_config
+from benchmark.run.splits import mode_splits, protocol_splits
 from methods import MethodConfig
-from tasks import Task
+from tasks import DEFAULT_SUITE, Task, get_suite
 
 PAPER_SEEDS = (42, 44, 82, 100, 800)
 QUICK_SEEDS = (42,)
@@ -55,15 +62,13 @@ FULL_BASE_LRS = (0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 5e-4, 1e-4)
 # values) and one weight decay.
 VPT_QUICK = ((25.0, 1.0), (1e-3,))
 FULL_QUICK = ((0.01, 0.001), (1e-4,))
-# Images one run trains on per epoch, by split (the real VTAB-1k sizes).
-TUNE_IMAGES, FINAL_IMAGES, VAL_IMAGES = 800, 1000, 200
-# One single-seed 19-task sweep of 100 epochs on train800val200: the unit of the perf table's estimate.
-SWEEP_IMAGES = 19 * REPORTED_EPOCHS * FINAL_IMAGES
+# One single-seed 19-task sweep of 100 epochs on train800val200 (1,000 images): the unit of the perf table's estimate.
+SWEEP_IMAGES = 19 * REPORTED_EPOCHS * 1000
 
 
 @dataclass(frozen=True)
 class PaperProtocol:
-    """How a method's reported VTAB-1k numbers were produced, as the suite reruns it.
+    """How a method's reported numbers on a suite were produced, as the benchmark reruns it.
 
     Attributes:
         protocol: the runner protocol: `grid` (tune lr × weight decay on val200, then the seeds) or `final`
@@ -121,6 +126,24 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
         for m in ("peft", *(f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")))
     },
 }
+# FGVC's grids (`fgvc.md` §1.4), where they differ from VTAB-1k's; the quick budget keeps two base lrs of
+# each grid and one weight decay, as on VTAB-1k.
+VPT_FGVC_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1)
+LINEAR_FGVC_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+FULL_FGVC_BASE_LRS = (5e-3, 1e-3, 5e-4, 1e-4)
+FGVC_SPEC = "fgvc.md §1.4"
+FGVC_PROTOCOLS: dict[str, PaperProtocol] = {
+    **{m: dataclasses.replace(PAPER_PROTOCOLS[m], base_lrs=VPT_FGVC_BASE_LRS, spec=FGVC_SPEC)
+       for m in ("vpt_shallow", "vpt_deep", "e2vpt")},
+    "linear": dataclasses.replace(PAPER_PROTOCOLS["linear"], base_lrs=LINEAR_FGVC_BASE_LRS, spec=FGVC_SPEC),
+    "full": PaperProtocol("grid", FULL_FGVC_BASE_LRS, VPT_WDS, (1e-3, 1e-4), (1e-4,), spec=FGVC_SPEC),
+}  # fmt: skip
+SUITE_PROTOCOLS: dict[str, dict[str, PaperProtocol]] = {"fgvc": FGVC_PROTOCOLS}
+
+
+def suite_protocol(method: str, suite: str) -> PaperProtocol:
+    """The protocol `method` is reproduced with on `suite`: the suite's own where it has one, else VTAB-1k's."""
+    return SUITE_PROTOCOLS.get(suite, {}).get(method, PAPER_PROTOCOLS[method])
 
 
 @dataclass(frozen=True)
@@ -151,25 +174,32 @@ class TaskPlan:
     def runs(self) -> int:
         return self.grid_runs + self.dense_runs + self.rewind_runs + len(self.seeds)
 
+    def sizes(self, mode: str) -> tuple[int, int]:
+        """Images of the (train, evaluation) splits of `mode` on this task."""
+        train, evaluate = mode_splits(self.task, mode)
+        return self.task.split_sizes[train], self.task.split_sizes[evaluate]
+
     @property
     def train_images(self) -> int:
-        """Images passed forward and backward in training (plus the pruning scores' pass over train800)."""
+        """Images passed forward and backward in training (plus the pruning scores' pass over the tuning split)."""
         if self.frozen_features:
             return 0
         epochs = self.config.recipe.epochs
-        tune = (self.grid_runs + self.dense_runs + self.rewind_runs) * TUNE_IMAGES * epochs
-        return tune + len(self.seeds) * FINAL_IMAGES * epochs + self.dense_runs * TUNE_IMAGES
+        tune = self.sizes("tune")[0]
+        return ((self.grid_runs + self.dense_runs + self.rewind_runs) * tune * epochs
+                + len(self.seeds) * self.sizes("final")[0] * epochs + self.dense_runs * tune)  # fmt: skip
 
     @property
     def eval_images(self) -> int:
-        """Images passed forward only: val200 after each tuning run, the test split after each final run.
+        """Images passed forward only: the validation split after each tuning run, the test split after each
+        final run.
 
         For frozen features: one pass over each split to compute them (head training on them is negligible).
         """
-        test = self.task.split_sizes["test"]
         if self.frozen_features:
-            return TUNE_IMAGES + VAL_IMAGES + FINAL_IMAGES + test
-        return (self.grid_runs + self.dense_runs + self.rewind_runs) * VAL_IMAGES + len(self.seeds) * test
+            return sum(self.task.split_sizes[s] for s in protocol_splits(self.task, "grid"))
+        val, test = self.sizes("tune")[1], self.sizes("final")[1]
+        return (self.grid_runs + self.dense_runs + self.rewind_runs) * val + len(self.seeds) * test
 
 
 @dataclass(frozen=True)
@@ -220,12 +250,17 @@ class Plan:
         train, evaluate = int(frame["train images"].sum()), int(frame["eval images"].sum())
         p = self.protocol
         seeds = ("seeds " if len(self.seeds) > 1 else "seed ") + ", ".join(map(str, self.seeds))
+        suite = self.tasks[0].task.suite_info if self.tasks else None
+        (tune, val), (final, test) = (
+            (suite.tune, suite.final) if suite else (("train800", "val200"), ("train800val200", "test"))
+        )
         if p.protocol == "grid":
-            how = (f"grid protocol: each lr × weight-decay point on train800 → val200 (seed 42), then the best "
-                   f"pair with {seeds} on train800val200 → test, last epoch")  # fmt: skip
+            how = (f"grid protocol: each lr × weight-decay point on {tune} → {val} (seed 42), then the best "
+                   f"pair with {seeds} on {final} → {test}, last epoch")  # fmt: skip
         else:
-            how = (f"final protocol: the paper's fixed recipe with {seeds} on train800val200 → test, last epoch "
+            how = (f"final protocol: the paper's fixed recipe with {seeds} on {final} → {test}, last epoch "
                    "(the paper selected on test; the suite does not)")  # fmt: skip
+        unit = "" if suite is None or suite.id == DEFAULT_SUITE else "VTAB-1k "
         lines = [
             f"{self.method}, {self.budget} budget ({p.spec}): {how}; label {self.label()}",
             *([f"options: {', '.join(f'{k}={v}' for k, v in self.options.items())}"] if self.options else []),
@@ -233,7 +268,7 @@ class Plan:
             frame.to_string(index=False),
             "",
             f"total: {int(frame.runs.sum())} runs; {train:,} training images (forward + backward) and {evaluate:,} "
-            f"evaluation images; training ≈ {train / SWEEP_IMAGES:.1f}× one single-seed 19-task sweep "
+            f"evaluation images; training ≈ {train / SWEEP_IMAGES:.1f}× one single-seed 19-task {unit}sweep "
             f"(100 epochs on 1,000 images per task)",
         ]
         if any(tp.frozen_features for tp in self.tasks):
@@ -265,7 +300,8 @@ def plan_reproduction(
         config: the method's default config (per-task settings are applied per task).
         budget: `full` or `quick`.
         tasks: the tasks to run.
-        reference: the reference table (the method must have rows in it).
+        reference: the VTAB-1k reference table (only the list of reproducible methods comes from it; a suite's
+            protocol does not need reported rows).
         epochs: an epoch count other than the paper's, recorded in every result (and marked by `compare`).
         cache_features: frozen-feature methods train on features computed once (the runner's default).
 
@@ -273,12 +309,16 @@ def plan_reproduction(
         UserError: a method without reported numbers, or an unknown budget.
     """
     name = config.name
+    suites = {t.suite for t in tasks}
+    if len(suites) > 1:
+        raise UserError(f"a reproduction runs on one suite; the tasks belong to {', '.join(sorted(suites))}")
+    suite = get_suite(suites.pop() if suites else DEFAULT_SUITE)
     if name not in reproducible_methods(reference):
-        raise UserError(f"{name} has no published VTAB-1k protocol to reproduce; methods with one: "
+        raise UserError(f"{name} has no published {suite.title} protocol to reproduce; methods with one: "
                         f"{', '.join(reproducible_methods(reference))}")  # fmt: skip
     if budget not in ("full", "quick"):
         raise UserError(f"unknown budget {budget!r}; pick full or quick")
-    protocol = PAPER_PROTOCOLS[name]
+    protocol = suite_protocol(name, suite.id)
     quick = budget == "quick"
     options = dict(protocol.quick_options) if quick else {}
     seeds = QUICK_SEEDS if quick else PAPER_SEEDS

@@ -1,11 +1,13 @@
 """One run: (method, task, seed, hyperparameters) -> one result record. The sweep over many is `benchmark.sweep.inline`.
 
-Protocols (the split protocol is code, never a convention):
+Protocols (the split protocol is code, never a convention; which split plays which role is the task's
+suite's, `benchmark.run.splits`: VTAB-1k tunes train800 -> val200 and finals train800val200 -> test, FGVC
+train -> val and train -> test):
 
-- `final`: train on train800val200, report test accuracy after the last epoch.
-- `tune`: train on train800, report val200 accuracy after the last epoch.
+- `final`: train on the final training split, report test accuracy after the last epoch.
+- `tune`: train on the tuning split, report validation accuracy after the last epoch.
 - `grid`: every (lr, weight decay) pair of the recipe's grid in `tune` mode with the tuning seed;
-  the best last-epoch val200 accuracy wins (ties: smaller lr, then smaller weight decay); then
+  the best last-epoch validation accuracy wins (ties: smaller lr, then smaller weight decay); then
   `final` for each seed with the chosen pair, which every final result records.
 
 No code path evaluates the test split before training has ended, or selects anything by it.
@@ -20,8 +22,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,23 +37,15 @@ from torch import Tensor
 from benchmark.core.device import compute_device, sync
 from benchmark.core.errors import UserError
 from benchmark.core.platform import peak_rss_mib
-from benchmark.data.arrays import (
-    SplitArrays,
-    TaskData,
-    VTABDataModule,
-    check_cache_space,
-    load_split_images,
-    normalize,
-    scan_task,
-)
+from benchmark.data.arrays import SplitArrays, VTABDataModule, normalize
+from benchmark.data.cache import preprocessing, resize_side
 from benchmark.run.backbone import NORMALIZATIONS, meta_backbone
 from benchmark.run.module import ClassificationModule
-from benchmark.run.results import (
-    SCHEMA_VERSION,
-    provenance,
-)
+from benchmark.run.results import SCHEMA_VERSION, provenance
+from benchmark.run.splits import SweepData, mode_splits
+from benchmark.run.splits import prepare_data as prepare_data  # where callers of one run find it
 from methods import MethodConfig, PeftModel
-from tasks import DataError, Task
+from tasks import Task
 from tasks.atomic import DISK_FULL
 
 log = logging.getLogger("peft_bench")
@@ -61,13 +54,6 @@ log = logging.getLogger("peft_bench")
 warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 PROTOCOLS = ("final", "tune", "grid")
-# Which split trains and which is evaluated, per run mode.
-MODE_SPLITS = {"final": ("train800val200", "test"), "tune": ("train800", "val200")}
-PROTOCOL_SPLITS = {
-    "final": ("train800val200", "test"),
-    "tune": ("train800", "val200"),
-    "grid": ("train800", "val200", "train800val200", "test"),
-}
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 DATA_ON_DEVICE = ("auto", "on", "off")
 # Settings that change a run's speed, not its outcome: recorded, but not compared when resuming.
@@ -85,7 +71,8 @@ class Settings:
         backbone: timm model name.
         pretrained: whether pretrained weights were loaded (from `weights` or the Hub).
         weights: local checkpoint path, if any.
-        image_size: input side in pixels (images are resized straight to it, no crop).
+        image_size: input side in pixels: images are resized straight to it (suites without augmentation), or
+            cropped to it after their shorter side is resized to image_size / 0.875 (`crop_flip` suites).
         interpolation: `bicubic` or `bilinear`.
         normalization: a key of `NORMALIZATIONS`.
         precision: `32` or `bf16` (autocast).
@@ -166,16 +153,9 @@ class RunSpec:
             out["pruning"] = {k: self.pruning[k] for k in ("stage", "candidate") if k in self.pruning}
         if self.decisions:
             out["decisions"] = dict(self.decisions)
+        if (augment := self.task.suite_info.augment) != "none":  # absent for VTAB-1k: its identities stay
+            out["preprocessing"] = {"augment": augment, "resize": resize_side(self.settings.image_size)}
         return out
-
-
-@dataclass
-class SweepData:
-    """Decoded splits of every task of a sweep, plus features cached for frozen-feature methods."""
-
-    tasks: dict[str, TaskData]
-    arrays: dict[str, dict[str, SplitArrays]]
-    features: dict[tuple[str, str], SplitArrays] = field(default_factory=dict)
 
 
 def quiet_lightning() -> None:
@@ -185,30 +165,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Trainer.fit.*stopped: `max_epochs=.*")
-
-
-def prepare_data(
-    root: Path, tasks: Iterable[Task], splits: tuple[str, ...], settings: Settings, cache_dir: Path | None = None
-) -> SweepData:
-    """Validate every task's split files, then decode (or load from the cache) every split needed.
-
-    All validation happens before any decode, and all decoding before any training, so a data problem
-    stops the sweep before its first run.
-    """
-    try:
-        scanned = {t.id: scan_task(Path(root), t, splits) for t in tasks}
-        check_cache_space([td.splits[s] for td in scanned.values() for s in splits], settings.image_size,
-                          settings.interpolation, cache_dir)  # fmt: skip
-        arrays = {
-            tid: {
-                s: load_split_images(td.splits[s], settings.image_size, settings.interpolation, cache_dir)
-                for s in splits
-            }
-            for tid, td in scanned.items()
-        }
-    except DataError as e:
-        raise UserError(str(e)) from None
-    return SweepData(scanned, arrays)
 
 
 class _TrainTimer(pl.Callback):
@@ -266,8 +222,9 @@ def _disk_full(e: BaseException) -> bool:
 
 def new_record(spec: RunSpec, data: SweepData) -> dict[str, Any]:
     """A run's record before it runs: what it is and what it trains on, `status: failed` until it succeeds."""
-    train_split, eval_split = MODE_SPLITS[spec.mode]
-    arrays = data.arrays[spec.task.id]
+    train_split, eval_split = mode_splits(spec.task, spec.mode)
+    arrays, files = data.arrays[spec.task.id], data.tasks[spec.task.id].splits
+    size, interpolation = spec.settings.image_size, spec.settings.interpolation
     return {
         "schema": SCHEMA_VERSION,
         "method": spec.config.name,
@@ -294,6 +251,11 @@ def new_record(spec: RunSpec, data: SweepData) -> dict[str, Any]:
                 "sha256": arrays[train_split].sha256,
             },
             "eval_split": {"name": eval_split, "size": len(arrays[eval_split]), "sha256": arrays[eval_split].sha256},
+            # What the images went through before the model saw them (descriptive: identity is `config`).
+            "preprocessing": {
+                "train": preprocessing(files[train_split], size, interpolation),
+                "eval": preprocessing(files[eval_split], size, interpolation),
+            },
         },
     }
 
@@ -302,7 +264,7 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
     """Train and evaluate one run; return its result record. Failures become `status: failed` records."""
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    train_split, eval_split = MODE_SPLITS[spec.mode]
+    train_split, eval_split = mode_splits(spec.task, spec.mode)
     arrays = data.arrays[spec.task.id]
     record = new_record(spec, data)
     module = None
@@ -321,8 +283,9 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
         record["params"] = model.param_report().as_dict()
         train, evaluate = arrays[train_split], arrays[eval_split]
         inputs = "images"
-        if model.features_frozen and spec.settings.cache_features:
-            # The features do not depend on the seed or the head, so a sweep computes them once per split.
+        # The features do not depend on the seed or the head, so a sweep computes them once per split; not
+        # under random crops, which a feature computed once would freeze.
+        if model.features_frozen and spec.settings.cache_features and train.index is None:
             t_features = time.perf_counter()
             for split in (train_split, eval_split):
                 key = (spec.task.id, split)

@@ -129,10 +129,26 @@ class Split(Closed):
     sha256: Sha256
 
 
+class SplitPreprocessing(Closed):
+    """What a split's images went through before a batch (`benchmark.data.cache.preprocessing`)."""
+
+    layout: Literal["resize", "center", "shorter"]
+    steps: Name
+    image_size: Annotated[int, Field(ge=1)]
+    interpolation: Name
+    resize: Annotated[int, Field(ge=1)] = ABSENT
+
+
+class Preprocessing(Closed):
+    train: SplitPreprocessing
+    eval: SplitPreprocessing
+
+
 class Data(Closed):
     root: str
     train_split: Split
     eval_split: Split
+    preprocessing: Preprocessing = ABSENT
 
 
 class Diagnostics(Closed):

@@ -1,7 +1,7 @@
 """The protocol of one method on one task as a graph of runs and decisions, walked stage by stage.
 
 Per task: the grid search (protocol `grid`: every lr x weight-decay pair in `tune` mode with the tuning seed,
-the best last-epoch val200 accuracy wins), the pruning stage of methods that prune, then one final run per seed.
+the best last-epoch validation accuracy wins; the splits are the task's suite's), the pruning stage of methods that prune, then one final run per seed.
 `Sweep.run` answers a run from its result file, or claims and executes it; `Sweep.settle` is where a stage
 waits for its runs (the inline sweep has just run them; the local/SLURM driver stops the walk there).
 """
@@ -32,6 +32,7 @@ from benchmark.run.runner import (
     compute_device,
     execute,
 )
+from benchmark.run.splits import mode_splits
 from benchmark.sweep.claims import claim_path, read_owner, try_claim
 from benchmark.sweep.decisions import (
     DecisionError,
@@ -58,7 +59,7 @@ class StageError(RuntimeError):
 
 
 def select_grid_point(tune_records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best last-epoch val200 accuracy; ties go to the smaller lr, then the smaller weight decay."""
+    """The best last-epoch validation accuracy (VTAB-1k: val200); ties go to the smaller lr, then the smaller weight decay."""
     ok = [r for r in tune_records if r["status"] == "ok" and r["val_acc"] is not None]
     if not ok:
         raise StageError("every grid point failed, so no setting could be selected")
@@ -262,7 +263,7 @@ class Sweep:
             model = cfg.build(copy.deepcopy(self.backbones(cfg)), task.num_classes).to(compute_device())
             trained, initial = dense_states(dense.path)
             model.load_tunable(trained)
-            batches = _normalised_batches(self.data.arrays[task.id]["train800"], cfg, self.settings)
+            batches = _normalised_batches(self.data.arrays[task.id][mode_splits(task, "tune")[0]], cfg, self.settings)
             try:
                 candidates = cfg.prune_candidates(model, load_file(str(initial)), batches)
             except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
@@ -293,7 +294,7 @@ class Sweep:
 
     def prune(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
               decisions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-        """Dense stage on train800, the method's pruning decision, then the rewind search on val200.
+        """Dense stage on the tuning split, the method's pruning decision, then the rewind search on validation.
 
         Returns the chosen candidate's state, a record of the search for the final runs, and the hash of the
         choice (a decision file over the candidates' file, both written once).
@@ -389,5 +390,5 @@ def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settin
     mean, std = NORMALIZATIONS[settings.normalization]
     dm = VTABDataModule(arrays, arrays, batch_size=cfg.recipe.batch_size, seed=TUNING_SEED, mean=mean, std=std)
     device = compute_device()
-    for x, y in dm.train_dataloader():
-        yield dm.on_after_batch_transfer((x.to(device), y.to(device)), 0)
+    for batch in dm.train_dataloader():  # (images, labels), plus the flips of a crop_flip suite's random crops
+        yield dm.on_after_batch_transfer(tuple(t.to(device) for t in batch), 0)

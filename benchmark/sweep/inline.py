@@ -1,7 +1,7 @@
 """The resumable sweep: one method over tasks and seeds, as a graph of runs.
 
 Per task: the grid search (protocol `grid`: every lr x weight-decay pair in `tune` mode with the tuning
-seed, the best last-epoch val200 accuracy wins), the pruning stage of methods that prune, then one final
+seed, the best last-epoch accuracy on the suite's validation split wins), the pruning stage of methods that prune, then one final
 run per seed. Every run's result is one file; a run whose file exists is not run again, so a killed sweep
 resumes where it stopped.
 """
@@ -18,7 +18,6 @@ from benchmark.core.errors import UserError
 from benchmark.run.resolve import Backbones, resolve_config
 from benchmark.run.results import check_result_path, check_writable
 from benchmark.run.runner import (
-    PROTOCOL_SPLITS,
     PROTOCOLS,
     Settings,
     check_config,
@@ -88,15 +87,14 @@ def prepare_sweep(
     """
     configs = task_configs(config, tasks, protocol=protocol, settings=settings, options=options,
                            recipe_overrides=recipe_overrides, task_overrides=task_overrides)  # fmt: skip
-    # A pruning stage decides on train800 -> val200 whatever the protocol.
+    # A pruning stage decides in tune mode (VTAB-1k: train800 -> val200) whatever the protocol.
     pruning = any(c.prunes for c in configs.values())
-    splits = PROTOCOL_SPLITS["grid"] if pruning else PROTOCOL_SPLITS[protocol]
     check_writable(results)
     # The weights are checked (key for key) before the images are decoded, which is the longer wait.
     backbones = Backbones(settings)
     for cfg in configs.values():  # every task's backbone (one per distinct arguments), from its resolved config
         backbones(cfg)
-    data = prepare_data(data_root, tasks, splits, settings, cache_dir)
+    data = prepare_data(data_root, tasks, "grid" if pruning else protocol, settings, cache_dir)
     state = sweep_cls(config, protocol=protocol, settings=settings, results=results, backbones=backbones, data=data,
                       retry_failed=retry_failed, run_progress=run_progress, save_tunable=save_tunable,
                       rerun_stale=rerun_stale)  # fmt: skip
@@ -133,8 +131,8 @@ def sweep(
     """Run every (task, seed) of `config` under `protocol`, skipping runs whose result already exists.
 
     Per task: the grid search (protocol `grid`), the pruning stage (methods that prune: a dense run on
-    train800, the method's candidates, a rewind run of each scored on val200), then one final run per
-    seed. Everything that can be wrong with the input (data, backbone, results directory, a result file
+    the tuning split, the method's candidates, a rewind run of each scored on the validation split), then one
+    final run per seed (the splits are the task's suite's: `benchmark.run.splits`). Everything that can be wrong with the input (data, backbone, results directory, a result file
     from a different configuration) is checked before the first run, and nothing is written before then.
     `task_overrides` adds recipe overrides per task id on top of `recipe_overrides` (e.g. a grid in
     learning rates scaled by each task's batch size). `save_tunable` saves each final run's trained tunable

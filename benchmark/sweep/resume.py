@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.run.results import read_result
-from benchmark.run.runner import MODE_SPLITS, SPEED_ONLY, RunSpec, SweepData
+from benchmark.run.runner import SPEED_ONLY, RunSpec, SweepData
+from benchmark.run.splits import mode_splits
 
 # The parts of a run's config that earlier stages decide.
 DECIDED = ("selection", "pruning", "decisions")
@@ -82,7 +83,7 @@ def stale_version(
 def _data_differs(record: dict[str, Any], spec: RunSpec, data: SweepData) -> str | None:
     """The split the stored result was produced from a different file of (None: the same data)."""
     splits = data.arrays[spec.task.id]
-    for role, split in zip(("train_split", "eval_split"), MODE_SPLITS[spec.mode], strict=True):
+    for role, split in zip(("train_split", "eval_split"), mode_splits(spec.task, spec.mode), strict=True):
         if record.get("data", {}).get(role, {}).get("sha256") != splits[split].sha256:
             return split
     return None

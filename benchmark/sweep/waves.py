@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-# Each stage of a task's graph, how many runs a task plan has in it, and the decision made from its results (a
-# file under runs/<method>/<task>/decisions/, written once; the runs after it carry its hash in their identity).
+# Each stage of a task's graph, the run mode whose splits it reads, how many runs a task plan has in it, and the
+# decision made from its results (a file under runs/<method>/<task>/decisions/, written once; the runs after it
+# carry its hash in their identity).
 STAGES = [
-    ("grid points (train800 → val200)", lambda tp: tp.grid_runs,
+    ("grid points", "tune", lambda tp: tp.grid_runs,
      "the grid's winner (grid-selection.json)"),
-    ("dense runs of the pruning stage", lambda tp: tp.dense_runs,
+    ("dense runs of the pruning stage", None, lambda tp: tp.dense_runs,
      "the pruning candidates' masks, computed by a worker on its device (<protocol>-prune-candidates.safetensors)"),
-    ("rewind candidates (train800 → val200)", lambda tp: tp.rewind_runs,
+    ("rewind candidates", "tune", lambda tp: tp.rewind_runs,
      "the chosen candidate (<protocol>-prune-choice.json)"),
-    ("final seeds (train800val200 → test)", lambda tp: len(tp.seeds), None),
+    ("final seeds", "final", lambda tp: len(tp.seeds), None),
 ]  # fmt: skip
 
 
@@ -21,8 +22,11 @@ def plan_waves(plan: Any) -> list[tuple[str, int, int, str | None]]:
     """(stage, runs, widest task's share, the decision made from its results) per stage of a `reproduce.Plan`
     that has runs; each stage of a task needs the decision after the one before it."""
     waves = []
-    for name, count, decision in STAGES:
+    suite = plan.tasks[0].task.suite_info if plan.tasks else None
+    for name, mode, count, decision in STAGES:
         runs = [count(tp) for tp in plan.tasks]
+        if mode and suite:  # the splits, as the task's suite assigns them (VTAB-1k: train800 → val200, ...)
+            name = f"{name} ({' → '.join(suite.modes[mode])})"
         if sum(runs):
             protocol = plan.protocol.protocol
             waves.append((name, sum(runs), max(runs), decision and decision.replace("<protocol>", protocol)))

@@ -94,7 +94,8 @@ class Worker(submitit.helpers.Checkpointable):
         from tqdm.auto import tqdm
 
         from benchmark.run.resolve import Backbones
-        from benchmark.run.runner import MODE_SPLITS, SweepData, prepare_data, quiet_lightning
+        from benchmark.run.runner import SweepData, prepare_data, quiet_lightning
+        from benchmark.run.splits import mode_splits
         from benchmark.sweep.claims import claim_path, read_owner, stale_reason
         from benchmark.sweep.graph import Plan, Sweep
 
@@ -112,11 +113,11 @@ class Worker(submitit.helpers.Checkpointable):
                 continue  # a live owner runs it; the driver waits for it
             task = job.spec.task
             if task.id not in data.tasks:
-                loaded = prepare_data(ctx.data_root, [task], MODE_SPLITS[job.spec.mode], ctx.settings, ctx.cache_dir)
+                loaded = prepare_data(ctx.data_root, [task], job.spec.mode, ctx.settings, ctx.cache_dir)
                 data.tasks.update(loaded.tasks)
                 data.arrays.setdefault(task.id, {}).update(loaded.arrays[task.id])
-            elif not set(MODE_SPLITS[job.spec.mode]) <= set(data.arrays[task.id]):
-                loaded = prepare_data(ctx.data_root, [task], MODE_SPLITS[job.spec.mode], ctx.settings, ctx.cache_dir)
+            elif not set(mode_splits(task, job.spec.mode)) <= set(data.arrays[task.id]):
+                loaded = prepare_data(ctx.data_root, [task], job.spec.mode, ctx.settings, ctx.cache_dir)
                 data.arrays[task.id].update(loaded.arrays[task.id])
             if state is None:
                 # Each run's backbone from its own config (`Sweep.run`), one per distinct arguments.
