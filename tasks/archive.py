@@ -133,15 +133,17 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
         wrong = f"{shown}/{task.image_root}/ (the image folder) is missing{advice(task, images_from)}"
         report.problems.append(wrong)
     images: dict[Path, None] = {}
+    names = {s: split_file_name(task, s) for s in splits}
+    missing = [names[s] for s in splits if not (task_dir / names[s]).is_file()]
+    if missing:  # one line for all of them
+        what = f"{shown}/{missing[0]} is" if len(missing) == 1 else f"{shown}: {', '.join(missing)} are"
+        needed = ", ".join(names.values())
+        report.problems.append(f"{what} missing (task {task.id} needs {needed}){advice(task, splits_from)}")
     for split in splits:
-        name = split_file_name(task, split)
+        name = names[split]
         path = task_dir / name
         if not path.is_file():
             report.lines[split] = None
-            needed = ", ".join(split_file_name(task, s) for s in splits)
-            report.problems.append(
-                f"{shown}/{name} is missing (task {task.id} needs {needed}){advice(task, splits_from)}"
-            )
             continue
         raw = path.read_bytes()
         report.sha256[split] = hashlib.sha256(raw).hexdigest()

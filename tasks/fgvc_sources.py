@@ -24,7 +24,7 @@ class DatasetSource:
 
     Attributes:
         task: the task id.
-        official: the dataset's official download page.
+        official: the dataset's official download page ("" when there is none any more).
         files: what to fetch there.
         mirror: the archive of its images in `XiN0919/FGVC`.
         licence: the terms its images are under.
@@ -70,9 +70,9 @@ FGVC_SOURCES: dict[str, DatasetSource] = {
         ),
         DatasetSource(
             "stanfordcars",
-            "https://huggingface.co/datasets/XiN0919/FGVC (the original ai.stanford.edu site is gone)",
-            "car_ims.tgz and cars_annos.mat (the car_ims/ layout with 6-digit ids, not Kaggle's cars_train/)",
-            "car_ims.tgz + cars_annos.mat",
+            "",  # ai.stanford.edu/~jkrause is gone (pytorch/vision#7545)
+            "car_ims.tgz and cars_annos.mat: the car_ims/ layout with 6-digit ids, not Kaggle's cars_train/",
+            "car_ims.tgz and cars_annos.mat",
             "non-commercial research only; images collected from the web, copyright their owners",
         ),
     )
@@ -87,10 +87,10 @@ def images_from(task: Task) -> str:
     """Where `task`'s images come from, where they go, and their terms, in one clause."""
     s = FGVC_SOURCES[task.id]
     where = f"{task.folder}/{task.image_root}/" if task.image_root else f"{task.folder}/ as the split files name them"
-    return (
-        f"get {task.title}'s images ({s.files}) from {s.official} or {s.mirror} of {SPLITS_URL} and unpack them "
-        f"under {where}; licence: {s.licence}"
+    origin = (
+        f"{s.official} or {s.mirror} of {SPLITS_URL}" if s.official else f"{SPLITS_URL} (the original site is gone)"
     )
+    return f"get {task.title}'s images ({s.files}) from {origin} and unpack them under {where}; licence: {s.licence}"
 
 
 def splits_from(task: Task) -> str:

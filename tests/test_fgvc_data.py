@@ -129,6 +129,13 @@ def test_a_split_of_another_size_says_by_how_much_and_which_copy(fgvc_tree, tmp_
 
 
 def _break(folder: Path, how: str) -> None:
+    if how == "splits":
+        for name in ("train.json", "val.json", "test.json"):
+            (folder / name).unlink()
+        return
+    if how == "folder":
+        shutil.rmtree(folder / "images")
+        return
     split = folder / "val.json"
     entries = json.loads(split.read_text())
     first = next(iter(entries))
@@ -157,6 +164,12 @@ def _break(folder: Path, how: str) -> None:
         ("id", r"CUB_200_2011/val\.json: class id '17' of '.*' is not an integer"),
         ("image", r"CUB_200_2011/val\.json: image .*CUB_200_2011/images/.*\.jpg does not exist; the split files "
                   r"name the images of CUB-200-2011's official release"),
+        ("splits", r"CUB_200_2011: train\.json, val\.json, test\.json are missing \(task cub needs .*\); get its "
+                   r"train\.json, val\.json, test\.json \(VPT's splits\) from json\.zip of "
+                   r"https://huggingface\.co/datasets/XiN0919/FGVC$"),
+        ("folder", r"CUB_200_2011/images/ \(the image folder\) is missing; get CUB-200-2011's images "
+                   r"\(CUB_200_2011\.tgz\) from https://data\.caltech\.edu/records/65de6-vp158 or .*; licence: "
+                   r"non-commercial research and education only"),
     ],
 )  # fmt: skip
 def test_a_bad_dataset_is_one_line_and_nothing_is_installed(how, message, fgvc_tree, fixture_sizes, tmp_path, capsys):
