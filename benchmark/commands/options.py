@@ -31,10 +31,10 @@ def resolve_data_root(args: argparse.Namespace) -> Path:
     return Path(args.data_root or default_data_root(args.suite)).expanduser()
 
 
-def suite_option(p: argparse.ArgumentParser) -> None:
-    """`--suite`: which suite `--tasks` names tasks of."""
-    p.add_argument("--suite", choices=tuple(SUITES), default=DEFAULT_SUITE,
-                   help="the suite the tasks belong to (default: %(default)s)")  # fmt: skip
+def suite_option(p: argparse.ArgumentParser, default: str | None = DEFAULT_SUITE, help: str | None = None) -> None:
+    """`--suite`: which suite `--tasks` names tasks of (a report's: which suite's results; None: every suite's)."""
+    p.add_argument("--suite", choices=tuple(SUITES), default=default,
+                   help=help or "the suite the tasks belong to (default: %(default)s)")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):

@@ -9,13 +9,15 @@ from typing import Any
 from benchmark.commands.options import (
     method_names,
     reference_options,
+    suite_option,
 )
 from benchmark.core.errors import UserError
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.papers.reference import load_reference
-    from benchmark.report.leaderboard import markdown, write_leaderboard
+    from benchmark.papers.reference import load_references
+    from benchmark.report.leaderboard import markdown, write_leaderboards
+    from benchmark.report.suite_board import SUITE_FILES, suite_markdown
     from benchmark.run.results import REPORT_FILES, check_outputs
 
     results = Path(args.results).expanduser()
@@ -23,10 +25,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
-    check_outputs(results, REPORT_FILES)
-    reference = load_reference(args.reference) if args.reported or args.reference else None
-    board = write_leaderboard(results, reference=reference, reported=args.reported or "methods")
-    print(markdown(board))
+    check_outputs(results, (*REPORT_FILES, *(name for files in SUITE_FILES.values() for name in files)))
+    reference = load_references(args.reference) if args.reported or args.reference else None
+    boards = write_leaderboards(results, reference=reference, reported=args.reported or "methods", suite=args.suite)
+    print("\n".join(markdown(b) if s == "vtab1k" else suite_markdown(b, s) for s, b in boards.items()))
     return 0
 
 
@@ -71,8 +73,12 @@ def register(sub: Any) -> None:
         "plot as hollow markers: those of the methods in the results, or `all`",
     )
     p.add_argument(
-        "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+        "--reference",
+        metavar="FILE",
+        help="a reference CSV replacing its suite's (default: "
+        "results/reference/vtab1k_reported.csv and fgvc_reported.csv)",
     )
+    suite_option(p, None, "only this suite's results (default: a table per suite with results)")
     p.set_defaults(func=cmd_leaderboard)
     p = sub.add_parser(
         "compare",

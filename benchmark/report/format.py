@@ -1,5 +1,8 @@
 """How the reports print numbers, and the task order and groups they lay them out in (shared by the Markdown
-leaderboard, the HTML page and the comparison with the papers)."""
+leaderboard, the HTML page and the comparison with the papers).
+
+`TASK_ORDER`, `GROUP_OF` and `GROUP_SIZES` cover every suite's tasks (VTAB-1k's 19 first, then FGVC's five);
+a report lays out one suite at a time (`SUITE_TASKS`, `SUITE_OF`), never averaging tasks of two suites."""
 
 from __future__ import annotations
 
@@ -8,11 +11,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import GROUPS, TASKS
+from tasks import SUITES, list_tasks
 
-TASK_ORDER = [t.id for t in TASKS]
-GROUP_OF = {t.id: t.group for t in TASKS}
-GROUP_SIZES = {g: sum(t.group == g for t in TASKS) for g in GROUPS}
+SUITE_TASKS: dict[str, list[str]] = {s: [t.id for t in list_tasks(suite=s)] for s in SUITES}
+TASK_ORDER = [t for tasks in SUITE_TASKS.values() for t in tasks]
+GROUP_OF = {t.id: t.group for t in list_tasks()}
+SUITE_OF = {t.id: t.suite for t in list_tasks()}
+GROUP_SIZES = {g: sum(t.group == g for t in list_tasks()) for s in SUITES.values() for g in s.groups}
+
+
+def suites_of(tasks: Any) -> list[str]:
+    """The suites the given task ids belong to, in `SUITES` order (unknown ids belong to none)."""
+    present = {SUITE_OF[t] for t in tasks if t in SUITE_OF}
+    return [s for s in SUITES if s in present]
 
 
 def format_mean_std(mean: Any, std: Any) -> str:

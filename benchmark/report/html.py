@@ -23,9 +23,10 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.papers.reference import SELECTION_PROTOCOLS
+from benchmark.papers.reference import PROTOCOL_LABELS
 from benchmark.report.format import (
     GROUP_SIZES,
+    SUITE_TASKS,
     TASK_ORDER,
     average_cell,
     format_count,
@@ -34,7 +35,7 @@ from benchmark.report.format import (
     printed,
 )
 from benchmark.report.svg import plot_svg
-from tasks import GROUPS
+from tasks import GROUPS, SUITES
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,8 +83,8 @@ def page_meta(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def explain_protocol(label: str) -> str:
     """One line on how a row's numbers were produced (ours: `leaderboard.protocol_label`; papers': the CSV's)."""
-    if label in SELECTION_PROTOCOLS:
-        return SELECTION_PROTOCOLS[label]
+    if label in PROTOCOL_LABELS:
+        return PROTOCOL_LABELS[label]
     m = re.fullmatch(r"(val-tuned|fixed-hparams|val200)-last-epoch-(\d+)seeds?(?: \((\w+) budget\))?", label)
     if not m:
         return "not a protocol this suite knows"
@@ -210,7 +211,44 @@ def per_task_table(board: pd.DataFrame) -> str:
     return _table("per-task", headers, rows)
 
 
-def _header(board: pd.DataFrame, meta: dict[str, Any]) -> str:
+def suite_table(board: pd.DataFrame, suite: str) -> str:
+    """A suite of one group (FGVC): identity, datasets covered, mean ± std per dataset, their mean, parameters."""
+    reported = "kind" in board.columns
+    tasks = SUITE_TASKS[suite]
+    headers = [("kind", "")] if reported else []
+    headers += [("method", ""), ("protocol", "")] + ([("source", "")] if reported else [])
+    headers += [("datasets", f"datasets with results, of the {len(tasks)} of {SUITES[suite].title}")]
+    headers += [(t, f"top-1 accuracy (%) on {t}, mean ± std over seeds") for t in tasks]
+    headers += [("avg (tasks)", "plain mean over the datasets present; rows lacking datasets of the board come "
+                 "after the complete ones, the datasets they cover in brackets"),
+                ("tunable", "trained parameters of the method, head excluded (reported: as the source prints it)"),
+                ("head", "parameters of the classification head"), ("failed", "runs that failed")]  # fmt: skip
+    rows = []
+    for i, r in board.iterrows():
+        ours = not reported or r.kind == "ours"
+        cells = _identity(r, reported)
+        cells.append(_td(f"{r.tasks}/{len(tasks)}" if ours or r.tasks else "—", r.tasks))
+        for key in [*tasks, "avg_tasks"]:
+            mean = _num(r.get(f"{key}_mean"))
+            text = format_mean_std(mean, r.get(f"{key}_std")) if ours else printed(mean)
+            cells.append(_td(average_cell(text, r) if key == "avg_tasks" else text, mean))
+        cells.append(_td(format_count(r.get("tunable")), _num(r.get("tunable"))))
+        cells.append(_td(format_count(r.get("head")), _num(r.get("head"))))
+        cells.append(_td(str(int(r.runs_failed)), r.runs_failed) if ours else _td("—"))
+        rows.append(f"<tr {_row_attrs(f'r{i}-{suite}', r, reported)}>{''.join(cells)}</tr>")
+    return _table(suite, headers, rows)
+
+
+def suite_section(board: pd.DataFrame, suite: str) -> str:
+    """The page's section for a suite other than VTAB-1k: its plot and its table."""
+    title = SUITES[suite].title
+    return (f'<h2 id="{suite}-board">{_esc(title)}</h2>\n<p>Top-1 accuracy (%) per dataset and the mean over them, '
+            f"as the papers print it.</p>\n<h3>{_esc(title)}: accuracy versus trained parameters</h3>\n"
+            f"<figure>{plot_svg(board, suite)}</figure>\n<h3>{_esc(title)}: per dataset</h3>\n"
+            f"{suite_table(board, suite)}")  # fmt: skip
+
+
+def _header(board: pd.DataFrame, meta: dict[str, Any], total: int = 19) -> str:
     ours = board[board.kind == "ours"] if "kind" in board.columns else board
     present = [t for t in TASK_ORDER if f"{t}_mean" in ours.columns and ours[f"{t}_mean"].notna().any()]
     dates = meta["dates"]
@@ -223,7 +261,7 @@ def _header(board: pd.DataFrame, meta: dict[str, Any]) -> str:
 
     facts = [
         ("backbone", listing(meta["backbones"])),
-        ("tasks present", f"{len(present)}/19" + (f": {_esc(', '.join(present))}" if present else "")),
+        ("tasks present", f"{len(present)}/{total}" + (f": {_esc(', '.join(present))}" if present else "")),
         ("runs", f"{meta['runs']}, finished {_esc(when)}"),
         ("suite", listing(meta["versions"])),
     ]
@@ -237,8 +275,11 @@ def _header(board: pd.DataFrame, meta: dict[str, Any]) -> str:
     return f'<dl class="facts">{items}</dl>\n<p>Protocols:</p>\n<ul class="protocols">{protocols}</ul>'
 
 
-def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
-    """The whole page: header, controls (shown by the script), plot, summary and per-task tables, sources."""
+def html_page(boards: pd.DataFrame | dict[str, pd.DataFrame], meta: dict[str, Any]) -> str:
+    """The whole page: header, controls (shown by the script), then per suite (a board, or one per suite id):
+    VTAB-1k's plot, summary and per-task tables, another suite's section; the sources of reported rows."""
+    boards = {"vtab1k": boards} if isinstance(boards, pd.DataFrame) else boards
+    board = pd.concat(list(boards.values()), ignore_index=True) if len(boards) > 1 else next(iter(boards.values()))
     reported = "kind" in board.columns and (board.kind == "reported").any()
     protocols = list(dict.fromkeys(board.get("protocol", [])))
     options = "".join(f'<option value="{_esc(p)}">{_esc(p)}</option>' for p in protocols)
@@ -249,12 +290,31 @@ def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
         rows = board[board.kind == "reported"].drop_duplicates("source_full")
         items = "".join(f"<li><b>{_esc(r.source)}</b>: {_esc(r.source_full)}</li>" for _, r in rows.iterrows())
         sources = f"<h2>Sources of the reported rows</h2>\n<ul>{items}</ul>"
+    names = " and ".join(SUITES[s].title for s in boards)
+    files = ", ".join(f"<code>results/reference/{s}_reported.csv</code>" for s in boards)
     note = (
-        "<p>Rows of kind <code>reported</code> are published numbers (ViT-B/16 on the real VTAB-1k, "
-        "<code>results/reference/vtab1k_reported.csv</code>): context, not a result of these runs.</p>"
+        f"<p>Rows of kind <code>reported</code> are published numbers (ViT-B/16 on the real {names}, "
+        f"{files}): context, not a result of these runs.</p>"
         if reported
         else ""
     )
+    vtab = boards.get("vtab1k")
+    main = (
+        ""
+        if vtab is None
+        else f"""<h2>Accuracy versus trained parameters</h2>
+<figure>{plot_svg(vtab)}<div id="tooltip" role="tooltip" hidden></div></figure>
+<h2>Summary</h2>
+<p class="hint">Click a column header to sort by it; click again to reverse.</p>
+{summary_table(vtab)}
+<h2>Per task</h2>
+{per_task_table(vtab)}
+"""
+    )
+    main += "\n".join(suite_section(b, s) for s, b in boards.items() if s != "vtab1k")
+    if vtab is None:
+        main += '\n<div id="tooltip" role="tooltip" hidden></div>'  # the script's tooltip box
+    total = sum(len(SUITE_TASKS[s]) for s in boards)
     # The exact text between the tags: the CSP's hashes must cover it byte for byte.
     style, script = "\n" + (HERE / "page.css").read_text(), "\n" + (HERE / "page.js").read_text()
     csp = content_security_policy(script, style)
@@ -270,7 +330,7 @@ def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
 </head>
 <body>
 <h1>peft-bench leaderboard</h1>
-{_header(board, meta)}
+{_header(board, meta, total)}
 <p>Top-1 accuracy (%) as mean ± std over seeds; hover a per-task cell for its number of seeds. Generated by
 <code>python -m benchmark leaderboard</code> from the result files beside this page; do not edit.</p>
 {note}
@@ -280,14 +340,7 @@ def html_page(board: pd.DataFrame, meta: dict[str, Any]) -> str:
 {toggle}
 <span id="shown"></span>
 </div>
-<h2>Accuracy versus trained parameters</h2>
-<figure>{plot_svg(board)}<div id="tooltip" role="tooltip" hidden></div></figure>
-<h2>Summary</h2>
-<p class="hint">Click a column header to sort by it; click again to reverse.</p>
-{summary_table(board)}
-<h2>Per task</h2>
-{per_task_table(board)}
-{sources}
+{main}{sources}
 <script>{script}</script>
 </body>
 </html>

@@ -31,6 +31,7 @@ from benchmark.papers.reference import ReferenceTable, source_label
 from benchmark.report.format import (
     GROUP_OF,
     GROUP_SIZES,
+    SUITE_OF,
     TASK_ORDER,
     average_cell,
     csv_text,
@@ -39,12 +40,14 @@ from benchmark.report.format import (
     markdown_table,
     printed,
     protocol_label,
+    suites_of,
 )
 from benchmark.report.html import html_page, page_meta
 from benchmark.report.plot import plot
+from benchmark.report.suite_board import SUITE_FILES, suite_markdown
 from benchmark.report.variants import variant_labels
 from benchmark.run.results import atomic_write_bytes, load_results
-from tasks import GROUPS
+from tasks import GROUPS, SUITES
 
 
 def record_budget(record: dict[str, Any]) -> str:
@@ -106,8 +109,9 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else np.nan
 
 
-def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
-    """Means and stds of a (seed × task) accuracy table: per task, per group, and both averages.
+def aggregate(per_seed: pd.DataFrame, suite: str | None = None) -> dict[str, Any]:
+    """Means and stds of a (seed × task) accuracy table of one suite (default: the suite of its tasks, else
+    VTAB-1k): per task, per group of the suite, and both averages (for FGVC, one group: both are its mean).
 
     Keys: `<task>_mean/_std` for each task present; `<group>_tasks`, and for groups with tasks
     `<group>_mean/_std`; `avg_groups_mean/_std` and `avg_tasks_mean/_std`. A task's std is over its
@@ -122,7 +126,8 @@ def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
     # Seeds present for every task of the row: the per-seed means below average the same runs.
     complete = per_seed[tasks].dropna() if tasks else per_seed
     group_means = {}
-    for group in GROUPS:
+    suite = suite or next(iter(suites_of(tasks)), "vtab1k")
+    for group in SUITES[suite].groups:
         members = [t for t in tasks if GROUP_OF[t] == group]
         row[f"{group}_tasks"] = len(members)
         if members:
@@ -139,8 +144,9 @@ def aggregate(per_seed: pd.DataFrame) -> dict[str, Any]:
     return row
 
 
-def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """The numeric leaderboard: one row per (method, protocol, budget, configuration variant).
+def leaderboard_frame(runs: pd.DataFrame, suite: str | None = None) -> pd.DataFrame:
+    """The numeric leaderboard of one suite's runs (`suite`: default, the suite of the runs' tasks): one row per
+    (method, protocol, budget, configuration variant).
 
     Runs of one method under one protocol whose configurations differ (`benchmark.report.variants`) are never
     averaged together: each configuration gets its own row, its label saying what sets it apart.
@@ -150,6 +156,7 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
     by the tasks they cover, then by `avg_tasks_mean`.
     """
     board_tasks = len({t for t in runs.task if t in TASK_ORDER}) if not runs.empty else 0
+    suite = suite or next(iter(suites_of(runs.task)), "vtab1k")
     rows = []
     for (method, protocol, budget, variant), g in runs.groupby(["method", "protocol", "budget", "variant"], sort=True):
         ok = g[g.status == "ok"]
@@ -165,7 +172,8 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
             "runs_failed": int((g.status != "ok").sum()),
         }
         # `<task>_n`: the seeds behind a task's mean ± std.
-        row.update({k: v for k, v in aggregate(per_seed).items() if not k.endswith("_n") or k[:-2] in tasks})
+        stats = aggregate(per_seed, suite)
+        row.update({k: v for k, v in stats.items() if not k.endswith("_n") or k[:-2] in tasks})
         params = g.dropna(subset=["tunable"])
         if not params.empty:
             row["tunable"] = float(params.groupby("task").tunable.first().mean())
@@ -189,10 +197,13 @@ def leaderboard_frame(runs: pd.DataFrame) -> pd.DataFrame:
 def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) -> pd.DataFrame:
     """The reference rows (of `methods`, or all) in the leaderboard's columns, `kind` = `reported`.
 
-    Cells become `<task>_mean` (no std), the printed means the group columns, `avg_19` the
+    Cells become `<task>_mean` (no std), the printed means the group columns, `avg_19` (FGVC: `mean`) the
     `avg_tasks_mean` column and `params_m` the `tunable` column (as printed: whether the head is
     counted differs between sources).
     """
+    tasks = list(reference.layout.task_columns)
+    groups = SUITES[reference.suite].groups
+    headline = "avg_19" if "avg_19" in reference.layout.mean_columns else "mean"
     ref = reference.frame
     if methods is not None:
         ref = ref[ref.method.isin(methods)]
@@ -205,15 +216,16 @@ def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) 
             "source": source_label(r.source),
             "source_full": r.source,
             "backbone_weights": r.backbone_weights,
-            "tasks": int(r[TASK_ORDER].notna().sum()),
-            "complete": bool(pd.notna(r.avg_19)),  # the source's mean of 19
-            "board_tasks": len(TASK_ORDER),
+            "tasks": int(r[tasks].notna().sum()),
+            "complete": bool(pd.notna(r[headline])),  # the source's mean of every task
+            "board_tasks": len(tasks),
         }
-        row.update({f"{t}_mean": r[t] for t in TASK_ORDER if pd.notna(r[t])})
-        for g in GROUPS:
-            row[f"{g}_tasks"] = int(r[[t for t in TASK_ORDER if GROUP_OF[t] == g]].notna().sum())
-            row[f"{g}_mean"] = r[g]
-        row["avg_groups_mean"], row["avg_tasks_mean"] = r.avg_groups, r.avg_19
+        row.update({f"{t}_mean": r[t] for t in tasks if pd.notna(r[t])})
+        for g in groups:
+            row[f"{g}_tasks"] = int(r[[t for t in tasks if GROUP_OF[t] == g]].notna().sum())
+            row[f"{g}_mean"] = r[g] if g in r.index else r[headline]  # a suite of one group: its mean
+        row["avg_groups_mean"] = r.avg_groups if "avg_groups" in r.index else r[headline]
+        row["avg_tasks_mean"] = r[headline]
         row["tunable"] = r.params_m * 1e6 if pd.notna(r.params_m) else np.nan
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -299,28 +311,57 @@ def markdown(board: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_leaderboard(
-    results: Path, *, reference: ReferenceTable | None = None, reported: str = "methods"
-) -> pd.DataFrame:
-    """Regenerate `leaderboard.md`, `.csv`, `.html` and `accuracy_vs_params.png` under `results`.
+def records_by_suite(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records of each suite with results, in `SUITES` order (a task no suite knows counts as VTAB-1k's)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        found.setdefault(SUITE_OF.get(r.get("task"), "vtab1k"), []).append(r)
+    return {s: found[s] for s in SUITES if s in found}
 
-    With `reference`, the tables and the plot also hold its rows: those of the methods in the results
-    (`reported="methods"`) or all of them (`"all"`). Every file's content is built before the first one is
-    written, so bad input leaves the previous files as they were; files whose content would not change are
-    left untouched.
+
+def write_leaderboards(
+    results: Path,
+    *,
+    reference: ReferenceTable | dict[str, ReferenceTable] | None = None,
+    reported: str = "methods",
+    suite: str | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Regenerate the leaderboard under `results`: a board per suite with results (or only `suite`'s), never
+    mixing suites; return them.
+
+    Files: `leaderboard.md` and `leaderboard.html` hold every board written (VTAB-1k's first, as it always was);
+    each suite has its CSV and plot (VTAB-1k: `leaderboard.csv`, `accuracy_vs_params.png`; FGVC:
+    `leaderboard-fgvc.csv`, `accuracy_vs_params-fgvc.png`). With `reference` (one table, or one per suite),
+    a board also holds that suite's reported rows: those of the methods in the results (`reported="methods"`)
+    or all of them (`"all"`). Every file's content is built before the first one is written, so bad input
+    leaves the previous files as they were.
     """
-
     results = Path(results)
     records = load_results(results)
-    board = leaderboard_frame(runs_frame(records))
-    if reference is not None:
-        board = with_reported(board, reference, reported)
-    files = {
-        "leaderboard.md": markdown(board).encode(),
-        "leaderboard.csv": csv_text(board).encode(),
-        "accuracy_vs_params.png": plot(board),
-        "leaderboard.html": html_page(board, page_meta(records)).encode(),
-    }
+    by_suite = records_by_suite(records)
+    suites = [suite] if suite else list(by_suite) or ["vtab1k"]
+    tables = {reference.suite: reference} if isinstance(reference, ReferenceTable) else dict(reference or {})
+    boards: dict[str, pd.DataFrame] = {}
+    for s in suites:
+        board = leaderboard_frame(runs_frame(by_suite.get(s, [])), s)
+        if s in tables:
+            board = with_reported(board, tables[s], reported)
+        boards[s] = board
+    shown = [r for s in suites for r in by_suite.get(s, [])]
+    texts = [markdown(b) if s == "vtab1k" else suite_markdown(b, s) for s, b in boards.items()]
+    files = {"leaderboard.md": "\n".join(texts).encode()}
+    for s, board in boards.items():
+        csv_name, png_name = SUITE_FILES[s]
+        files[csv_name], files[png_name] = csv_text(board).encode(), plot(board, SUITES[s].title)
+    files["leaderboard.html"] = html_page(boards, page_meta(shown)).encode()
     for name, data in files.items():
         atomic_write_bytes(results / name, data)
-    return board
+    return boards
+
+
+def write_leaderboard(
+    results: Path, *, reference: ReferenceTable | dict[str, ReferenceTable] | None = None, reported: str = "methods"
+) -> pd.DataFrame:
+    """`write_leaderboards` for every suite with results; return VTAB-1k's board (else the first one written)."""
+    boards = write_leaderboards(results, reference=reference, reported=reported)
+    return boards.get("vtab1k", next(iter(boards.values())))

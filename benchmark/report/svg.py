@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmark.report.format import format_count, format_mean_std, incomplete, printed, trained_params
+from benchmark.report.format import SUITE_TASKS, format_count, format_mean_std, incomplete, printed, trained_params
+from tasks import SUITES
 
 # matplotlib's default colour cycle, so a method has the same colour here and in accuracy_vs_params.png.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -42,7 +43,7 @@ def _params_label(n: float) -> str:
     return f"{n:g}"
 
 
-def plot_svg(board: pd.DataFrame) -> str:
+def plot_svg(board: pd.DataFrame, suite: str = "vtab1k") -> str:
     """Accuracy (mean over tasks) against trained parameters (method + head, log x) as inline SVG.
 
     One point per row that has both: ours filled, reported hollow (`class="pt reported"`), each with its
@@ -52,7 +53,10 @@ def plot_svg(board: pd.DataFrame) -> str:
     """
     has = {"avg_tasks_mean", "tunable"} <= set(board.columns)
     shown = board.dropna(subset=["avg_tasks_mean", "tunable"]) if has else board.iloc[0:0]
-    points = [(f"r{i}", trained_params(r), float(r.avg_tasks_mean), r) for i, r in shown.iterrows()]
+    # VTAB-1k's plot keeps the ids it always had; another suite's plot, on the same page, gets its own.
+    suffix = "" if suite == "vtab1k" else f"-{suite}"
+    n_tasks, headline = len(SUITE_TASKS[suite]), "mean of 19" if suite == "vtab1k" else "mean"
+    points = [(f"r{i}{suffix}", trained_params(r), float(r.avg_tasks_mean), r) for i, r in shown.iterrows()]
     points = [p for p in points if p[1] > 0]
     if not points:
         return '<p class="empty">No row has both an accuracy and a parameter count to plot.</p>'
@@ -70,7 +74,7 @@ def plot_svg(board: pd.DataFrame) -> str:
         faint = '<circle class="incomplete" cx="8" cy="0" r="5" fill="#555" fill-opacity="0.35" stroke="#555"/>'
         legend.append(("ours, incomplete: mean over fewer tasks (not comparable)", faint))
     if any(p[3].get("kind", "ours") == "reported" for p in points):
-        legend.append(("reported (ViT-B/16, real VTAB-1k): mean of 19, params as printed",
+        legend.append((f"reported (ViT-B/16, real {SUITES[suite].title}): {headline}, params as printed",
                        '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
     if front:
         legend.append(("Pareto front of our complete rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
@@ -96,7 +100,7 @@ def plot_svg(board: pd.DataFrame) -> str:
         return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
 
     out = [
-        f'<svg id="plot" viewBox="0 0 {width} {height}" role="img" aria-label="accuracy versus trained parameters">'
+        f'<svg id="plot{suffix}" class="plot" viewBox="0 0 {width} {height}" role="img" aria-label="accuracy versus trained parameters">'
     ]
     for k in range(x0, x1 + 1):
         for m in range(1, 10) if k < x1 else (1,):
@@ -115,20 +119,20 @@ def plot_svg(board: pd.DataFrame) -> str:
     if front:
         line = " ".join(f"{px(p[1]):.1f},{py(p[2]):.1f}" for p in front)
         out.append(
-            f'<polyline id="pareto" points="{line}"><title>Pareto front of our complete rows</title></polyline>'
+            f'<polyline id="pareto{suffix}" points="{line}"><title>Pareto front of our complete rows</title></polyline>'
         )
     colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(board.method.unique()))}
     placed: list[tuple[float, float]] = []
     for key, x, y, r in points:
         kind = r.get("kind", "ours")
         if kind == "ours":
-            seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/19 tasks"
+            seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/{n_tasks} tasks"
             acc = f"accuracy {format_mean_std(y, r.get('avg_tasks_std'))} (mean over tasks)"
             if incomplete(r):
                 acc += f"\nincomplete: {r.tasks} of the board's {r.board_tasks} tasks, not on the front"
         else:
-            seeds = f"reported by {r.source}, {r.tasks}/19 tasks"
-            acc = f"accuracy {printed(y)} (mean of 19, as printed)"
+            seeds = f"reported by {r.source}, {r.tasks}/{n_tasks} tasks"
+            acc = f"accuracy {printed(y)} ({headline}, as printed)"
         head = _num(r.get("head"))
         params = f"params {format_count(r.tunable)}" + (f" + head {format_count(head)}" if head else "")
         tip = "\n".join([r.method, r.protocol, seeds, acc, params])
