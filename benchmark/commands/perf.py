@@ -33,7 +33,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     check_cache_dir(cache_dir)
     if args.data:
         rows = loader.data_perf(
-            task_list(args.tasks),
+            data_tasks(args.tasks),
             data_root=data_root,
             split=args.split,
             image_size=args.image_size or 224,
@@ -47,10 +47,26 @@ def cmd_perf(args: argparse.Namespace) -> int:
             print(json.dumps(rows, indent=1))
         else:
             if not args.data_root:
-                print("data: a synthetic task in a temporary folder (pass --data-root for real data)")
+                print("data: synthetic tasks in a temporary folder (pass --data-root for real data)")
             print(loader.format_rows(rows))
         return 0
     return _model_perf(args, data_root, cache_dir)
+
+
+def data_tasks(spec: str) -> list[Any]:
+    """`--tasks` of `perf --data`: task ids of any suite (a VTAB-1k one and an FGVC one side by side), or `all` or a
+    group of VTAB-1k."""
+    from tasks import GROUPS, UnknownTaskError, get_task
+
+    if spec.strip().lower() == "all" or spec.strip().lower() in GROUPS:
+        return task_list(spec)
+    try:
+        tasks = [get_task(n) for n in spec.split(",") if n.strip()]
+    except UnknownTaskError as e:
+        raise UserError(str(e)) from None
+    if not tasks:
+        raise UserError("--tasks names no task; pass comma-separated task ids")
+    return [t for i, t in enumerate(tasks) if t not in tasks[:i]]
 
 
 def _scaleout(args: argparse.Namespace) -> int:
@@ -144,6 +160,8 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
 
 def register(sub: Any) -> None:
     """Add this module's commands to the `python -m benchmark` subparsers."""
+    from tasks.suites import SUITES
+
     p = sub.add_parser(
         "perf",
         help="speed and memory: every method's training step against the floor (--sweep, --data: see below)",
@@ -153,7 +171,8 @@ def register(sub: Any) -> None:
         "fine-tuning; peak memory; evaluation throughput; the linear probe's cost over a task. Writes "
         "OUT/<device>-<backbone>-<date>.md and .json. --sweep adds the predicted wall time of each method's "
         "19-task VTAB-1k run against the official trainers' pattern. --data: images/s of the cached uint8 "
-        "loader against decoding every image file each epoch. Examples: python -m benchmark perf --backbone "
+        "loader against decoding every image file each epoch (a VTAB-1k task and an FGVC one, whose loader "
+        "crops and flips at random per batch). Examples: python -m benchmark perf --backbone "
         "vit_base_patch16_224 --batch-size 8 --methods vpt_deep,full ; python -m benchmark perf "
         "--precision 32,bf16 --attention explicit,fused --sweep ; python -m benchmark perf --data "
         "--data-root ~/vtab-1k --tasks dtd",
@@ -199,10 +218,21 @@ def register(sub: Any) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g = p.add_argument_group("--data options (and the decode rate of --sweep)")
     g.add_argument(
-        "--data-root", metavar="DIR", help="VTAB-1k folder (default: a synthetic task in a temporary folder)"
+        "--data-root",
+        metavar="DIR",
+        help="the tasks' suite folder, e.g. VTAB-1k's (default: synthetic tasks in a temporary folder)",
     )
-    g.add_argument("--tasks", default="eurosat", help="comma-separated task ids (default: %(default)s)")
-    g.add_argument("--split", choices=("train800", "val200", "train800val200", "test"), default="train800val200")
+    g.add_argument(
+        "--tasks",
+        default="eurosat,cub",
+        help="comma-separated task ids of any suite: a VTAB-1k one and an FGVC one (random crop + flip per batch) "
+        "side by side (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split",
+        choices=tuple(dict.fromkeys(s for suite in SUITES.values() for s in suite.splits)),
+        help="default: each task's final training split (train800val200, train)",
+    )
     g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
     g.add_argument("--epochs", type=positive_int, default=3, help="epochs of each loader (default: %(default)s)")
     g.add_argument(
