@@ -164,6 +164,8 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
     report.problems.extend(rewrite(p) for p in bad[:MAX_IMAGE_PROBLEMS])
     if len(bad) > MAX_IMAGE_PROBLEMS:
         report.problems.append(f"{len(bad) - MAX_IMAGE_PROBLEMS} more unreadable images in {shown}")
+    # Every split reads train.json's class table: its problem is said once, not once per split.
+    report.problems = list(dict.fromkeys(report.problems))
     report.status = FAILED if report.problems else INSTALLED
     return report
 

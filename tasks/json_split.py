@@ -27,7 +27,7 @@ def _load_object(path: Path, task: Task) -> tuple[dict[str, int], bytes]:
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); {how_to_get(task)}") from None
+        raise DataError(f"{path} is not valid JSON ({e}); {SPLIT_COPY}") from None
     if not isinstance(data, dict):
         raise DataError(
             f"{path} holds a JSON {type(data).__name__}, not one object mapping image paths to class ids; {SPLIT_COPY}"
@@ -47,7 +47,7 @@ def class_table(task_dir: Path, task: Task) -> dict[int, int]:
     if len(ids) != task.num_classes:
         raise DataError(
             f"{Path(task_dir) / 'train.json'} has {len(ids)} distinct class ids, task {task.id} has "
-            f"{task.num_classes} classes; {how_to_get(task)}"
+            f"{task.num_classes} classes; {SPLIT_COPY}"
         )
     return {cid: i for i, cid in enumerate(ids)}
 

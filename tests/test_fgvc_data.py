@@ -148,6 +148,11 @@ def _break(folder: Path, how: str) -> None:
         entries["../train.json"] = entries.pop(first)
     elif how == "id":
         entries[first] = "17"
+    elif how == "classes":  # train.json's first image moved to another class: one class fewer than CUB's 200
+        split = folder / "train.json"
+        entries = json.loads(split.read_text())
+        first, second = list(entries)[:2]
+        entries[first] = entries[second]
     elif how == "image":
         (folder / "images" / first).unlink()
     split.write_text(json.dumps(entries))
@@ -162,6 +167,8 @@ def _break(folder: Path, how: str) -> None:
                      r"relative to the image folder"),
         ("leaves", r"CUB_200_2011/val\.json: image path '\.\./train\.json' leaves the image folder"),
         ("id", r"CUB_200_2011/val\.json: class id '17' of '.*' is not an integer"),
+        ("classes", r"CUB_200_2011/train\.json has 199 distinct class ids, task cub has 200 classes; VPT's split "
+                    r"files are expected"),
         ("image", r"CUB_200_2011/val\.json: image .*CUB_200_2011/images/.*\.jpg does not exist; the split files "
                   r"name the images of CUB-200-2011's official release"),
         ("splits", r"CUB_200_2011: train\.json, val\.json, test\.json are missing \(task cub needs .*\); get its "
