@@ -221,13 +221,13 @@ def test_the_kaggle_cars_layout_says_what_to_fetch(fgvc_tree, fixture_sizes, tmp
     # Kaggle's download as it unpacks, with no StanfordCars folder at all: still named for what it is.
     kaggle = tmp_path / "kaggle"
     _kaggle_cars(kaggle / "stanford-cars-dataset")
-    code, stdout, err = data(capsys, "--from", str(kaggle), "--out", str(out), "--tasks", "stanfordcars")
-    assert code == 2
-    one_error_line(err)
-    assert re.search(
-        r"^  stanfordcars: no folder for task stanfordcars in .*; this is the Kaggle layout", stdout, re.M
-    )
-    assert not out.exists() or list(out.iterdir()) == []
+    for source in (kaggle, pack(kaggle, tmp_path / "stanford-cars-dataset.zip")):
+        code, stdout, err = data(capsys, "--from", str(source), "--out", str(out), "--tasks", "stanfordcars")
+        assert code == 2
+        one_error_line(err)
+        found = r"^  stanfordcars: no folder for task stanfordcars in .*; this is the Kaggle layout of Stanford Cars"
+        assert re.search(found, stdout, re.MULTILINE), stdout
+        assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_missing_datasets_say_where_to_get_them_and_on_what_terms(fgvc_tree, fixture_sizes, tmp_path, capsys):
