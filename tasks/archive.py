@@ -35,6 +35,7 @@ from tasks.atomic import atomic_write_bytes
 from tasks.catalog import get_task
 from tasks.fgvc_sources import SPLIT_COPY, images_from, kaggle_cars, splits_from, where_to_get
 from tasks.folder import DataError, decode_image
+from tasks.json_split import CLASS_TABLE_SPLIT
 from tasks.sources import MARKER, STAGING_PREFIX, Log, Source, quiet
 from tasks.splits import read_split, split_file_name
 from tasks.task import Task
@@ -125,13 +126,16 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
 
     report = TaskReport(task)
     splits = task.suite_info.splits
-    # A wrong copy or no image folder: every image path would be missing; one line says why instead.
+    # A wrong copy or no image folder: every image would be missing; one line says why instead, and the split
+    # files are checked without their images.
+    check_files = True
     wrong = kaggle_cars(task, _dir_names(task_dir))
     if wrong is not None:
         report.problems.append(f"{shown}: {wrong}")
+        check_files = False
     elif task.image_root and not (task_dir / task.image_root).is_dir():
-        wrong = f"{shown}/{task.image_root}/ (the image folder) is missing{advice(task, images_from)}"
-        report.problems.append(wrong)
+        report.problems.append(f"{shown}/{task.image_root}/ (the image folder) is missing{advice(task, images_from)}")
+        check_files = False
     images: dict[Path, None] = {}
     names = {s: split_file_name(task, s) for s in splits}
     missing = [names[s] for s in splits if not (task_dir / names[s]).is_file()]
@@ -139,6 +143,8 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
         what = f"{shown}/{missing[0]} is" if len(missing) == 1 else f"{shown}: {', '.join(missing)} are"
         needed = ", ".join(names.values())
         report.problems.append(f"{what} missing (task {task.id} needs {needed}){advice(task, splits_from)}")
+    # Every JSON split's labels come from train.json: without it, the splits are only counted.
+    counts_only = task.suite_info.layout == "json" and names.get(CLASS_TABLE_SPLIT) in missing
     for split in splits:
         name = names[split]
         path = task_dir / name
@@ -150,14 +156,15 @@ def validate_task_dir(task_dir: Path, task: Task, *, display: str | None = None,
         found = report.lines[split] = _count_entries(raw, task.suite_info.layout)
         if found is not None and found != task.split_sizes[split]:
             report.problems.append(_size_problem(f"{shown}/{name}", task, split, found))
-        if wrong is not None:
+        if counts_only:
             continue
         try:
-            split_file = read_split(task_dir, task, split, check_files=True)
+            split_file = read_split(task_dir, task, split, check_files=check_files)
         except DataError as e:
             report.problems.append(rewrite(str(e)))
             continue
-        images.update(dict.fromkeys(split_file.images))
+        if check_files:
+            images.update(dict.fromkeys(split_file.images))
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         bad = [p for p in pool.map(_image_problem, images, chunksize=64) if p is not None]

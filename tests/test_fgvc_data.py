@@ -133,6 +133,9 @@ def _break(folder: Path, how: str) -> None:
         for name in ("train.json", "val.json", "test.json"):
             (folder / name).unlink()
         return
+    if how == "train":
+        (folder / "train.json").unlink()
+        return
     if how == "folder":
         shutil.rmtree(folder / "images")
         return
@@ -174,6 +177,8 @@ def _break(folder: Path, how: str) -> None:
         ("splits", r"CUB_200_2011: train\.json, val\.json, test\.json are missing \(task cub needs .*\); get its "
                    r"train\.json, val\.json, test\.json \(VPT's splits\) from json\.zip of "
                    r"https://huggingface\.co/datasets/XiN0919/FGVC$"),
+        ("train", r"CUB_200_2011/train\.json is missing \(task cub needs train\.json, val\.json, test\.json\); get "
+                  r"its train\.json, val\.json, test\.json \(VPT's splits\) from json\.zip"),
         ("folder", r"CUB_200_2011/images/ \(the image folder\) is missing; get CUB-200-2011's images "
                    r"\(CUB_200_2011\.tgz\) from https://data\.caltech\.edu/records/65de6-vp158 or .*; licence: "
                    r"non-commercial research and education only"),
