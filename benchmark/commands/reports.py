@@ -33,26 +33,28 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmark.papers.reference import load_reference
-    from benchmark.report.compare import compare
-    from benchmark.report.compare_report import summary_lines, write_comparison
+    from benchmark.papers.reference import load_references
+    from benchmark.report.compare import compare_suites
+    from benchmark.report.compare_report import comparison_files, summary_lines, write_comparison
     from benchmark.run.results import check_outputs, check_writable
+    from tasks import SUITES
 
-    reference = load_reference(args.reference)
+    references = load_references(args.reference)
     results = Path(args.results).expanduser()
-    stem = f"compare-{args.table}" if args.table else "compare"
-    check_outputs(results, (f"{stem}.md", f"{stem}.csv"))
     if args.table:
         from benchmark.report.compare_table import write_table
 
+        check_outputs(results, (f"compare-{args.table}.md", f"compare-{args.table}.csv"))
         check_writable(results)
-        md, text = write_table(results, reference, args.table)
+        md, text = write_table(results, references, args.table)
         print(f"{text}\ntable in {md} and {md.with_suffix('.csv')}")
         return 0
-    comparison = compare(results, reference, methods=method_names(args.method), sources=args.source)
+    check_outputs(results, tuple(name for s in SUITES for name in comparison_files(s)))
+    comparisons = compare_suites(results, references, methods=method_names(args.method), sources=args.source)
     check_writable(results)
-    md, csv = write_comparison(comparison)
-    print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
+    for comparison in comparisons:
+        md, csv = write_comparison(comparison)
+        print("\n".join([*summary_lines(comparison), f"comparison in {md} and {csv}"]))
     return 0
 
 
@@ -82,15 +84,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_leaderboard)
     p = sub.add_parser(
         "compare",
-        help="our results beside the papers' numbers: compare.md and compare.csv in the results directory",
+        help="our results beside the papers' numbers: compare.md and .csv (FGVC: compare-fgvc.md and .csv) in the "
+        "results directory",
         description="For each method with results and each of its reported rows: per task, group and average, "
         "our mean ± std over seeds, the reported number, the difference, whether it lies within our std over "
-        "seeds, and the protocol and backbone of both sides (rows where they differ are marked). "
+        "seeds, and the protocol and backbone of both sides (rows where they differ are marked); each suite's "
+        "results beside its own reference file (VTAB-1k: compare.md, FGVC: compare-fgvc.md). "
         "Example: python -m benchmark compare --results results/reproduce/vpt_deep-full --source V-PETL",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--method", help="comma-separated methods (default: every method with results)")
-    p.add_argument("--table", metavar="PAPER", help="lay ours out as a paper's VTAB-1k table: e2vpt, convpass or vpt "
-                   "(writes compare-PAPER.md and .csv)")  # fmt: skip
+    p.add_argument("--table", metavar="PAPER", help="lay ours out as a paper's tables: e2vpt and vpt (VTAB-1k and "
+                   "FGVC) or convpass (VTAB-1k); writes compare-PAPER.md and .csv")  # fmt: skip
     reference_options(p)
     p.set_defaults(func=cmd_compare)

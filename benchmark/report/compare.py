@@ -33,20 +33,30 @@ import pandas as pd
 
 from benchmark.core.errors import UserError
 from benchmark.papers.reference import (
-    BACKBONE_WEIGHTS,
     MEAN_COLUMNS,
     REPORTED_EPOCHS,
     ReferenceTable,
     issues_for,
     source_label,
 )
-from benchmark.report.format import GROUP_OF, GROUP_SIZES, TASK_ORDER, protocol_label
-from benchmark.report.leaderboard import aggregate, runs_frame
+from benchmark.report.format import GROUP_OF, GROUP_SIZES, SUITE_TASKS, TASK_ORDER, protocol_label
+from benchmark.report.ours import Variant, method_variants, ours_frame
+from benchmark.report.ours import backbone_identity as backbone_identity  # re-exported: part of compare's interface
 from benchmark.run.results import load_results
-from tasks import GROUPS
+from tasks import SUITES
 
-ROWS: tuple[str, ...] = (*TASK_ORDER, *MEAN_COLUMNS)
-ROW_TITLES = {"avg_groups": "avg (groups)", "avg_19": "avg (19 tasks)"}
+# A suite's lines: its tasks, then its means (VTAB-1k: groups, mean of groups, mean of 19; FGVC: the mean of five).
+SUITE_ROWS: dict[str, tuple[str, ...]] = {
+    "vtab1k": (*SUITE_TASKS["vtab1k"], *MEAN_COLUMNS),
+    "fgvc": (*SUITE_TASKS["fgvc"], "mean"),
+}
+ROWS: tuple[str, ...] = SUITE_ROWS["vtab1k"]
+ROW_TITLES = {"avg_groups": "avg (groups)", "avg_19": "avg (19 tasks)", "mean": "mean (5 datasets)"}
+# The lines a suite's summary shows, with their short titles.
+HEADLINES: dict[str, tuple[tuple[str, str], ...]] = {
+    "vtab1k": (("avg_groups", "avg(g)"), ("avg_19", "avg(19)")),
+    "fgvc": (("mean", "mean"),),
+}
 CSV_COLUMNS = [
     "method", "ours_protocol", "ours_budget", "source", "reported_protocol", "row", "kind", "ours_mean",
     "ours_std", "ours_seeds", "reported", "diff", "within_spread", "protocols_match", "ours_backbone",
@@ -55,126 +65,27 @@ CSV_COLUMNS = [
 MARK = "⚠"
 
 
-def backbone_identity(config: dict[str, Any]) -> tuple[str | None, str]:
-    """Which reference checkpoint a run used (`orig_in21k`, `augreg_in21k`, or None) and how to name it.
-
-    A run matches a reference checkpoint when it ran timm's ViT-B/16 at 224 px with pretrained weights
-    tagged as that checkpoint (a local `--weights` file is taken to be what the backbone name says), or
-    Google's original `ViT-B_16.npz`.
-    """
-    name = config.get("backbone", "?")
-    weights = config.get("weights")
-    size = config.get("image_size")
-    text = (
-        name + (f" ({Path(weights).name})" if weights else "") + (f" at {size} px" if size not in (None, 224) else "")
-    )
-    if not config.get("pretrained", True):
-        return None, f"{name} (random init)"
-    arch, _, tag = name.partition(".")
-    if arch != "vit_base_patch16_224" or size not in (None, 224):
-        return None, text
-    if weights and Path(weights).name == "ViT-B_16.npz":
-        return "orig_in21k", text
-    return (tag if tag in BACKBONE_WEIGHTS else None), text
-
-
-def ours_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run that reports test accuracy (`final` mode): the leaderboard's run columns plus
-    `epochs`, `weights_id`, `backbone_text`, `grid` (the lr × weight-decay grid's shape) and `search`
-    (a pruning search's token × segment levels)."""
-    records = [r for r in records if r.get("mode") == "final"]
-    frame = runs_frame(records)
-    extra = []
-    for r in records:
-        config = r.get("config") or {}
-        weights_id, text = backbone_identity(config)
-        grid = (r.get("selection") or {}).get("grid")
-        pruning = r.get("pruning") or {}
-        levels = (pruning.get("token_levels"), pruning.get("segment_levels"))
-        extra.append({
-            "epochs": ((config.get("method_config") or {}).get("recipe") or {}).get("epochs"),
-            "weights_id": weights_id,
-            "backbone_text": text,
-            "grid": (len({g[0] for g in grid}), len({g[1] for g in grid})) if grid else None,
-            "search": (len(levels[0]), len(levels[1])) if all(levels) else None,
-        })  # fmt: skip
-    return pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1) if records else frame
-
-
-def _row_tasks(row: str) -> list[str]:
-    """The tasks a line averages: the task itself, a group's tasks, or all 19."""
+def _row_tasks(row: str, suite: str) -> list[str]:
+    """The tasks a line averages: the task itself, a group's tasks, or all the suite's."""
     if row in GROUP_SIZES:
         return [t for t in TASK_ORDER if GROUP_OF[t] == row]
-    return list(TASK_ORDER) if row in ("avg_groups", "avg_19") else [row]
+    return list(SUITE_TASKS[suite]) if row in ("avg_groups", "avg_19", "mean") else [row]
 
 
 def _kind(row: str) -> str:
-    return "task" if row in TASK_ORDER else "group" if row in GROUPS else "average"
-
-
-def _seeds(n: int) -> str:
-    return f"{n} seed" + ("s" if n != 1 else "")
-
-
-@dataclass
-class Variant:
-    """Our runs of one method under one protocol and budget."""
-
-    method: str
-    protocol: str
-    budget: str
-    runs: pd.DataFrame
-    stats: dict[str, Any]
-    # What sets this configuration apart from the method's other runs under the protocol (`benchmark.report.variants`).
-    variant: str = ""
-
-    def label(self) -> str:
-        """The protocol label of the whole variant (seeds: those with a successful run)."""
-        seeds = self.runs[self.runs.status == "ok"].seed.nunique()
-        label = protocol_label(self.protocol, int(seeds), self.budget)
-        return label + (f" [{self.variant}]" if self.variant else "")
-
-    def describe(self) -> str:
-        """How these numbers were produced, in words: tuning, seeds, epochs, search, budget."""
-        ok = self.runs[self.runs.status == "ok"]
-        seeds = sorted(int(s) for s in ok.seed.unique())
-        epochs = sorted({int(e) for e in self.runs.epochs.dropna()})
-        ep = "/".join(map(str, epochs)) or "?"
-        if self.protocol == "grid":
-            grids = sorted({g for g in self.runs.grid.dropna()})
-            shape = " or ".join(f"{a}×{b}" for a, b in grids) or "?"
-            text = f"val-tuned: lr × weight-decay grid {shape} on train800 → val200 (seed 42), then "
-        else:
-            text = "fixed recipe (no tuning): "
-        text += f"train800val200 → test, last epoch of {ep}, {_seeds(len(seeds))} ({', '.join(map(str, seeds))})"
-        searches = sorted({s for s in self.runs.search.dropna()})
-        if searches:
-            text += "; pruning search over " + " or ".join(f"{a}×{b}" for a, b in searches) + " token × segment levels"
-        if self.budget != "full":
-            text += f"; {self.budget} budget"
-        return text
-
-
-def method_variants(frame: pd.DataFrame, method: str) -> list[Variant]:
-    out = []
-    runs = frame[frame.method == method]
-    for (protocol, budget, variant), g in runs.groupby(["protocol", "budget", "variant"], sort=True):
-        ok = g[g.status == "ok"]
-        per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
-        out.append(Variant(method, protocol, budget, g, aggregate(per_seed), variant))
-    return out
+    return "task" if row in TASK_ORDER else "group" if row in GROUP_SIZES else "average"
 
 
 def _ours_row(variant: Variant, row: str) -> dict[str, Any]:
     """Our side of one line: mean, std, seeds, label, backbone and epochs of the runs it covers, and notes."""
     s = variant.stats
-    tasks = _row_tasks(row)
+    tasks = _row_tasks(row, variant.suite)
     notes = []
     if row in TASK_ORDER:
         key = row
         present = f"{row}_mean" in s
     else:
-        key = "avg_tasks" if row == "avg_19" else row
+        key = "avg_tasks" if row in ("avg_19", "mean") else row
         covered = sum(f"{t}_mean" in s for t in tasks)
         present = covered == len(tasks)
         if not present:
@@ -233,7 +144,7 @@ def comparison_line(variant: Variant, ref: pd.Series, row: str, reference: Refer
     for d in reference.discrepancies:
         if d.line == ref.line and d.column == row:
             notes.append(f"printed {d.value}; its cells give {d.rounded} (see the end)")
-    for issue in issues_for(ref.method, ref.source):
+    for issue in issues_for(ref.method, ref.source, reference.suite):
         if row in issue.columns and issue.kind == "unconfirmed":
             notes.append("unconfirmed reported value")
         elif row in issue.columns and issue.kind != "published-means":
@@ -316,20 +227,8 @@ def check_sources(reference: ReferenceTable, methods: list[str], sources: list[s
                         f"{' or '.join(map(repr, sources))}; their sources: {', '.join(known) or 'none'}")  # fmt: skip
 
 
-def compare(
-    results: Path, reference: ReferenceTable, *, methods: list[str] | None = None, sources: list[str] | None = None
-) -> Comparison:
-    """Build the comparison of the results under `results` with `reference`.
-
-    Args:
-        results: a results directory (`<results>/runs/...`, as `bench` and `reproduce` write it).
-        reference: the checked reference table.
-        methods: only these methods (default: every method with test-split results).
-        sources: keep only reference rows whose source contains one of these texts (case-insensitive).
-
-    Raises:
-        UserError: no results, a method without results, or sources that select no row.
-    """
+def _ours(results: Path) -> pd.DataFrame:
+    """`ours_frame` of the results directory; `UserError` when it has no test-split results."""
     results = Path(results)
     if not (results / "runs").is_dir():
         raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` "
@@ -338,27 +237,91 @@ def compare(
     if frame.empty:
         raise UserError(f"no test-split results in {results} (only tuning runs, or none); run `python -m benchmark "
                         "bench` (protocol final or grid) or `python -m benchmark reproduce` first")  # fmt: skip
+    return frame
+
+
+def _check_methods(frame: pd.DataFrame, methods: list[str], results: Path, where: str = "") -> None:
     present = sorted(frame.method.unique())
-    methods = present if methods is None else methods
     for method in methods:
         if method not in present:
-            raise UserError(f"no results for {method} in {results} (it has results for {', '.join(present)}); "
+            raise UserError(f"no results for {method}{where} in {results} (it has results for {', '.join(present)}); "
                             "pick one of those with --method")  # fmt: skip
-    check_sources(reference, methods, sources)
+
+
+def comparison_of(
+    frame: pd.DataFrame, reference: ReferenceTable, methods: list[str], sources: list[str] | None, results: Path
+) -> Comparison:
+    """The comparison of `methods`' runs on the reference's suite (`frame`: `ours_frame`) with its rows."""
     blocks, variants, unreported = [], [], []
+    rows = SUITE_ROWS[reference.suite]
     for method in methods:
         refs = reference.rows(method)
         if refs.empty:
             unreported.append(method)
         refs = refs[refs.source.map(lambda s: _selected(s, sources))]
-        for variant in method_variants(frame, method):
+        for variant in method_variants(frame, method, reference.suite):
             variants.append(variant)
             for _, ref in refs.iterrows():
                 lines = pd.DataFrame(
-                    [comparison_line(variant, ref, row, reference) for row in ROWS], columns=CSV_COLUMNS
+                    [comparison_line(variant, ref, row, reference) for row in rows], columns=CSV_COLUMNS
                 )
                 blocks.append(Block(variant, ref, lines))
-    return Comparison(blocks, variants, unreported, reference, results)
+    return Comparison(blocks, variants, unreported, reference, Path(results))
+
+
+def compare(
+    results: Path, reference: ReferenceTable, *, methods: list[str] | None = None, sources: list[str] | None = None
+) -> Comparison:
+    """Build the comparison of the results under `results` on the reference's suite with `reference`.
+
+    Args:
+        results: a results directory (`<results>/runs/...`, as `bench` and `reproduce` write it).
+        reference: the checked reference table of one suite; only results on that suite's tasks are compared.
+        methods: only these methods (default: every method with test-split results on the suite).
+        sources: keep only reference rows whose source contains one of these texts (case-insensitive).
+
+    Raises:
+        UserError: no results, a method without results, or sources that select no row.
+    """
+    frame = _ours(results)
+    title = SUITES[reference.suite].title
+    frame = frame[frame.suite == reference.suite]
+    if frame.empty:
+        raise UserError(f"no test-split results on {title} tasks in {results}; compare reads the results of the "
+                        "reference file's suite")  # fmt: skip
+    methods = sorted(frame.method.unique()) if methods is None else methods
+    _check_methods(frame, methods, results, f" on {title}")
+    check_sources(reference, methods, sources)
+    return comparison_of(frame, reference, methods, sources, results)
+
+
+def compare_suites(
+    results: Path,
+    references: dict[str, ReferenceTable],
+    *,
+    methods: list[str] | None = None,
+    sources: list[str] | None = None,
+) -> list[Comparison]:
+    """A comparison per suite with results (in `SUITES` order), each with its own suite's reference rows.
+
+    Raises:
+        UserError: no results, a method without results on any suite, or sources that select no row of any.
+    """
+    frame = _ours(results)
+    _check_methods(frame, methods or [], results)
+    suites = [s for s in SUITES if (frame.suite == s).any() and s in references]
+    chosen = {s: [m for m in (methods or sorted(frame[frame.suite == s].method.unique()))
+                  if (frame[frame.suite == s].method == m).any()] for s in suites}  # fmt: skip
+    if sources and not any(
+        references[s]
+        .frame[references[s].frame.method.isin(chosen[s])]
+        .source.map(lambda x: _selected(x, sources))
+        .any()
+        for s in suites
+    ):
+        check_sources(references[suites[0]], chosen[suites[0]], sources)  # raises, naming the known sources
+    return [comparison_of(frame[frame.suite == s], references[s], chosen[s], sources, results) for s in suites
+            if chosen[s]]  # fmt: skip
 
 
 def is_marked(line: pd.Series) -> bool:

@@ -1,9 +1,11 @@
-"""`compare --table e2vpt|convpass|vpt`: our results laid out as a paper's VTAB-1k table, reported beside ours.
+"""`compare --table e2vpt|convpass|vpt`: our results laid out as a paper's tables, reported beside ours.
 
 Each paper's table is data (`results/reference/paper_tables.json`): its title, its columns in the paper's
 order (tasks, group means, the mean of groups, parameters), and its rows in the paper's order, each naming the
 reference row it prints (`method` and a text of its `source` in `vtab1k_reported.csv`) and the suite methods
-that run it (LoRA's row: `lora` and `peft_lora`, the same function). Rows of methods the suite does not have
+that run it (LoRA's row: `lora` and `peft_lora`, the same function). A paper that also prints an FGVC table
+(VPT, E²VPT) has it under the key `fgvc`, laid out the same way from `fgvc_reported.csv` (columns: the five
+datasets, `mean`, parameters) and compared with our FGVC results only; `compare --table` shows both halves. Rows of methods the suite does not have
 are listed under the table, not shown. Under each reported line come our lines, one per method and protocol
 variant, computed as `compare` computes them (`compare.comparison_line`: a group mean only when every task of
 it has results): mean ± std over seeds, and our mean tunable parameters in millions.
@@ -25,14 +27,15 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.errors import UserError
-from benchmark.papers.reference import ReferenceDataError, ReferenceTable, source_label
-from benchmark.report.compare import MARK, ROWS, comparison_line, method_variants, ours_frame
+from benchmark.papers.reference import ReferenceDataError, ReferenceTable, load_references, source_label
+from benchmark.report.compare import MARK, SUITE_ROWS, comparison_line, method_variants, ours_frame
 from benchmark.report.format import csv_text, markdown_table, printed
 from benchmark.run.results import PROJECT_ROOT, atomic_write_bytes, load_results
 
 PAPER_TABLES = PROJECT_ROOT / "results" / "reference" / "paper_tables.json"
 TEST_SELECTED = "†"
 TITLES = {"avg_groups": "avg (groups)", "avg_19": "avg (19)", "params_m": "params (M)"}
+REFERENCE_NAMES = {"vtab1k": "vtab1k_reported.csv", "fgvc": "fgvc_reported.csv"}
 
 
 @dataclass(frozen=True)
@@ -48,31 +51,38 @@ class TableRow:
 
 @dataclass(frozen=True)
 class PaperTable:
+    """One paper's table of one suite; `halves` are its tables of the other suites (VPT's and E²VPT's FGVC)."""
+
     key: str
     title: str
     columns: tuple[str, ...]
     rows: tuple[TableRow, ...]
     not_in_suite: tuple[str, ...]
     note: str
+    suite: str = "vtab1k"
+    halves: tuple[PaperTable, ...] = ()
+
+
+def _table(key: str, t: dict[str, Any], suite: str) -> PaperTable:
+    rows = tuple(TableRow(r["label"], r["reference"], r["source"], tuple(r["methods"]), bool(r["confirmed"]))
+                 for r in t["rows"])  # fmt: skip
+    halves = tuple(_table(key, t[s], s) for s in SUITE_ROWS if s != suite and s in t)
+    return PaperTable(key, t["title"], tuple(t["columns"]), rows, tuple(t.get("not_in_suite", ())),
+                      t.get("note", ""), suite, halves)  # fmt: skip
 
 
 def load_tables(path: Path = PAPER_TABLES) -> dict[str, PaperTable]:
-    """The paper tables, checked: known columns, and every row with a method, a source and suite methods."""
+    """The paper tables, checked: known columns of their suite, and every row with a method, a source and suite
+    methods."""
     try:
-        data = json.loads(Path(path).read_text())
-        tables = {
-            key: PaperTable(key, t["title"], tuple(t["columns"]),
-                            tuple(TableRow(r["label"], r["reference"], r["source"], tuple(r["methods"]),
-                                           bool(r["confirmed"])) for r in t["rows"]),
-                            tuple(t.get("not_in_suite", ())), t.get("note", ""))
-            for key, t in data.items()
-        }  # fmt: skip
+        tables = {key: _table(key, t, "vtab1k") for key, t in json.loads(Path(path).read_text()).items()}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ReferenceDataError(f"{path}: cannot read the paper tables ({type(e).__name__}: {e})") from None
-    for table in tables.values():
-        unknown = [c for c in table.columns if c not in (*ROWS, "params_m")]
+    for table in (part for t in tables.values() for part in (t, *t.halves)):
+        unknown = [c for c in table.columns if c not in (*SUITE_ROWS[table.suite], "params_m")]
         if unknown or not table.rows:
-            raise ReferenceDataError(f"{path}: table {table.key} has unknown columns {unknown} or no rows")
+            raise ReferenceDataError(f"{path}: table {table.key} ({table.suite}) has unknown columns {unknown} or "
+                                     "no rows")  # fmt: skip
     return tables
 
 
@@ -110,6 +120,7 @@ def table_view(results: Path, reference: ReferenceTable, table: PaperTable) -> p
         raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` "
                         "or `python -m benchmark reproduce` first, or pass the right --results")  # fmt: skip
     frame = ours_frame(load_results(results))
+    frame = frame[frame.suite == table.suite] if not frame.empty else frame
     present = set(frame.method) if not frame.empty else set()
     lines: list[dict[str, Any]] = []
     for row in table.rows:
@@ -122,7 +133,7 @@ def table_view(results: Path, reference: ReferenceTable, table: PaperTable) -> p
             **{c: ref[c] for c in table.columns},
         })  # fmt: skip
         for method in row.methods:
-            variants = method_variants(frame, method) if method in present else []
+            variants = method_variants(frame, method, table.suite) if method in present else []
             if not variants:
                 lines.append({"row": row.label, "side": "ours", "who": method, "protocol": "no results", "mark": "",
                               "why": "", **dict.fromkeys(table.columns, np.nan)})  # fmt: skip
@@ -170,7 +181,7 @@ def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
         f"Ours from `{results}`, laid out as the paper's table. Generated by `python -m benchmark compare --table "
         f"{table.key}`; do not edit.",
         "",
-        f"Reported: the numbers of `results/reference/vtab1k_reported.csv` this table prints; {TEST_SELECTED} marks "
+        f"Reported: the numbers of `results/reference/{REFERENCE_NAMES[table.suite]}` this table prints; {TEST_SELECTED} marks "
         "numbers selected on the test set (best of several test evaluations), which last-epoch numbers cannot be "
         f"compared with. Ours: mean ± std over seeds of the last-epoch test accuracy; {MARK} marks a line whose "
         "protocol or backbone differs from the reported line's (the note says how); a mean only where every task "
@@ -185,13 +196,22 @@ def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(results: Path, reference: ReferenceTable, key: str) -> tuple[Path, str]:
-    """Build the view of paper table `key` for `results`, write `compare-<key>.md` and `.csv`; return the
-    Markdown path and text."""
+def write_table(results: Path, reference: ReferenceTable | dict[str, ReferenceTable], key: str) -> tuple[Path, str]:
+    """Build the view of paper table `key` (and of its other suites' halves) for `results`, each half beside its
+    own suite's reference rows (`reference`: one table, or one per suite; a suite missing takes its shipped
+    file); write `compare-<key>.md` and `.csv` (a `suite` column when there are halves); return the Markdown
+    path and text."""
     table = get_table(key)
-    view = table_view(results, reference, table)
-    text = markdown(view, table, Path(results))
+    given = {reference.suite: reference} if isinstance(reference, ReferenceTable) else dict(reference)
+    parts = (table, *table.halves)
+    if any(part.suite not in given for part in parts):
+        given = {**load_references(), **given}
+    views = [table_view(results, given[part.suite], part) for part in parts]
+    text = "\n".join(markdown(view, part, Path(results)) for view, part in zip(views, parts, strict=True))
     md, csv = Path(results) / f"compare-{key}.md", Path(results) / f"compare-{key}.csv"
-    atomic_write_bytes(csv, csv_text(view).encode())
+    if table.halves:
+        view = pd.concat([v.assign(suite=p.suite) for v, p in zip(views, parts, strict=True)], ignore_index=True)
+        views = [view[["suite", *(c for c in view.columns if c != "suite")]]]
+    atomic_write_bytes(csv, csv_text(views[0]).encode())
     atomic_write_bytes(md, text.encode())
     return md, text
