@@ -32,7 +32,7 @@ def fgvc_row(method: str, source: str) -> pd.Series:
 
 
 def test_fgvc_reference_has_the_papers_rows_in_the_suites_columns():
-    assert FGVC.suite == "fgvc" and FGVC_TASK_COLUMNS == tuple(t.id for t in list_tasks(suite="fgvc"))
+    assert FGVC.suite == "fgvc" and tuple(t.id for t in list_tasks(suite="fgvc")) == FGVC_TASK_COLUMNS
     assert load_reference(FGVC_REFERENCE_CSV).suite == "fgvc"  # a file's suite is read from its header
     frame = FGVC.frame
     for method in ("full", "linear", "vpt_shallow", "vpt_deep", "e2vpt", "bitfit", "adapter", "adaptformer", "lora",
@@ -65,8 +65,11 @@ def test_fgvc_reference_has_the_papers_rows_in_the_suites_columns():
     [
         (",88.54,", ",88.64,", r"line 2 \(full\), column mean: 88.64 is not the mean of its five datasets \(88.54"),
         (",87.3,82.7,", ",101,82.7,", r"column cub: 101 is outside the allowed range"),
-        ("val-tuned-unknown-aggregation,orig_in21k,87.3", "best-of-everything,orig_in21k,87.3",
-         r"column selection_protocol: unknown protocol label 'best-of-everything'; use one of val-tuned-unknown"),
+        (
+            "val-tuned-unknown-aggregation,orig_in21k,87.3",
+            "best-of-everything,orig_in21k,87.3",
+            r"column selection_protocol: unknown protocol label 'best-of-everything'; use one of val-tuned-unknown",
+        ),
         (",85.98,yes", ",85.98,maybe", r"column confirmed: unknown value 'maybe'"),
         (",stanfordcars,mean,", ",stanfordcars,avg,", r"line 1: unknown column 'avg'"),
     ],
