@@ -18,7 +18,8 @@ from torchvision import transforms as T
 
 import benchmark.data.cache as cache
 from benchmark.cli import main
-from benchmark.data.arrays import VTABDataModule, load_split_images
+from benchmark.core.errors import UserError
+from benchmark.data.arrays import VTABDataModule, check_cache_space, load_split_images
 from benchmark.data.augment import CropFlipDataset, flip_batch, gather_crops
 from benchmark.run import runner
 from benchmark.run.splits import mode_splits, protocol_splits
@@ -198,3 +199,30 @@ def test_bench_fgvc_trains_from_the_cache(fgvc_root, tmp_path, monkeypatch):
     decoded.clear()
     assert main([*args, "--results", str(tmp_path / "r2")]) == 0
     assert not decoded
+
+
+def test_uncropped_entries_are_checked_and_rebuilt(fgvc_root, tmp_path, monkeypatch, capsys):
+    train = split_of(fgvc_root, "train")
+    index = cache.shorter_index(train, R)
+    needed = cache.index_total(index) + cache.NPY_HEADER + 24 * len(train) + cache.NPY_HEADER
+    monkeypatch.setattr("benchmark.core.paths.free_bytes", lambda path: needed - 1)
+    with pytest.raises(UserError, match=rf"1 split\(s\) \({len(train)} images at {S} px\) needs"):
+        check_cache_space([train], S, cache_dir=tmp_path)
+    monkeypatch.setattr("benchmark.core.paths.free_bytes", lambda path: needed)
+    check_cache_space([train], S, cache_dir=tmp_path)
+    good = load_split_images(train, S, cache_dir=tmp_path)
+    assert np.array_equal(good.index, index)
+    pixels, stored = tmp_path / Path(good.inputs.filename).name, cache.index_path(Path(good.inputs.filename))
+    check_cache_space([train], S, cache_dir=tmp_path)  # nothing left to decode
+    damaged = index.copy()
+    damaged[1, 0] += 3
+    np.save(stored, damaged)
+    again = load_split_images(train, S, cache_dir=tmp_path)
+    assert (
+        "index holds an index whose offsets do not follow its image shapes; rebuilding it" in capsys.readouterr().err
+    )
+    assert np.array_equal(again.index, index) and np.array_equal(again.inputs, good.inputs)
+    with open(pixels, "r+b") as f:
+        f.truncate(pixels.stat().st_size - 5)
+    load_split_images(train, S, cache_dir=tmp_path)
+    assert "is truncated" in capsys.readouterr().err

@@ -169,7 +169,7 @@ class VTABDataModule(pl.LightningDataModule):
     """One task's training split and evaluation split, as arrays (images or cached features).
 
     `train_dataloader` shuffles with a generator seeded by `seed`; `test_dataloader` serves the
-    evaluation split (val200 when tuning, test for final runs) in order. uint8 image batches are
+    evaluation split (the validation split when tuning, test for final runs) in order. uint8 image batches are
     normalised after they reach the device (`on_after_batch_transfer`), so the host only moves bytes.
 
     `on_device`: with `auto` (on a GPU, when both splits fit in a quarter of its free memory) or `on`, both

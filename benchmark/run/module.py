@@ -30,7 +30,8 @@ class ClassificationModule(pl.LightningModule):
         recipe: optimiser, schedule (stepped per epoch) and weight decay.
         inputs: `images` (uint8 batches through the whole model) or `features` (cached pooled
             features through the head only, for methods whose features are frozen).
-        eval_split: name of the evaluated split (`val200` or `test`), used for logging.
+        eval_split: name of the evaluated split (the suite's validation split when tuning, e.g. `val200`, or `test`),
+            used for logging.
     """
 
     def __init__(
