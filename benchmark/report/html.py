@@ -51,10 +51,13 @@ def content_security_policy(script: str, style: str) -> str:
 
 
 OURS_PROTOCOLS = {
-    "val-tuned": "lr and weight decay chosen on val200 after training on train800 (the grid), then trained on "
-    "train800val200; test accuracy after the last epoch",
-    "fixed-hparams": "the method's recipe, no tuning, trained on train800val200; test accuracy after the last epoch",
-    "val200": "trained on train800; val200 accuracy after the last epoch (a tuning number, not a test one)",
+    "val-tuned": "lr and weight decay chosen on the validation split after training on the training split (the "
+    "grid; VTAB-1k: train800 → val200, FGVC: train → val), then trained on the final training split "
+    "(train800val200; FGVC: train); test accuracy after the last epoch",
+    "fixed-hparams": "the method's recipe, no tuning, trained on the final training split (train800val200; FGVC: "
+    "train); test accuracy after the last epoch",
+    "val200": "trained on the training split (train800; FGVC: train); validation accuracy after the last epoch (a "
+    "tuning number, not a test one)",
 }
 
 
