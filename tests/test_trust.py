@@ -172,35 +172,40 @@ def test_a_result_filed_under_another_method_is_refused(tmp_path, capsys):
 
 # -- 8. signals: one line, 143 / 130, nothing partial, resumable --------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_run_stops_cleanly_and_the_sweep_resumes(signum, synth_root, tmp_path):
-    results = tmp_path / "r"
-    cmd = [sys.executable, "-m", "benchmark", *bench_args(synth_root, results, "--epochs", "40", "--lr", "0.01",
-                                                           method="full", seeds="42,44")]  # fmt: skip
+def test_a_signal_mid_run_stops_cleanly_and_the_sweep_resumes(synth_root, tmp_path):
+    """SIGTERM and SIGINT, each to a sweep of its own; the two sweeps start together (their imports overlap)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    claim = claims.claim_path(results / "runs/full/svhn/final-s42.json")
-    deadline = time.monotonic() + 240
-    while not claim.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert claim.exists(), proc.communicate()
-    time.sleep(0.5)  # inside training
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signum, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith(f"stopped by {signal.Signals(signum).name}: finished runs are saved"), err
-    assert "Traceback" not in err
-    # Nothing recorded for the run in flight, no temporary file, no claim left behind (the directory's settings,
-    # written before the first run, stay).
-    assert files_under(results) == ["runs/full/final.settings"]
-    # Resumed with fewer epochs, for speed: other settings than the directory's, which --rerun-stale replaces.
-    resume = bench_args(
-        synth_root, results, "--epochs", "2", "--lr", "0.01", "--rerun-stale", method="full", seeds="42"
-    )
-    assert main(resume) == 0
-    record = json.loads((results / "runs/full/svhn/final-s42.json").read_text())
-    assert record["status"] == "ok"
+    procs = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        results = tmp_path / signum.name
+        cmd = [sys.executable, "-m", "benchmark", *bench_args(synth_root, results, "--epochs", "40", "--lr", "0.01",
+                                                               method="full", seeds="42,44")]  # fmt: skip
+        procs[signum] = results, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for signum, (results, proc) in procs.items():
+        claim = claims.claim_path(results / "runs/full/svhn/final-s42.json")
+        deadline = time.monotonic() + 240
+        while not claim.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert claim.exists(), proc.communicate()
+        time.sleep(0.5)  # inside training
+        proc.send_signal(signum)
+    for signum, (results, proc) in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert lines[-1].startswith(f"stopped by {signal.Signals(signum).name}: finished runs are saved"), err
+        assert "Traceback" not in err
+        # Nothing recorded for the run in flight, no temporary file, no claim left behind (the directory's
+        # settings, written before the first run, stay).
+        assert files_under(results) == ["runs/full/final.settings"]
+        # Resumed with fewer epochs, for speed: other settings than the directory's, which --rerun-stale replaces.
+        resume = bench_args(
+            synth_root, results, "--epochs", "2", "--lr", "0.01", "--rerun-stale", method="full", seeds="42"
+        )
+        assert main(resume) == 0
+        record = json.loads((results / "runs/full/svhn/final-s42.json").read_text())
+        assert record["status"] == "ok"
 
 
 def test_orphans_of_a_killed_pruning_stage_are_cleaned_on_the_next_run(synth_root, tmp_path, capsys):
