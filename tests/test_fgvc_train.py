@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from itertools import chain
 from pathlib import Path
@@ -226,3 +227,19 @@ def test_uncropped_entries_are_checked_and_rebuilt(fgvc_root, tmp_path, monkeypa
         f.truncate(pixels.stat().st_size - 5)
     load_split_images(train, S, cache_dir=tmp_path)
     assert "is truncated" in capsys.readouterr().err
+
+
+def test_reproduce_plans_vpts_fgvc_protocol(capsys):
+    assert main(["reproduce", "--suite", "fgvc", "--method", "vpt_deep", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "on train → val (seed 42), then the best pair with seeds 42, 44, 82, 100, 800 on train → test" in out
+    assert "grid points (train → val): 180 runs" in out and "final seeds (train → test): 25 runs" in out
+    # VPT's FGVC prompt grid at batch 128: {50, ..., 0.1} × 128/256, four weight decays
+    assert re.search(
+        r"cub +128 +100 +9×4 +25, 12.5, 5, 2.5, 1.25, 0.5, 0.25, 0.125, 0.05 +0.01, 0.001, 0.0001, 0", out
+    )
+    # CUB: 36 tuning runs and 5 final runs of 100 epochs on train's 5,394 images
+    assert re.search(rf"cub .* {41 * 5394 * 100} +{36 * 600 + 5 * 5794}\n", out)
+    for method, lrs in (("linear", 10), ("full", 4)):
+        assert main(["reproduce", "--suite", "fgvc", "--method", method, "--plan"]) == 0
+        assert re.search(rf"cub +\d+ +\d+ +{lrs}×4 ", capsys.readouterr().out), method

@@ -339,6 +339,11 @@ def plan_reproduction(
             token_levels, segment_levels = cfg.levels()
             pairs = len(token_levels) * len(segment_levels)
             rewinds = pairs if pairs > 1 else 0  # a single candidate is taken without a search
-        frozen = cache_features and bool(getattr(getattr(cfg, "model_cls", None), "features_frozen", False))
+        # Features are computed once only without augmentation (`runner.execute`): random crops train on images.
+        frozen = (
+            cache_features
+            and task.suite_info.augment == "none"
+            and bool(getattr(getattr(cfg, "model_cls", None), "features_frozen", False))
+        )
         plans.append(TaskPlan(task, cfg, overrides, seeds, grid_runs, int(cfg.prunes), rewinds, frozen))
     return Plan(name, budget, protocol, options, plans)
