@@ -194,3 +194,32 @@ def test_leaderboard_adds_an_fgvc_board_and_leaves_vtabs_unchanged(tmp_path, cap
     assert main(["leaderboard", "--results", str(results), "--suite", "vtab1k"]) == 0
     out = capsys.readouterr().out
     assert "FGVC" not in out and (results / "leaderboard.md").read_bytes() == before["leaderboard.md"]
+
+
+def test_fgvc_section_of_the_page_in_chromium(tmp_path):
+    """The page's filters reach the FGVC board's rows and points too (its rows are not VTAB-1k's)."""
+    from benchmark.report import screenshot as browser
+
+    reason = browser.missing()
+    if reason:
+        pytest.skip(f"browser test skipped: {reason}")
+    results = tmp_path / "r"
+    vtab_results(results)
+    fgvc_results(results)
+    fgvc_results(results, "linear", delta=-2.0)
+    assert main(["leaderboard", "--results", str(results)]) == 0
+    driver = browser.chromium()
+    try:
+        driver.get((results / "leaderboard.html").as_uri())
+        shown = """return Array.from(document.querySelectorAll(arguments[0])).filter((e) => !e.hidden).length"""
+        assert driver.execute_script(shown, "#fgvc tbody tr") == 2
+        assert driver.execute_script(shown, "#plot-fgvc .pt") == 2
+        assert driver.find_element("id", "shown").text == "3 of 3 rows shown"
+        driver.find_element("id", "filter").send_keys("linear")
+        assert driver.execute_script(shown, "#fgvc tbody tr") == 1
+        assert driver.execute_script(shown, "#summary tbody tr") == 0
+        # Its average is named as the papers name it.
+        header = driver.find_element("css selector", "#fgvc th[title^='plain mean']")
+        assert header.text == "mean"
+    finally:
+        driver.quit()

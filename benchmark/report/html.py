@@ -129,7 +129,7 @@ def _identity(r: pd.Series, reported: bool) -> list[str]:
 TEXT_COLUMNS = ("kind", "method", "protocol", "source")
 # Columns whose sorting keeps complete rows above incomplete ones in both directions (page.js), as the
 # leaderboard orders its rows: a mean over fewer tasks is not comparable with a complete row's.
-AVERAGE_COLUMNS = ("avg (groups)", "avg (tasks)")
+AVERAGE_COLUMNS = ("avg (groups)", "avg (tasks)", "mean")
 
 
 def _table(table_id: str, headers: list[tuple[str, str]], rows: list[str]) -> str:
@@ -222,7 +222,7 @@ def suite_table(board: pd.DataFrame, suite: str) -> str:
     headers += [("method", ""), ("protocol", "")] + ([("source", "")] if reported else [])
     headers += [("datasets", f"datasets with results, of the {len(tasks)} of {SUITES[suite].title}")]
     headers += [(t, f"top-1 accuracy (%) on {t}, mean ± std over seeds") for t in tasks]
-    headers += [("avg (tasks)", "plain mean over the datasets present; rows lacking datasets of the board come "
+    headers += [("mean", "plain mean over the datasets present; rows lacking datasets of the board come "
                  "after the complete ones, the datasets they cover in brackets"),
                 ("tunable", "trained parameters of the method, head excluded (reported: as the source prints it)"),
                 ("head", "parameters of the classification head"), ("failed", "runs that failed")]  # fmt: skip

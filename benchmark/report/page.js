@@ -62,10 +62,11 @@
     const wanted = protocol.value;
     const reported = !showReported || showReported.checked;
     const visible = new Set();
-    let total = 0;
-    for (const row of tables[0].tBodies[0].rows) {
-      if (!row.dataset.key) continue;
-      total += 1;
+    const seen = new Set();
+    // Every board's rows (one key per row of a board, shared by its tables and its plot's points).
+    for (const row of tables.flatMap((table) => Array.from(table.tBodies[0].rows))) {
+      if (!row.dataset.key || seen.has(row.dataset.key)) continue;
+      seen.add(row.dataset.key);
       const ok = words.every((w) => row.dataset.search.includes(w)) &&
         (!wanted || row.dataset.protocol === wanted) && (reported || !row.classList.contains("reported"));
       if (ok) visible.add(row.dataset.key);
@@ -73,7 +74,7 @@
     for (const element of document.querySelectorAll("[data-key]")) {
       element.toggleAttribute("hidden", !visible.has(element.dataset.key)); // also on SVG elements
     }
-    document.getElementById("shown").textContent = `${visible.size} of ${total} rows shown`;
+    document.getElementById("shown").textContent = `${visible.size} of ${seen.size} rows shown`;
   }
   filter.addEventListener("input", apply);
   protocol.addEventListener("change", apply);
