@@ -26,14 +26,14 @@ from benchmark.data.cache import (
     NPY_HEADER,
     SplitArrays,
     cache_entry,
+    cache_key,
     decode_into,
     decode_workers,
     decoder,
     entry_problem,
     index_path,
     index_problem,
-    resize_side,
-    shorter_index,
+    planned_index,
     split_layout,
 )
 from tasks import SplitFile, Task, find_task_dir, read_split
@@ -114,7 +114,11 @@ def load_split_images(
         what = f"the image cache of {split.task.id} {split.split} ({len(split)} images at {image_size} px)"
         check_cache_dir(setting, writable=True)
         check_space(cache_dir, entry_bytes(shape, len(split)), what, SPACE_ADVICE)
-        index = shorter_index(split, resize_side(image_size)) if shorter else None
+        index = (
+            planned_index(split, image_size, cache_key(split, image_size, interpolation, "shorter"))
+            if shorter
+            else None
+        )
         side = int(index[:, 1:].max()) if index is not None and len(index) else image_size
         workers = decode_workers(split, side, workers)
         cache_dir.mkdir(parents=True, exist_ok=True)

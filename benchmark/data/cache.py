@@ -142,7 +142,7 @@ def cache_entry(
         problem = index_problem(index_path(path), len(split), image_size)
         if problem is None:  # the entry's size is the index's; else from the images' headers
             return path, (int(index_total(np.load(index_path(path)))),)
-        return path, (int(index_total(shorter_index(split, r))),)
+        return path, (int(index_total(planned_index(split, image_size, key))),)
     tag = "" if layout == "resize" else f"-center{resize_side(image_size)}"
     path = cache_dir / f"{split.task.id}-{split.split}-{image_size}px{tag}-{interpolation}-{key}.npy"
     return path, (len(split), 3, image_size, image_size)
@@ -168,6 +168,17 @@ def shorter_index(split: SplitFile, resize: int) -> np.ndarray:
     sizes = 3 * index[:, 1] * index[:, 2]
     index[1:, 0] = np.cumsum(sizes)[:-1]
     return index
+
+
+# Indexes read from image headers, by entry key: the space check and the decode that follows read them once.
+_PLANNED: dict[str, np.ndarray] = {}
+
+
+def planned_index(split: SplitFile, image_size: int, key: str) -> np.ndarray:
+    """`shorter_index` of the split for the entry whose key is `key` (read once per process)."""
+    if key not in _PLANNED:
+        _PLANNED[key] = shorter_index(split, resize_side(image_size))
+    return _PLANNED[key]
 
 
 def index_problem(path: Path, n: int, crop: int) -> str | None:
