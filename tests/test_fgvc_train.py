@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 import benchmark.data.cache as cache
@@ -243,3 +244,17 @@ def test_reproduce_plans_vpts_fgvc_protocol(capsys):
     for method, lrs in (("linear", 10), ("full", 4)):
         assert main(["reproduce", "--suite", "fgvc", "--method", method, "--plan"]) == 0
         assert re.search(rf"cub +\d+ +\d+ +{lrs}×4 ", capsys.readouterr().out), method
+
+
+def test_loader_workers_draw_their_own_reproducible_crops(fgvc_root, tmp_path):
+    train = load_split_images(split_of(fgvc_root, "train"), S, cache_dir=tmp_path)
+
+    def draws(workers: int) -> list[tuple[torch.Tensor, ...]]:  # (indices, tops, lefts, flips) per batch
+        loader = DataLoader(CropFlipDataset(train, 5, resident=True), batch_size=32, shuffle=True, num_workers=workers,
+                            generator=torch.Generator().manual_seed(5), collate_fn=lambda b: b)  # fmt: skip
+        return list(loader)
+
+    first, again = draws(2), draws(2)
+    assert all(torch.equal(a, b) for x, y in zip(first, again, strict=True) for a, b in zip(x, y, strict=True))
+    # each worker reseeded from its own seed: batch 0 (worker 0) and batch 1 (worker 1) flip differently
+    assert not torch.equal(first[0][3], first[1][3])

@@ -7,9 +7,10 @@ on the host (or a gather on the device when the split lies there); the flip is a
 torchvision's transforms work on one decoded image at a time, which is what the cache exists to avoid, so
 this is written here over the cache's flat layout.
 
-The draws come from a generator seeded by the run's seed and advance in batch order; the loader serves
-batches in the process that owns the dataset (the runner's loaders have no worker processes), so a seed
-gives the same crops and flips every time.
+The draws come from a generator seeded by the run's seed and advance in batch order (the runner's loaders
+have no worker processes), so a seed gives the same crops and flips every time. In a DataLoader worker the
+generator is reseeded from the worker's seed (drawn from the loader's seeded generator each epoch), so
+workers neither repeat each other's draws nor lose reproducibility.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from benchmark.data.cache import SplitArrays
 
@@ -35,6 +36,7 @@ class CropFlipDataset(Dataset):
             raise ValueError(f"split {arrays.name} is not cached uncropped (no index)")
         self.arrays, self.resident = arrays, resident
         self.rng = np.random.default_rng(seed)
+        self.worker_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -44,6 +46,9 @@ class CropFlipDataset(Dataset):
 
     def draw(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tops, lefts, flips) for the images `idx`: crop offsets uniform in [0, side - S], flips p = 0.5."""
+        info = get_worker_info()
+        if info is not None and info.seed != self.worker_seed:
+            self.rng, self.worker_seed = np.random.default_rng(info.seed), info.seed
         shapes = self.arrays.index[idx, 1:]
         room = shapes - self.arrays.crop + 1
         tops, lefts = self.rng.integers(0, room[:, 0]), self.rng.integers(0, room[:, 1])
