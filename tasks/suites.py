@@ -26,6 +26,7 @@ class Suite:
         augment: `none` (the image resized straight to the model's size) or `crop_flip` (VPT's FGVC
             transforms: resize the shorter side to size/0.875, a random crop of the model's size and a
             horizontal flip when training, the centre crop when evaluating).
+        interpolation: the resize filter the suite's code bases use (`--interpolation` overrides it).
         spec: where the suite's facts come from.
     """
 
@@ -37,6 +38,7 @@ class Suite:
     final: tuple[str, str]
     layout: str
     augment: str
+    interpolation: str
     spec: str
 
     @property
@@ -59,6 +61,7 @@ VTAB1K = Suite(
     final=("train800val200", "test"),
     layout="txt",
     augment="none",
+    interpolation="bicubic",
     spec="specs/vtab1k.md",
 )
 FGVC = Suite(
@@ -72,6 +75,8 @@ FGVC = Suite(
     final=("train", "test"),
     layout="json",
     augment="crop_flip",
+    # VPT's transforms.py calls torchvision's Resize without an interpolation: bilinear.
+    interpolation="bilinear",
     spec="specs/fgvc.md",
 )
 SUITES: dict[str, Suite] = {s.id: s for s in (VTAB1K, FGVC)}

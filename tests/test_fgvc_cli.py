@@ -99,3 +99,36 @@ def test_prompt_methods_take_vpts_fgvc_recipe_on_fgvc_tasks(method):
         assert recipe.lr_grid == tuple(b * 128 / 256 for b in (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1))
         assert recipe.wd_grid == (0.01, 1e-3, 1e-4, 0.0) and recipe.epochs == 100 and recipe.warmup_epochs == 10
     assert len(resolve_config(cls, "dtd").recipe.lr_grid) == 10  # VTAB-1k's grid keeps 0.05
+
+
+def test_bench_on_all_five_then_leaderboard_compare_and_reproduce(tmp_path, capsys):
+    """The issue's path: synthetic FGVC, `bench --suite fgvc --method vpt_deep` on the five datasets, a leaderboard
+    with the FGVC mean, `compare --table vpt` with both halves; `reproduce --suite fgvc` compares with FGVC's rows."""
+    from tests.conftest import argv
+
+    data = tmp_path / "fgvc"
+    assert main(["synth", "--suite", "fgvc", "--out", str(data), "--image-size", "24", "--per-class", "1"]) == 0
+    results = tmp_path / "r"
+    assert main(argv(f"bench --suite fgvc --method vpt_deep --data-root {data} --epochs 1 --seeds 42 --set "
+                     f"num_tokens=2 --results {results}")) == 0  # fmt: skip
+    records = [json.loads(p.read_text()) for p in sorted((results / "runs" / "vpt_deep").rglob("*.json"))]
+    assert sorted(r["task"] for r in records) == sorted(FGVC_TABLE) and all(r["status"] == "ok" for r in records)
+    assert {r["data"]["train_split"]["name"] for r in records} == {"train"}
+    assert {r["config"]["interpolation"] for r in records} == {"bilinear"}  # VPT's Resize default on FGVC
+    board = (results / "leaderboard.md").read_text()
+    header = next(line for line in board.splitlines() if "| cub" in line or "cub |" in line)
+    assert "mean" in header and all(t in header for t in FGVC_TABLE)
+    csv = (results / "leaderboard-fgvc.csv").read_text().splitlines()
+    assert "mean" in csv[0] and "vpt_deep" in csv[1]
+
+    capsys.readouterr()
+    assert main(["compare", "--results", str(results), "--table", "vpt"]) == 0
+    out = capsys.readouterr().out
+    assert "FGVC" in out and "VTAB-1k" in out and "89.1" in out  # VPT-deep's published FGVC mean beside ours
+
+    rep = tmp_path / "rep"
+    assert main(argv(f"reproduce --suite fgvc --method linear --tasks cub --budget quick --epochs 1 "
+                     f"--data-root {data} --results {rep}")) == 0  # fmt: skip
+    compared = (rep / "compare-fgvc.md").read_text()
+    assert "linear" in compared and "85.3" in compared  # VPT's linear row on CUB
+    assert not (rep / "compare.md").exists()

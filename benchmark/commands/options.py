@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from benchmark.core.errors import UserError
 from benchmark.sweep.launch import LAUNCHERS
-from tasks import DEFAULT_SUITE, SUITES, UnknownTaskError, parse_tasks
+from tasks import DEFAULT_SUITE, SUITES, UnknownTaskError, get_suite, parse_tasks
 
 # Where each suite's data lives unless --data-root says otherwise: $<SUITE>_ROOT, else under ~/.cache/peft-bench.
 DATA_ROOT_ENV = {"vtab1k": "VTAB_ROOT", "fgvc": "FGVC_ROOT"}
@@ -131,7 +131,9 @@ def backbone_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pretrained", action="store_true", help="random weights instead of the pretrained ones")
     g.add_argument("--weights", metavar="FILE", help="local checkpoint (.safetensors, .pth, or Google's .npz)")
     g.add_argument("--image-size", type=positive_int, help="input side in pixels (default: the backbone's)")
-    g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    g.add_argument("--interpolation", choices=("bicubic", "bilinear"),
+                   help="the resize filter (default: the suite's: bicubic for vtab1k, bilinear for fgvc as VPT's "
+                   "transforms)")  # fmt: skip
     g.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
     g.add_argument("--precision", choices=("32", "bf16"), default="32", help="fp32, or bf16 autocast (GPUs)")
     g.add_argument(
@@ -161,8 +163,9 @@ def training_options(p: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=("final", "tune", "grid"),
         default="final",
-        help="final: train800val200 -> test; tune: train800 -> val200; grid: tune the recipe's "
-        "lr x wd grid on val200, then final with the best pair (default: %(default)s)",
+        help="final: train on the suite's final split, report test (VTAB-1k: train800val200 -> test, FGVC: train -> "
+        "test); tune: train800 -> val200 (FGVC: train -> val); grid: tune the recipe's lr x wd grid on the "
+        "validation split, then final with the best pair (default: %(default)s)",
     )
     g.add_argument("--epochs", type=epochs)
     g.add_argument("--batch-size", type=positive_int)
@@ -191,7 +194,7 @@ def run_settings(args: argparse.Namespace):
         pretrained=not args.no_pretrained,
         weights=str(Path(args.weights).expanduser().resolve()) if args.weights else None,
         image_size=image_size,
-        interpolation=args.interpolation,
+        interpolation=args.interpolation or get_suite(args.suite).interpolation,
         normalization=args.normalization,
         precision=args.precision,
         cache_features=not args.no_feature_cache,
@@ -250,7 +253,9 @@ def reference_options(p: argparse.ArgumentParser) -> None:
         "'NOAH', 'V-PETL', 'PETL_Vision'",
     )
     p.add_argument(
-        "--reference", metavar="FILE", help="reference CSV (default: results/reference/vtab1k_reported.csv)"
+        "--reference",
+        metavar="FILE",
+        help="reference CSV of one suite (default: results/reference/vtab1k_reported.csv and fgvc_reported.csv)",
     )
 
 

@@ -17,7 +17,7 @@ from benchmark.core.errors import UserError
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from benchmark.papers.reference import load_references
     from benchmark.report.leaderboard import markdown, write_leaderboards
-    from benchmark.report.suite_board import SUITE_FILES, suite_markdown
+    from benchmark.report.suite_board import suite_markdown
     from benchmark.run.results import REPORT_FILES, check_outputs
 
     results = Path(args.results).expanduser()
@@ -25,7 +25,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
-    check_outputs(results, (*REPORT_FILES, *(name for files in SUITE_FILES.values() for name in files)))
+    check_outputs(results, REPORT_FILES)
     reference = load_references(args.reference) if args.reported or args.reference else None
     boards = write_leaderboards(results, reference=reference, reported=args.reported or "methods", suite=args.suite)
     print("\n".join(markdown(b) if s == "vtab1k" else suite_markdown(b, s) for s, b in boards.items()))

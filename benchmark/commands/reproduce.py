@@ -27,10 +27,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from benchmark.papers.protocols import plan_reproduction
     from benchmark.papers.reference import load_reference
     from benchmark.report.compare import check_sources, compare
-    from benchmark.report.compare_report import summary_lines, write_comparison
+    from benchmark.report.compare_report import comparison_files, summary_lines, write_comparison
     from benchmark.run.results import check_outputs
 
-    reference = load_reference(args.reference)
+    reference = load_reference(args.reference, suite=args.suite)  # the suite's reported rows
     cls = method_class(args.method)
     plan = plan_reproduction(cls(), args.budget, task_list(args.tasks, args.suite), reference, epochs=args.epochs,
                              cache_features=not args.no_feature_cache)  # fmt: skip
@@ -42,7 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(describe_waves(plan))
         return 0
     results = Path(args.results or f"results/reproduce/{cls.name}-{args.budget}").expanduser()
-    check_outputs(results, ("compare.md", "compare.csv"))
+    check_outputs(results, comparison_files(args.suite))
     settings = dataclasses.replace(run_settings(args), budget=args.budget)
     sweep_and_report(
         args, [cls()], [tp.task for tp in plan.tasks], list(plan.seeds), results=results,
@@ -63,13 +63,15 @@ def register(sub: Any) -> None:
     """Add this module's commands to the `python -m benchmark` subparsers."""
     p = sub.add_parser(
         "reproduce",
-        help="a method's published VTAB-1k protocol (grid on val200, the paper's seeds), then compare",
+        help="a method's published protocol on a suite (grid on the validation split, the paper's seeds), then "
+        "compare",
         description="Runs the protocol that produced a method's reported numbers through `bench`: the spec's "
-        "lr x weight-decay grid on train800 -> val200 (E2VPT: then its pruning search), then seeds "
-        "42,44,82,100,800 on train800val200 -> test, last epoch (Convpass: its fixed recipe, no grid); then "
-        "writes the leaderboard and compare.md/.csv. --budget quick runs one seed and a 2x1 grid, labelled as "
+        "lr x weight-decay grid on the suite's tuning splits (VTAB-1k: train800 -> val200; FGVC: train -> val; "
+        "E2VPT: then its pruning search), then seeds 42,44,82,100,800 on the final splits (VTAB-1k: "
+        "train800val200 -> test; FGVC: train -> test), last epoch (Convpass: its fixed recipe, no grid); then "
+        "writes the leaderboard and compare.md/.csv (FGVC: compare-fgvc.md/.csv). --budget quick runs one seed and a 2x1 grid, labelled as "
         "such everywhere. --plan prints the runs without training. "
-        "Example: python -m benchmark reproduce --method vpt_deep --data-root ~/vtab-1k --plan",
+        "Example: python -m benchmark reproduce --method vpt_deep --data-root ~/vtab-1k --plan (FGVC: --suite fgvc)",
     )
     p.add_argument("--method", required=True, help="a method with reported numbers")
     p.add_argument("--budget", choices=("full", "quick"), default="full", help="default: %(default)s")

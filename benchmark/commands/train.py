@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
         return 1
     print(
-        f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else 'val200'} "
+        f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else task.suite_info.tune[1]} "
         f"accuracy {acc:.2f}% -> {out}"
     )
     return 0

@@ -171,7 +171,10 @@ def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
             elif column == "params_m":
                 cells[TITLES.get(column, column)] = "—" if pd.isna(value) else f"{value:.2f}"
             else:
-                cells[TITLES.get(column, column)] = _ours_cell(value, line[f"{column}_std"], line[f"{column}_n"])
+                # .get: a half where no method has results has no spread columns at all
+                cells[TITLES.get(column, column)] = _ours_cell(
+                    value, line.get(f"{column}_std"), line.get(f"{column}_n")
+                )
         who = f"reported ({line.who})" if line.side == "reported" else f"ours: `{line.who}`"
         body.append({"method": line.row if line.side == "reported" else "", "": f"{who} {line.mark}".strip(),
                      "protocol": line.protocol, **cells, "note": line.why})  # fmt: skip

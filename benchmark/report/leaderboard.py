@@ -44,9 +44,9 @@ from benchmark.report.format import (
 )
 from benchmark.report.html import html_page, page_meta
 from benchmark.report.plot import plot
-from benchmark.report.suite_board import SUITE_FILES, suite_markdown
+from benchmark.report.suite_board import suite_markdown
 from benchmark.report.variants import variant_labels
-from benchmark.run.results import atomic_write_bytes, load_results
+from benchmark.run.results import SUITE_FILES, atomic_write_bytes, load_results
 from tasks import GROUPS, SUITES
 
 

@@ -20,13 +20,6 @@ from benchmark.report.format import (
 )
 from tasks import SUITES, get_task
 
-# Each suite's CSV and PNG plot in the results directory (VTAB-1k's names are the ones it always had).
-SUITE_FILES: dict[str, tuple[str, str]] = {
-    s: ("leaderboard.csv", "accuracy_vs_params.png") if s == "vtab1k"
-    else (f"leaderboard-{s}.csv", f"accuracy_vs_params-{s}.png")
-    for s in SUITES
-}  # fmt: skip
-
 
 def board_rows(board: pd.DataFrame, suite: str) -> list[dict[str, object]]:
     """The board's rows as table cells: identity, datasets covered, each dataset, the mean, parameters."""

@@ -28,6 +28,7 @@ from benchmark.core.paths import check_files
 from benchmark.run.schema import RESULT
 from benchmark.run.schema import SCHEMA_VERSION as SCHEMA_VERSION  # the runner writes it
 from benchmark.run.schema import problem as schema_problem
+from tasks import SUITES
 from tasks.atomic import atomic_write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -148,8 +149,14 @@ def check_writable(path: Path, *, option: str = "--results", what: str = "result
         raise UserError(f"cannot write to {what} {path} ({e.strerror or e}); pick another {option}") from None
 
 
+# Each suite's leaderboard CSV and PNG plot in a results directory (VTAB-1k's names are the ones it always had).
+SUITE_FILES: dict[str, tuple[str, str]] = {
+    s: ("leaderboard.csv", "accuracy_vs_params.png") if s == "vtab1k"
+    else (f"leaderboard-{s}.csv", f"accuracy_vs_params-{s}.png")
+    for s in SUITES
+}  # fmt: skip
 # What `leaderboard` writes into a results directory (checked before a sweep trains anything).
-REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "accuracy_vs_params.png", "leaderboard.html")
+REPORT_FILES = ("leaderboard.md", "leaderboard.html", *(name for files in SUITE_FILES.values() for name in files))
 # What to do about an output path in a results directory that cannot be written.
 OUTPUT_FIX = "move it away or pick another --results"
 
