@@ -61,6 +61,17 @@ def format_count(n: Any) -> str:
     return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{round(n):,}"
 
 
+def count_cells(r: pd.Series, ours: bool) -> dict[str, Any]:
+    """A board row's parameter and failure cells: tunable, nonzero, % of the backbone, head, failed runs."""
+    return {
+        "tunable": format_count(r.get("tunable")),
+        "nonzero": format_count(r.get("nonzero_tunable")),
+        "%": "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}",
+        "head": format_count(r.get("head")),
+        "failed": int(r.runs_failed) if ours else "—",
+    }
+
+
 def trained_params(row: pd.Series) -> float:
     """A row's x on the accuracy-versus-parameters plots: tunable parameters plus the head (when counted)."""
     head = row.get("head", np.nan)

@@ -34,8 +34,8 @@ from benchmark.report.format import (
     SUITE_OF,
     TASK_ORDER,
     average_cell,
+    count_cells,
     csv_text,
-    format_count,
     format_mean_std,
     markdown_table,
     printed,
@@ -282,11 +282,7 @@ def markdown(board: pd.DataFrame) -> str:
             row[g] = text if n in (0, GROUP_SIZES[g]) or text == "—" else f"{text} ({n}/{GROUP_SIZES[g]})"
         row["avg (groups)"] = average_cell(cell(r.get("avg_groups_mean"), r.get("avg_groups_std")), r)
         row["avg (tasks)"] = average_cell(cell(r.get("avg_tasks_mean"), r.get("avg_tasks_std")), r)
-        row["tunable"] = format_count(r.get("tunable"))
-        row["nonzero"] = format_count(r.get("nonzero_tunable"))
-        row["%"] = "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}"
-        row["head"] = format_count(r.get("head"))
-        row["failed"] = int(r.runs_failed) if ours else "—"
+        row.update(count_cells(r, ours))
         summary.append(row)
     lines += [markdown_table(summary) if summary else "(no results)", ""]
     if tasks and not board.empty:

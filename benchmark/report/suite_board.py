@@ -7,13 +7,12 @@ suite of one group has a single average, the mean over its datasets (`avg_tasks_
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from benchmark.report.format import (
     SUITE_TASKS,
     average_cell,
-    format_count,
+    count_cells,
     format_mean_std,
     markdown_table,
     printed,
@@ -38,11 +37,7 @@ def board_rows(board: pd.DataFrame, suite: str) -> list[dict[str, object]]:
             row[t] = format_mean_std(mean, r.get(f"{t}_std")) if ours else printed(mean)
         mean = r.get("avg_tasks_mean")
         row["mean"] = average_cell(format_mean_std(mean, r.get("avg_tasks_std")) if ours else printed(mean), r)
-        row["tunable"] = format_count(r.get("tunable"))
-        row["nonzero"] = format_count(r.get("nonzero_tunable"))
-        row["%"] = "—" if pd.isna(r.get("tunable_pct", np.nan)) else f"{r.tunable_pct:.3f}"
-        row["head"] = format_count(r.get("head"))
-        row["failed"] = int(r.runs_failed) if ours else "—"
+        row.update(count_cells(r, ours))
         rows.append(row)
     return rows
 
