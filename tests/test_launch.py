@@ -137,9 +137,9 @@ def alive_owner(claim: Path) -> int | None:
 
 @pytest.mark.slow
 def test_killed_worker_then_killed_driver_lose_and_repeat_nothing(synth_root, tmp_path):
-    """One sweep, two kills: a worker in the middle of a run (its driver submits the run again), then the driver
+    """One sweep, two kills: a worker in the middle of a run (another worker takes the run over), then the driver
     while its workers run (they go on; the same command, run again, waits for them and submits what is missing).
-    Only the worker's run is started twice; every run is executed exactly once."""
+    Only the killed worker's run is started twice; every run is executed exactly once."""
     results = tmp_path / "r"
     args = bench_args("vpt_deep", "camelyon,svhn", synth_root, results, *SLOW_RUNS)
     proc = driver(args)
@@ -149,7 +149,8 @@ def test_killed_worker_then_killed_driver_lose_and_repeat_nothing(synth_root, tm
     victim = next(c for c in claims() if alive_owner(c))
     killed = alive_owner(victim)
     os.kill(killed, signal.SIGKILL)
-    # The driver submits the killed run again: a new worker takes its claim over.
+    # Another worker takes the killed run's claim over (each local worker walks the whole wave; the driver submits
+    # the run again if none does).
     wait_for(lambda: alive_owner(victim) not in (None, killed) or proc.poll() is not None)
     assert proc.poll() is None, proc.stdout.read()
     os.kill(proc.pid, signal.SIGKILL)
