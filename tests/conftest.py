@@ -37,6 +37,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(scope="session")
+def fgvc_synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic FGVC Oxford Flowers in VPT's layout (102 classes; one training image per class)."""
+    from tasks.synth_fgvc import write_fgvc_task
+
+    root = tmp_path_factory.mktemp("fgvc-synth")
+    write_fgvc_task(root, get_task("oxfordflowers"), SynthConfig(per_class=1, image_size=24, seed=0))
+    return root
+
+
+@pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic camelyon and svhn in the community layout (16 train images per class)."""
     root = tmp_path_factory.mktemp("synth")

@@ -30,6 +30,8 @@ PIPELINES = {
                               "--set", "num_tokens=4"]),
     "e2vpt": ("camelyon", ["--seeds", "42", "--set", "max_token_levels=2", "--set", "max_segment_levels=2"]),
     "lion": ("camelyon", ["--seeds", "42", "--lr", "0.01"]),
+    # FGVC: VPT's splits and random crops and flips drawn in the worker, as inline.
+    "vpt_deep_fgvc": ("oxfordflowers", ["--suite", "fgvc", "--seeds", "42", "--set", "num_tokens=2"]),
 }  # fmt: skip
 
 
@@ -91,9 +93,13 @@ def driver(args: list[str]) -> subprocess.Popen:
 @pytest.mark.slow
 # A plain sweep and a pruning pipeline (the grid's pipeline goes through the same driver and workers in the slurm
 # launcher's test below).
-@pytest.mark.parametrize("method", ["linear", "e2vpt"])
-def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one_thread, monkeypatch):
-    tasks, extra = PIPELINES[method]
+@pytest.mark.parametrize("pipeline", ["linear", "e2vpt", "vpt_deep_fgvc"])
+def test_local_workers_give_the_inline_results(pipeline, synth_root, fgvc_synth_root, tmp_path, one_thread,
+                                               monkeypatch):  # fmt: skip
+    tasks, extra = PIPELINES[pipeline]
+    method = pipeline.removesuffix("_fgvc")
+    if pipeline.endswith("_fgvc"):
+        synth_root = fgvc_synth_root
     assert main(bench_args(method, tasks, synth_root, tmp_path / "inline", *extra)) == 0
     local = tmp_path / "local"
     workers = ["--launcher", "local", "--workers", "2", "--threads", "1"]
@@ -106,6 +112,10 @@ def test_local_workers_give_the_inline_results(method, synth_root, tmp_path, one
     monkeypatch.setattr(get_method("e2vpt"), "prune_candidates", not_here)
     assert main(bench_args(method, tasks, synth_root, local, *extra, *workers)) == 0
     assert outcomes(local) == outcomes(tmp_path / "inline")
+    if pipeline == "vpt_deep_fgvc":
+        record = json.loads((local / "runs/vpt_deep/oxfordflowers/final-s42.json").read_text())
+        assert record["config"]["preprocessing"]["augment"] == "crop_flip"
+        assert record["data"]["train_split"]["name"] == "train" and record["status"] == "ok"
     if method == "e2vpt":
         assert any("final-prune" in p for p in outcomes(local))
         stored = read_candidates(local / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
