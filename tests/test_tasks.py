@@ -61,7 +61,9 @@ def test_parse_tasks():
     ]  # fmt: skip
     with pytest.raises(KeyError, match="a task of suite fgvc: pass --suite fgvc"):
         parse_tasks("cub")
-    assert parse_tasks("flowers")[0].id == "flowers102" and parse_tasks("OxfordFlower", "fgvc")[0].id == "oxfordflowers"
+    assert (
+        parse_tasks("flowers")[0].id == "flowers102" and parse_tasks("OxfordFlower", "fgvc")[0].id == "oxfordflowers"
+    )
 
 
 def _task_dir(tmp_path, lines, name="dtd"):
