@@ -39,7 +39,11 @@ def test_methods_and_tasks_commands(capsys):
     assert capsys.readouterr().out.splitlines() == list_methods()
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 20 and out[1].split()[:3] == ["cifar100", "natural", "100"]
+    assert (
+        len(out) == 21
+        and out[0].startswith("VTAB-1k: 19 tasks")
+        and out[2].split()[:3] == ["cifar100", "natural", "100"]
+    )
 
 
 def test_params_json_on_vit_b16(capsys):
@@ -284,7 +288,7 @@ def _bad_data(tmp_path: Path, synth_root: Path, how: str) -> Path:
     ("case", "message"),
     [
         ("method", r"unknown method 'nope'; known methods: " + ", ".join(list_methods())),
-        ("task", r"unknown task 'nope'; known tasks: cifar100, caltech101"),
+        ("task", r"unknown task 'nope' in suite vtab1k; known tasks: cifar100, caltech101"),
         ("root", r"data root .*nowhere does not exist; get VTAB-1k with `python -m benchmark data`"),
         ("no-task", r"no folder for task svhn in .*data \(looked for: svhn.*\); get VTAB-1k"),
         ("malformed", r"svhn/train800val200.txt:3: expected `relative/path.jpg label`"),
