@@ -72,6 +72,19 @@ def count_cells(r: pd.Series, ours: bool) -> dict[str, Any]:
     }
 
 
+def sources_section(board: pd.DataFrame) -> list[str]:
+    """The Markdown lines naming the full source of each reported row on a board (none without such rows)."""
+    if "kind" not in board.columns or not (board.kind == "reported").any():
+        return []
+    sources = board[board.kind == "reported"].drop_duplicates("source_full")
+    return [
+        "## Sources of the reported rows",
+        "",
+        *(f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()),
+        "",
+    ]
+
+
 def trained_params(row: pd.Series) -> float:
     """A row's x on the accuracy-versus-parameters plots: tunable parameters plus the head (when counted)."""
     head = row.get("head", np.nan)

@@ -40,6 +40,7 @@ from benchmark.report.format import (
     markdown_table,
     printed,
     protocol_label,
+    sources_section,
     suites_of,
 )
 from benchmark.report.html import html_page, page_meta
@@ -299,11 +300,7 @@ def markdown(board: pd.DataFrame) -> str:
                 row.update({t: format_mean_std(r.get(f"{t}_mean"), r.get(f"{t}_std")) for t in tasks})
             per_task.append(row)
         lines += [markdown_table(per_task), ""]
-    if reported and (board.kind == "reported").any():
-        lines += ["## Sources of the reported rows", ""]
-        sources = board[board.kind == "reported"].drop_duplicates("source_full")
-        lines += [f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()]
-        lines.append("")
+    lines += sources_section(board) if reported else []
     return "\n".join(lines)
 
 

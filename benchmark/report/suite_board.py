@@ -16,6 +16,7 @@ from benchmark.report.format import (
     format_mean_std,
     markdown_table,
     printed,
+    sources_section,
 )
 from tasks import SUITES, get_task
 
@@ -67,9 +68,5 @@ def suite_markdown(board: pd.DataFrame, suite: str) -> str:
         ]
     rows = board_rows(board, suite)
     lines += [markdown_table(rows) if rows else "(no results)", ""]
-    if reported and (board.kind == "reported").any():
-        lines += ["## Sources of the reported rows", ""]
-        sources = board[board.kind == "reported"].drop_duplicates("source_full")
-        lines += [f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()]
-        lines.append("")
+    lines += sources_section(board) if reported else []
     return "\n".join(lines)
