@@ -29,11 +29,14 @@ from methods._base import (
     Recipe,
     TunableModule,
 )
+from methods._family import FAMILIES, Backbone, backbone_param_count, family
 from methods._inject import embed, insert_tokens, pool, run_blocks
 from methods._registry import UnknownMethodError, get_method, list_methods, register_method
 from methods._vit import vit_param_count
 
 __all__ = [
+    "FAMILIES",
+    "Backbone",
     "MethodConfig",
     "NotMergeableError",
     "ParamReport",
@@ -42,7 +45,9 @@ __all__ = [
     "Recipe",
     "TunableModule",
     "UnknownMethodError",
+    "backbone_param_count",
     "embed",
+    "family",
     "get_method",
     "insert_tokens",
     "list_methods",

@@ -10,7 +10,8 @@ A method is one file in `methods/` holding a `@register_method`-decorated `Metho
 - leaves every other backbone weight frozen (`requires_grad=False`); the head is always trained;
 - reports its parameters (`param_report`) and saves/loads only its tunable state plus the head.
 
-The backbone is timm's `VisionTransformer`, unmodified; methods attach to it through shared helpers.
+The backbone is timm's `VisionTransformer` or `SwinTransformer`, unmodified (`methods/_family.py`: a method lists the
+families it supports); methods attach to it through shared helpers.
 """
 
 from __future__ import annotations
@@ -26,35 +27,16 @@ from typing import Any, ClassVar, Self
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from methods import _checks
+from methods._family import FAMILY_TITLES, Backbone, family
 from methods._recipe import OPTIMIZERS, SCHEDULES, Recipe  # noqa: F401 (Recipe's home is _recipe.py)
+from methods._report import ParamReport
 
 HEAD_INITS = ("vpt", "torch", "trunc_normal")
 # VPT's head bias: -log((1 - p) / p) with prior probability p = 0.01.
 VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
-
-
-@dataclass(frozen=True)
-class ParamReport:
-    """Parameter counts of an adapted model.
-
-    Attributes:
-        tunable: parameters the method trains, head excluded.
-        head: parameters of the classification head.
-        backbone: parameters of the pretrained backbone (whether frozen or not), method modules excluded.
-        nonzero_tunable: tunable parameters left after pruning (equal to `tunable` for unpruned methods).
-    """
-
-    tunable: int
-    head: int
-    backbone: int
-    nonzero_tunable: int
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class NotMergeableError(ValueError):
@@ -90,11 +72,11 @@ class PeftModel(nn.Module):
     # features once per split and train the head alone on them.
     features_frozen: ClassVar[bool] = False
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, *, head_init: str = "vpt") -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, *, head_init: str = "vpt") -> None:
         super().__init__()
-        if not isinstance(backbone, VisionTransformer):
-            raise TypeError(f"backbone must be a timm VisionTransformer, got {type(backbone).__name__}")
-        if not isinstance(backbone.head, nn.Identity):
+        family(backbone)  # a TypeError for anything but a timm ViT or Swin
+        head = getattr(backbone.head, "fc", backbone.head)  # Swin's ClassifierHead holds its Linear as `fc`
+        if not isinstance(head, nn.Identity):
             raise ValueError("create the backbone with num_classes=0: the model owns its head")
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes)
@@ -210,7 +192,7 @@ class PeftModel(nn.Module):
         self.load_tunable_state_dict(load_file(str(path)))
 
     # -- merging for inference ---------------------------------------------------------------------
-    def merged_backbone(self) -> VisionTransformer:
+    def merged_backbone(self) -> Backbone:
         """A plain timm `VisionTransformer` (a new module; this model is left unchanged) whose frozen weights
         have the method folded in, so that `head(merged_backbone().forward_head(forward_features(x),
         pre_logits=True))` equals this model's logits and costs exactly the frozen backbone's forward.
@@ -302,12 +284,17 @@ class MethodConfig:
         this: a `ValueError` saying what is wrong and what to set (see `methods._checks`)."""
         _checks.field_types(self)
 
+    # The backbone families (`methods._family.FAMILIES`) the method attaches to, and what it needs of a backbone
+    # (said when it is built on another family).
+    families: ClassVar[tuple[str, ...]] = ("vit",)
+    needs: ClassVar[str] = "a ViT's token sequence and blocks (timm's VisionTransformer)"
+
     # -- to override ---------------------------------------------------------------------------------
-    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+    def create(self, backbone: Backbone, num_classes: int) -> PeftModel:
         """Wrap `backbone` (created with `num_classes=0`) into this method's model."""
         raise NotImplementedError
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
         """The method's parameter formula, evaluated for this backbone and class count."""
         raise NotImplementedError
 
@@ -328,7 +315,17 @@ class MethodConfig:
         """
         raise NotImplementedError(f"{self.name} has no pruning stage")
 
-    def check_backbone(self, backbone: VisionTransformer) -> None:
+    def check_family(self, backbone: Backbone) -> None:
+        """Raise `ValueError` (one line naming the method, the backbone's family and what the method needs) unless
+        the method attaches to `backbone`'s family (`families`)."""
+        kind = family(backbone)
+        if kind not in self.families:
+            raise ValueError(
+                f"{self.name} cannot attach to a {FAMILY_TITLES[kind]} backbone ({type(backbone).__name__}): "
+                f"it needs {self.needs}; pick a {' or '.join(FAMILY_TITLES[f] for f in self.families)} backbone"
+            )
+
+    def check_backbone(self, backbone: Backbone) -> None:
         """Raise `ValueError` (one line: what is wrong, what to set instead) when this config cannot be built
         on `backbone` (e.g. a width its segments do not divide). Field checks that need no backbone belong in
         `__post_init__`. Called before any work starts, so a sweep never records runs that could not build."""
@@ -347,8 +344,9 @@ class MethodConfig:
         return cls()
 
     # -- provided ------------------------------------------------------------------------------------
-    def build(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+    def build(self, backbone: Backbone, num_classes: int) -> PeftModel:
         """Create the model and freeze everything but the tunable parameters and the head."""
+        self.check_family(backbone)
         self.check_backbone(backbone)
         model = self.create(backbone, num_classes)
         model.mark_trainable()

@@ -49,11 +49,11 @@ from torch import nn
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
 from methods._bottleneck import ResidualBottleneck
+from methods._family import backbone_report
 from methods._inject import Wrapped, replace_module
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
 from methods._timm_init import reinit_linears
-from methods._vit import vit_report
 from methods.convpass import QuickGELU
 
 ACTIVATIONS = {"quick_gelu": QuickGELU, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -136,7 +136,7 @@ class _AdapterConfig(MethodConfig):
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         d, h = backbone.embed_dim, self.hidden
         per_adapter = 2 * d * h + h + d  # 1537h + 768 at D = 768
-        return vit_report(backbone, num_classes, len(backbone.blocks) * len(self.attach) * per_adapter)
+        return backbone_report(backbone, num_classes, len(backbone.blocks) * len(self.attach) * per_adapter)
 
 
 @register_method("adapter")

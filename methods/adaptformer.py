@@ -25,10 +25,10 @@ from torch import nn
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
 from methods._bottleneck import Bottleneck
+from methods._family import backbone_report
 from methods._inject import ParallelBranches
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
-from methods._vit import vit_report
 
 
 class AdaptFormerModel(PeftModel):
@@ -86,4 +86,4 @@ class AdaptFormerConfig(MethodConfig):
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         d, h = backbone.embed_dim, self.hidden
-        return vit_report(backbone, num_classes, len(backbone.blocks) * (2 * d * h + h + d))
+        return backbone_report(backbone, num_classes, len(backbone.blocks) * (2 * d * h + h + d))

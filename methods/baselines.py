@@ -18,8 +18,9 @@ from torch import nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
+from methods._family import backbone_report
 from methods._registry import register_method
-from methods._vit import vit_param_count, vit_report
+from methods._vit import vit_param_count
 
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 LINEAR_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
@@ -93,7 +94,7 @@ class LinearConfig(_BaselineConfig):
     recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return vit_report(backbone, num_classes, 0)
+        return backbone_report(backbone, num_classes, 0)
 
 
 @register_method("full")
@@ -105,4 +106,4 @@ class FullConfig(_BaselineConfig):
     recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return vit_report(backbone, num_classes, vit_param_count(backbone))
+        return backbone_report(backbone, num_classes, vit_param_count(backbone))

@@ -24,9 +24,9 @@ from torch import nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
-from methods._vit import vit_report
 
 BIASED = (nn.Linear, nn.Conv2d, nn.LayerNorm)
 
@@ -87,4 +87,4 @@ class BitFitConfig(MethodConfig):
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         d, hidden = backbone.embed_dim, backbone.blocks[0].mlp.fc1.out_features
         per_block = 3 * d + d + hidden + d + 2 * d  # qkv, proj, fc1, fc2, norm1, norm2: 8,448 at D = 768
-        return vit_report(backbone, num_classes, len(backbone.blocks) * per_block + d + d)
+        return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block + d + d)

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import ParallelBranches
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
-from methods._vit import vit_report
 
 # (s, xavier conv init) per task for convpass and convpass_attn (official configs).
 CONVPASS_TASKS = {
@@ -193,7 +193,7 @@ class _ConvpassConfig(PerTaskSettings, MethodConfig):
         d, h = backbone.embed_dim, self.hidden
         per_module = (2 * h + 1) * d + 9 * h * h + 2 * h  # 13,648 at D = 768, h = 8
         tunable = len(backbone.blocks) * (2 if self.mlp_side else 1) * per_module
-        return vit_report(backbone, num_classes, tunable)
+        return backbone_report(backbone, num_classes, tunable)
 
 
 @register_method("convpass")

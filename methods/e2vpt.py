@@ -45,10 +45,10 @@ from methods._base import (
     Recipe,
     TunableModule,
 )
+from methods._family import backbone_report
 from methods._inject import KVExtendedAttention
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
-from methods._vit import vit_report
 from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe, vpt_task_recipe
 
 # Pre-pruning (P, N_kv) per task, from the official `command.txt` ("Documented Version").
@@ -315,7 +315,7 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
         depth, dim = len(backbone.blocks), backbone.embed_dim
         # 9,216·(P + N_kv) on ViT-B/16 with shared K=V (heads·head_dim = D per KV token and layer).
         tunable = depth * dim * (self.num_tokens + self.num_kv_tokens * (1 if self.share_kv else 2))
-        return vit_report(backbone, num_classes, tunable)
+        return backbone_report(backbone, num_classes, tunable)
 
     def pruned_nonzero(self, backbone: VisionTransformer, n_tok: int, n_seg: int) -> int:
         """Surviving tunable weights: depth·(D/S)·(P − n_tok)·(S − n_seg) + the KV prompts (576·… on ViT-B/16)."""

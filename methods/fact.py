@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
 from methods._per_task import PerTaskSettings
 from methods._petl_recipe import petl_recipe
 from methods._registry import register_method
-from methods._vit import vit_report
 
 # (rank, s) per task, official configs: FacT-TT and FacT-TK.
 FACT_TT_TASKS = {
@@ -232,7 +232,7 @@ class _FacTConfig(PerTaskSettings, MethodConfig):
         d, depth, r = backbone.embed_dim, len(backbone.blocks), self.rank
         slots = depth * (4 + 2 * (backbone.blocks[0].mlp.fc1.out_features // d))  # 144 on ViT-B/16
         cores = slots * r * r if self.kind == "tt" else slots * r + r**3
-        return vit_report(backbone, num_classes, 2 * d * r + cores)
+        return backbone_report(backbone, num_classes, 2 * d * r + cores)
 
 
 @register_method("fact_tt")

@@ -53,9 +53,9 @@ from methods._base import (
     Recipe,
     TunableModule,
 )
+from methods._family import backbone_report
 from methods._lipschitz import conv_operator_bound, kernel_bound
 from methods._registry import register_method
-from methods._vit import vit_report
 
 
 class _SolverStats:
@@ -365,7 +365,7 @@ class LIONConfig(MethodConfig):
         input_layer = c * c * 9 + (3 * c * 9 + c) + gn + (c * 3 + 3)  # A, B, GN, O: 843 at c = 8
         output_layer = r * r + r * d + r + d * r  # W, U, b, V: 102,464 at r = 64, D = 768
         tunable = input_layer * self.use_input_layer + output_layer * self.use_output_layer
-        return vit_report(backbone, num_classes, tunable)
+        return backbone_report(backbone, num_classes, tunable)
 
     # -- lottery ticket ---------------------------------------------------------------------------------------
     @property

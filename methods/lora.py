@@ -40,12 +40,12 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import ParallelLinear, addmm_into, replace_module
 from methods._merge import merge_backbone
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
 from methods._timm_init import reinit_weight
-from methods._vit import vit_report
 
 LORA_TARGETS = ("qkv", "q,v")
 LORA_INITS = ("noah", "paper")
@@ -189,4 +189,4 @@ class LoRAConfig(MethodConfig):
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         d = backbone.embed_dim
         per_block = (d + 3 * d) * self.rank  # 3,072·r at D = 768, both variants
-        return vit_report(backbone, num_classes, len(backbone.blocks) * per_block)
+        return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block)

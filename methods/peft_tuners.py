@@ -46,6 +46,7 @@ from torch import nn
 
 from methods import _checks
 from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, parse_option
+from methods._family import backbone_report
 from methods._peft_options import (
     ADAPTER,
     COMMON,
@@ -60,7 +61,6 @@ from methods._peft_options import (
     targeted_linears,
 )
 from methods._registry import register_method
-from methods._vit import vit_report
 
 
 def _tunable_recipe() -> Recipe:
@@ -211,7 +211,7 @@ class PeftTunerConfig(MethodConfig):
         return PeftTunerModel(backbone, num_classes, self)
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return vit_report(backbone, num_classes, self.tunable_count(backbone))
+        return backbone_report(backbone, num_classes, self.tunable_count(backbone))
 
     def tunable_count(self, backbone: VisionTransformer) -> int:
         """The tuner's parameter formula summed over the targeted Linears (in, out) (only Linears are adapted,

@@ -33,9 +33,9 @@ from torchvision.models.resnet import BasicBlock
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import embed, insert_tokens, pool, remove_tokens, run_blocks
 from methods._registry import register_method
-from methods._vit import vit_report
 
 GENERATOR_CHANNELS = (16, 32, 64, 128)
 
@@ -215,7 +215,7 @@ class PGNConfig(MethodConfig):
         dim = backbone.patch_embed.proj.in_channels * ph * pw if self.input_space else backbone.embed_dim
         k, n = self.num_prompts, self.library_size
         tunable = n * dim + generator_body_params() + (GENERATOR_CHANNELS[-1] + 1) * k * n
-        return vit_report(backbone, num_classes, tunable)
+        return backbone_report(backbone, num_classes, tunable)
 
 
 def generator_body_params(channels: tuple[int, ...] = GENERATOR_CHANNELS) -> int:

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import Wrapped, replace_module
 from methods._merge import merge_backbone
 from methods._per_task import PerTaskSettings
 from methods._petl_recipe import petl_recipe
 from methods._registry import register_method
-from methods._vit import vit_report
 
 # s per task (official configs/repblock; searched over {0.1, 0.5, 1, 5, 10}).
 REPADAPTER_SCALES = {
@@ -164,4 +164,4 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
         d, h = backbone.embed_dim, self.hidden
         per_module = d * h + h + d * h // self.groups + d  # 9,992 at D = 768, h = 8, g = 2
         modules = len(backbone.blocks) * (2 if self.placement == "block" else 1)
-        return vit_report(backbone, num_classes, modules * per_module)
+        return backbone_report(backbone, num_classes, modules * per_module)

@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import Wrapped, replace_module
 from methods._merge import merge_backbone
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
-from methods._vit import vit_report
 
 # Per block: the submodules SSF follows, and how their output width is read.
 SSF_BLOCK_POINTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
@@ -125,4 +125,4 @@ class SSFConfig(MethodConfig):
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         d, hidden = backbone.embed_dim, backbone.blocks[0].mlp.fc1.out_features
         per_block = 2 * (d + 3 * d + d + d + hidden + d)  # 16,896 at D = 768
-        return vit_report(backbone, num_classes, len(backbone.blocks) * per_block + 2 * 2 * d)
+        return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block + 2 * 2 * d)

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._family import backbone_report
 from methods._inject import embed, insert_tokens, pool, remove_tokens, replace_tokens, run_blocks
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
-from methods._vit import vit_report
 
 VPT_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
 VPT_WDS = (0.01, 1e-3, 1e-4, 0.0)
@@ -173,7 +173,7 @@ class _VPTConfig(PerTaskSettings, MethodConfig):
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         layers = len(backbone.blocks) if self.deep else 1
         tunable = layers * self.num_tokens * backbone.embed_dim  # 9,216·p (deep) / 768·p (shallow) on ViT-B/16
-        return vit_report(backbone, num_classes, tunable)
+        return backbone_report(backbone, num_classes, tunable)
 
 
 @register_method("vpt_deep")

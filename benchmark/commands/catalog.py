@@ -9,6 +9,7 @@ from typing import Any
 
 from benchmark.commands.options import (
     method_class,
+    method_options,
     positive_int,
     suite_option,
     task_list,
@@ -55,11 +56,12 @@ def cmd_params(args: argparse.Namespace) -> int:
     import methods
 
     configs = [method_class(n.strip()) for n in (names or methods.list_methods())]
+    options = method_options(args)
     tasks = task_list(args.tasks, args.suite)
     out = []
     for cls in configs:
         for task in tasks:
-            config = resolve_config(cls, task.id)
+            config = resolve_config(cls, task.id, options)
             # The meta device gives every tensor its shape without allocating or initialising it.
             backbone = meta_backbone(args.backbone, args.image_size, **config.backbone_kwargs())
             try:
@@ -92,11 +94,15 @@ def register(sub: Any) -> None:
         help="parameter counts per (method, task), without downloading weights",
         description="Builds each model on the meta device and reports tunable (method), head, "
         "backbone and nonzero_tunable parameters. Example: python -m benchmark params "
-        "--backbone vit_base_patch16_224 --json",
+        "--backbone swin_base_patch4_window7_224 --method vpt_deep --set num_tokens=10",
     )
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--image-size", type=positive_int)
-    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument("--methods", "--method", help="comma-separated method names (default: all)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+        help="a method option for every run, e.g. --set num_tokens=10 (repeatable; wins over per-task values)",
+    )  # fmt: skip
     suite_option(p)
     p.add_argument("--tasks", default="all", help="all, a group, or comma-separated task ids (default: all)")
     p.add_argument("--json", action="store_true", help="a JSON list instead of a table")

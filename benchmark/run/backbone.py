@@ -1,4 +1,5 @@
-"""The frozen backbone: a timm `VisionTransformer`, pretrained from the Hub, a local file, or random."""
+"""The frozen backbone: a timm `VisionTransformer` or `SwinTransformer`, pretrained from the Hub, a local file, or
+random."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from urllib.parse import urlparse
 import numpy as np
 import timm
 import torch
-from timm.models import generate_default_cfgs, register_model, vision_transformer
+from timm.models import generate_default_cfgs, register_model, swin_transformer, vision_transformer
+from timm.models.swin_transformer import SwinTransformer, _create_swin_transformer
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 
 from benchmark.core.errors import UserError
+from methods import Backbone
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
 
@@ -35,8 +38,16 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 # peft_bench_demo_vit` works everywhere. `python -m benchmark pretrain-demo` trains its weights.
 DEMO_BACKBONE = "peft_bench_demo_vit"
 DEMO_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+# A tiny Swin for tests and smoke runs, registered the same way (`--backbone peft_bench_tiny_swin --no-pretrained`):
+# 32 px input, 2 px patches (a 16×16 grid), windows of 4 (the last stage's 2×2 grid clips it to 2, unshifted, as
+# timm does whenever a window would exceed the grid), widths 16·2^s, depths 2 per stage.
+TINY_SWIN = "peft_bench_tiny_swin"
+TINY_SWIN_ARGS = dict(
+    img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4)
+)
 default_cfgs = generate_default_cfgs({
     f"{DEMO_BACKBONE}.procedural": {"input_size": (3, 32, 32), "num_classes": 0, "interpolation": "bicubic"},
+    f"{TINY_SWIN}.random": {"input_size": (3, 32, 32), "num_classes": 0, "interpolation": "bicubic"},
 })  # fmt: skip
 
 
@@ -46,21 +57,30 @@ def peft_bench_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransf
     return _create_vision_transformer(DEMO_BACKBONE, pretrained=pretrained, **dict(DEMO_VIT_ARGS, **kwargs))
 
 
-def meta_backbone(name: str, image_size: int | None = None, **kwargs: Any) -> VisionTransformer:
+@register_model
+def peft_bench_tiny_swin(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
+    """A tiny Swin for tests: 32 px input, 2 px patches, windows of 4, widths 16, 32, 64, 128, depths 2 each."""
+    return _create_swin_transformer(TINY_SWIN, pretrained=pretrained, **dict(TINY_SWIN_ARGS, **kwargs))
+
+
+def meta_backbone(name: str, image_size: int | None = None, **kwargs: Any) -> Backbone:
     """`create_backbone`'s structure on the meta device (shapes, no weights), built once per arguments and shared:
     for checks, which only read it. Never attach a method to it (build your own with `device="meta"`)."""
     return _meta_backbone(name, image_size, tuple(sorted(kwargs.items())))
 
 
 @lru_cache(maxsize=64)
-def _meta_backbone(name: str, image_size: int | None, kwargs: tuple[tuple[str, Any], ...]) -> VisionTransformer:
+def _meta_backbone(name: str, image_size: int | None, kwargs: tuple[tuple[str, Any], ...]) -> Backbone:
     return create_backbone(name, pretrained=False, image_size=image_size, device="meta", **dict(kwargs))
 
 
 def _check_name(name: str) -> None:
     arch = timm.models.split_model_name_tag(name)[0]
     if not timm.is_model(arch):
-        raise UserError(f"unknown backbone {name!r}; pick a timm ViT, e.g. {DEFAULT_BACKBONE} or test_vit")
+        raise UserError(
+            f"unknown backbone {name!r}; pick a timm ViT or Swin, e.g. {DEFAULT_BACKBONE}, test_vit or "
+            "swin_base_patch4_window7_224.ms_in22k"
+        )
 
 
 def create_backbone(
@@ -72,8 +92,8 @@ def create_backbone(
     device: str | torch.device | None = None,
     init_seed: int = 0,
     **kwargs: Any,
-) -> VisionTransformer:
-    """Create a headless timm ViT (`num_classes=0`) with all stochastic rates 0 unless `kwargs` say otherwise.
+) -> Backbone:
+    """Create a headless timm ViT or Swin (`num_classes=0`) with all stochastic rates 0 unless `kwargs` say otherwise.
 
     Args:
         name: timm model name, with an optional pretrained tag (`arch.tag`).
@@ -109,14 +129,16 @@ def create_backbone(
         ):
             torch.manual_seed(init_seed)
             model = timm.create_model(name, pretrained=False, **args)
-    except TypeError as e:  # a non-ViT architecture rejects the ViT arguments above
+    except TypeError as e:  # another architecture rejects the arguments above
         raise UserError(
-            f"backbone {name!r} is not a timm VisionTransformer ({e}); pick e.g. {DEFAULT_BACKBONE}"
+            f"backbone {name!r} is not a timm VisionTransformer or SwinTransformer ({e}); pick e.g. {DEFAULT_BACKBONE}"
         ) from None
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(f"could not build backbone {name!r} ({_first_line(e)})") from None
-    if not isinstance(model, VisionTransformer):
-        raise UserError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if not isinstance(model, VisionTransformer | SwinTransformer):
+        raise UserError(
+            f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer or SwinTransformer"
+        )
     if path is not None:
         load_weights(model, path, name=name, source=source)
     return model
@@ -131,7 +153,7 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_weights(model: VisionTransformer, path: str | Path, *, name: str, source: str | None = None) -> None:
+def load_weights(model: Backbone, path: str | Path, *, name: str, source: str | None = None) -> None:
     """Load a checkpoint into `model`, refusing (one-line `UserError`) any file that does not fit it exactly.
 
     timm reads the file (`.safetensors`, a torch pickle loaded weights-only, or Google's `.npz`), unwraps
@@ -146,7 +168,7 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str, sourc
     """
     path = Path(path)
     source = source or f"weights file {path}"
-    if path.suffix == ".npz":
+    if path.suffix == ".npz" and isinstance(model, VisionTransformer):
         _load_npz(model, path, name=name, source=source)
         return
     try:
@@ -157,7 +179,7 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str, sourc
             ".pth/.bin or .npz checkpoint"
         ) from None
     try:
-        state = _checkpoint_filter(name)(state, model)
+        state = _checkpoint_filter(name, model)(state, model)
     except Exception as e:  # the conversion indexes tensors by the model's shapes and fails on foreign ones
         raise UserError(f"{source} does not fit backbone {name} ({type(e).__name__}: {_first_line(e)})") from None
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
@@ -187,8 +209,11 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str, sourc
     model.load_state_dict(state, strict=False)
 
 
-def _checkpoint_filter(name: str) -> Callable[..., dict[str, torch.Tensor]]:
-    """The conversion timm's ViT factory (`_create_vision_transformer`) applies to the checkpoints of `name`."""
+def _checkpoint_filter(name: str, model: Backbone) -> Callable[..., dict[str, torch.Tensor]]:
+    """The conversion timm's factory of `model`'s family applies to the checkpoints of `name` (for Swin: the
+    official layout, which merges patches at the end of a stage, renamed to timm's)."""
+    if isinstance(model, SwinTransformer):
+        return swin_transformer.checkpoint_filter_fn
     if "flexi" in name:  # FlexiViT: bilinear resampling without antialiasing
         return partial(checkpoint_filter_fn, interpolation="bilinear", antialias=False)
     if "radio" in name:  # RADIO: bilinear without antialiasing, corners aligned for some variants

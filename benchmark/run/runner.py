@@ -210,6 +210,7 @@ def check_config(config: MethodConfig, settings: Settings, where: str = "") -> N
     the meta device in milliseconds: a config that cannot be built stops the command before any work."""
     meta = meta_backbone(settings.backbone, settings.image_size, **config.backbone_kwargs())
     try:
+        config.check_family(meta)
         config.check_backbone(meta)
     except ValueError as e:
         raise UserError(f"{config.name}{where}: {e}") from None
