@@ -180,8 +180,11 @@ def test_compare_on_demo_like_results_lists_every_reported_row_with_its_protocol
     assert "NOT like for like" in out and f"no reported numbers for: {unreported}" in out
     table = pd.read_csv(results / "compare.csv")
     md = (results / "compare.md").read_text()
-    reference = REFERENCE.frame[REFERENCE.frame.method.isin(list_methods())]
+    # The demo's tiny ViT stands in for the default backbone: only the ViT-B/16 IN-21k rows, never another backbone's.
+    frame = REFERENCE.frame
+    reference = frame[frame.method.isin(list_methods()) & (frame.backbone == "vit_b16_in21k")]
     assert len(reference) == 30  # the rows of the sixteen methods that have some
+    assert not set(table.source_full) & set(frame[frame.backbone != "vit_b16_in21k"].source)
     for _, ref in reference.iterrows():
         rows = table[(table.method == ref.method) & (table.source_full == ref.source)]
         assert len(rows) == 24 and set(rows.reported_protocol) == {ref.selection_protocol}, ref.source
@@ -261,7 +264,9 @@ def test_leaderboard_reported_rows_and_overlay(tmp_path, capsys):
     png = (results / "accuracy_vs_params.png").read_bytes()
     assert png[:4] == b"\x89PNG" and png != plain_png
     assert main(["leaderboard", "--results", str(results), "--reported", "all"]) == 0
-    assert len(pd.read_csv(results / "leaderboard.csv").query("kind == 'reported'")) == len(REFERENCE.frame)
+    # Every row of the backbone the demo stands in for; none of another backbone's.
+    default = REFERENCE.frame[REFERENCE.frame.backbone == "vit_b16_in21k"]
+    assert len(pd.read_csv(results / "leaderboard.csv").query("kind == 'reported'")) == len(default)
 
 
 def test_overlay_draws_hollow_markers_labelled_by_source(monkeypatch):
@@ -338,4 +343,5 @@ def test_reported_rows_on_an_empty_results_directory(tmp_path, capsys):
     assert main(["leaderboard", "--results", str(tmp_path), "--reported"]) == 0
     assert "(no results)" in capsys.readouterr().out
     assert main(["leaderboard", "--results", str(tmp_path), "--reported", "all"]) == 0
-    assert len(pd.read_csv(tmp_path / "leaderboard.csv")) == len(REFERENCE.frame)
+    # No runs: the default backbone's rows (another backbone's rows come only with runs on it).
+    assert len(pd.read_csv(tmp_path / "leaderboard.csv")) == (REFERENCE.frame.backbone == "vit_b16_in21k").sum()

@@ -25,7 +25,8 @@ def synthetic_results(results, methods, *, seeds=(42, 44), protocol="final") -> 
 
 def test_every_table_row_names_exactly_one_reference_row_and_known_columns():
     tables = load_tables()
-    assert sorted(tables) == ["convpass", "e2vpt", "vpt"]
+    assert sorted(tables) == ["convpass", "e2vpt", "e2vpt-mae", "e2vpt-mocov3", "vpt", "vpt-mae", "vpt-mocov3",
+                              "vpt-swin"]  # fmt: skip
     for table in tables.values():
         view = table_view_on_nothing(table)
         assert list(view[view.side == "reported"].row) == [r.label for r in table.rows]
@@ -99,5 +100,8 @@ def test_unknown_table_is_one_line_exit_2(tmp_path, capsys):
     synthetic_results(tmp_path, ("linear",), seeds=(42,))
     assert main(["compare", "--results", str(tmp_path), "--table", "noah"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown paper table 'noah'; pick one of convpass, e2vpt, vpt"
+    assert err == (
+        "error: unknown paper table 'noah'; pick one of convpass, e2vpt, e2vpt-mae, e2vpt-mocov3, vpt, "
+        "vpt-mae, vpt-mocov3, vpt-swin"
+    )
     assert not list(tmp_path.glob("compare-*"))

@@ -90,20 +90,20 @@ def test_group_means_recompute_to_the_printed_values_except_the_listed_ones():
 def test_every_known_issue_concerns_a_row_and_unconfirmed_rows_are_listed():
     frame = load_reference().frame
     for issue in KNOWN_ISSUES:
-        rows = frame[frame.apply(lambda r, i=issue: i.applies_to(r.method, r.source), axis=1)]
+        rows = frame[frame.apply(lambda r, i=issue: i.applies_to(r.method, r.source, r.backbone), axis=1)]
         assert not rows.empty, issue
         assert set(issue.columns) <= set(COLUMNS)
     unconfirmed = frame[frame.confirmed != "yes"]
-    assert list(unconfirmed.method) == ["e2vpt"]
+    assert list(unconfirmed[unconfirmed.backbone == "vit_b16_in21k"].method) == ["e2vpt"]
     for _, r in unconfirmed.iterrows():
-        assert any(i.kind == "unconfirmed" for i in issues_for(r.method, r.source))
+        assert any(i.kind == "unconfirmed" for i in issues_for(r.method, r.source, backbone=r.backbone))
 
 
 def test_source_labels_tell_the_rows_of_a_method_apart():
     frame = load_reference().frame
     labels = frame.assign(label=frame.source.map(source_label))
-    assert not labels.duplicated(["method", "label"]).any()
-    assert set(labels[labels.method == "vpt_deep"].label) == {
+    assert not labels.duplicated(["backbone", "method", "label"]).any()
+    assert set(labels[(labels.method == "vpt_deep") & (labels.backbone == "vit_b16_in21k")].label) == {
         "VPT paper via NOAH paper Table 1",
         "VPT paper via V-PETL Bench README",
         "VPT paper via JieShibo/PETL-ViT",
@@ -177,17 +177,17 @@ MALFORMED = [
         r"of the printed group means",
     ),
     ("avg19", _set(16, "avg_19", "74.54"), r"line 16 \(convpass\), column avg_19: 74.54 is not the mean of its cells"),
-    ("fields", lambda rows: rows[4].append("1.0"), r"line 5: 31 fields where the header has 30"),
+    ("fields", lambda rows: rows[4].append("1.0"), r"line 5: 32 fields where the header has 31"),
     (
         "duplicate",
         lambda rows: rows.append(list(rows[6])),
-        r"line 38 \(vpt_deep\), column source: repeats the "
+        r"line 72 \(vpt_deep\), column source: repeats the "
         r"method and source of line 7",
     ),
     (
         "empty-row",
-        lambda rows: rows.append(["lora", "somewhere", "unknown", "orig_in21k"] + [""] * 25 + ["no"]),
-        r"line 38 \(lora\): the row has no accuracy at all",
+        lambda rows: rows.append(["lora", "somewhere", "unknown", "vit_b16_in21k", "orig_in21k"] + [""] * 25 + ["no"]),
+        r"line 72 \(lora\): the row has no accuracy at all",
     ),
     ("header-only", lambda rows: rows.__delitem__(slice(1, None)), r"line 2: the file has a header but no rows"),
     ("empty", lambda rows: rows.clear(), r"line 1: the file is empty"),

@@ -89,12 +89,18 @@ def register(sub: Any) -> None:
         description="For each method with results and each of its reported rows: per task, group and average, "
         "our mean ± std over seeds, the reported number, the difference, whether it lies within our std over "
         "seeds, and the protocol and backbone of both sides (rows where they differ are marked); each suite's "
-        "results beside its own reference file (VTAB-1k: compare.md, FGVC: compare-fgvc.md). "
+        "results beside its own reference file (VTAB-1k: compare.md, FGVC: compare-fgvc.md). Rows are matched on "
+        "backbone as well as method: a run is set beside the rows of its own backbone only (ViT-B/16 IN-21k, Swin-B "
+        "IN-22k, ViT-B/16 MAE or MoCo v3; the demo's and tests' tiny ViTs stand in for ViT-B/16 IN-21k, marked), and "
+        "a run on a backbone no reported row uses is compared with nothing (one line says so). "
         "Example: python -m benchmark compare --results results/reproduce/vpt_deep-full --source V-PETL",
     )
     p.add_argument("--results", default="results/bench", metavar="DIR", help="default: %(default)s")
     p.add_argument("--method", help="comma-separated methods (default: every method with results)")
     p.add_argument("--table", metavar="PAPER", help="lay ours out as a paper's tables: e2vpt and vpt (VTAB-1k and "
-                   "FGVC) or convpass (VTAB-1k); writes compare-PAPER.md and .csv")  # fmt: skip
+                   "FGVC) or convpass (VTAB-1k), on ViT-B/16 IN-21k; vpt-swin (Swin-B IN-22k, VTAB-1k group means); "
+                   "vpt-mae, vpt-mocov3, e2vpt-mae, e2vpt-mocov3 (ViT-B/16 MAE or MoCo v3: VTAB-1k group means and "
+                   "the FGVC mean). Each table shows only the runs on its backbone; writes compare-PAPER.md and "
+                   ".csv")  # fmt: skip
     reference_options(p)
     p.set_defaults(func=cmd_compare)

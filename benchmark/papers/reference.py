@@ -1,16 +1,19 @@
 """The papers' numbers per suite, loaded and checked: VTAB-1k (`results/reference/vtab1k_reported.csv`) and FGVC
 (`results/reference/fgvc_reported.csv`).
 
-One row per (method, source): the task accuracies as printed, the means (VTAB-1k: the three group means, the
+One row per (method, source, backbone): the task accuracies as printed, the means (VTAB-1k: the three group means, the
 mean of groups `avg_groups` and the mean of 19 `avg_19`; FGVC: the mean of five, `mean`), the protocol that
-produced them (`selection_protocol`), the backbone weights, the printed parameter count and how much of the row
-was confirmed against its source. `results/reference/README.md` describes the files; `reference_csv.py` reads
+produced them (`selection_protocol`), the backbone (`backbone`: an id of `benchmark.papers.backbones`, e.g.
+`vit_b16_in21k`, `swin_b_in22k`, `vit_b16_mae`, `vit_b16_mocov3`; rows of different backbones are never compared
+with each other) and its weights, the printed parameter count and how much of the row was confirmed against its
+source. `results/reference/README.md` describes the files; `reference_csv.py` reads
 them.
 
 Every load checks the whole file and refuses it with one line (file, line, column, what is wrong) when:
 a column is missing, unknown or repeated; a row has the wrong number of fields; a number is not a plain
-decimal or lies outside 0–100; a label is not one of the known ones; a (method, source) pair repeats; or
-a mean is further from the mean recomputed from the cells than rounding allows.
+decimal or lies outside 0–100; a label is not one of the known ones (an unknown backbone id among them); a
+(method, source, backbone) triple repeats; or a mean is further from the mean recomputed from the cells than
+rounding allows (unless a `misprint` known issue names it: a source's printed mean kept as printed and flagged).
 
 Rounding tolerance: a cell printed with k decimals stands for a value within half a unit of its last
 decimal (0.05 for k = 1), so the mean of such cells is within that much of the mean of the true values;
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.papers.backbones import BACKBONE_WEIGHTS, DEFAULT_REFERENCE_BACKBONE, REFERENCE_BACKBONES
 from benchmark.papers.reference_csv import (
     Discrepancy,
     KnownIssue,
@@ -57,6 +61,7 @@ COLUMNS: tuple[str, ...] = (
     "method",
     "source",
     "selection_protocol",
+    "backbone",
     "backbone_weights",
     *TASK_COLUMNS,
     *MEAN_COLUMNS,
@@ -81,11 +86,9 @@ FGVC_PROTOCOLS: dict[str, str] = {
     "val-tuned-last-epoch-1seed": "hyper-parameters tuned on val, last-epoch test accuracy, 1 seed",
     "unknown": "not documented by the source",
 }
-# Backbone weights of the reported rows, as timm names.
-BACKBONE_WEIGHTS: dict[str, str] = {
-    "orig_in21k": "vit_base_patch16_224.orig_in21k",
-    "augreg_in21k": "vit_base_patch16_224.augreg_in21k",
-}
+# The backbone ids and the checkpoints each allows (`benchmark.papers.backbones`).
+BACKBONES: dict[str, tuple[str, ...]] = {b: labels for b, (_, labels) in REFERENCE_BACKBONES.items()}
+SWIN, MAE, MOCO = "swin_b_in22k", "vit_b16_mae", "vit_b16_mocov3"
 # Every reported row trained for 100 epochs (the recipes of the suite's specs).
 REPORTED_EPOCHS = 100
 
@@ -123,6 +126,42 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ("ssf",), "V-PETL Bench", "note", (),
         "SSF ran on AugReg IN-21k weights with 0.5/0.5 normalisation",
     ),
+    # The other backbones' rows (specs/backbones.md §2.3, §2.5): group means and the mean of groups only.
+    KnownIssue(
+        ("full", "linear", "vpt_deep"), "a Korean VPT summary", "unconfirmed", GROUPS,
+        "the two-decimal group means come from a secondary summary of the VPT paper; SNELL's and HyperAdapter's "
+        "Table 3 print the same values rounded", (SWIN,),
+    ),
+    KnownIssue(
+        ("spt_lora",), "SNELL paper Table 3", "misprint", ("avg_groups",),
+        "SNELL prints the mean of groups as 77.2; its printed group means give 76.97", (SWIN,),
+    ),
+    KnownIssue(
+        ("arc",), "HyperAdapter paper Table 3", "misprint", ("avg_groups",),
+        "HyperAdapter prints ARC's mean of groups as 75.6; its printed group means give 75.17", (SWIN,),
+    ),
+    KnownIssue(
+        ("vpt_deep",), "MAE VTAB-1k rows, as reproduced in DA-VPT", "misprint", ("avg_groups",),
+        "DA-VPT prints the mean of groups as 41.73; its printed group means give 41.07", (MAE,),
+    ),
+    KnownIssue(
+        ("vpt_deep",), "MoCo v3 VTAB-1k rows, as reproduced in DA-VPT", "misprint", ("avg_groups",),
+        "DA-VPT prints the mean of groups as 65.90; its printed group means give 65.23", (MOCO,),
+    ),
+    KnownIssue(
+        ("gatevpt",), "MAE VTAB-1k rows, as reproduced in DA-VPT", "misprint", ("avg_groups",),
+        "DA-VPT prints GateVPT's mean of groups as 53.09; its printed group means give 53.76", (MAE,),
+    ),
+    KnownIssue(
+        ("full",), "MoCo v3 VTAB-1k rows, as reproduced in DA-VPT", "note", ("structured",),
+        "SNELL's Table 2 prints this row's structured mean as 42.0, a typo: its own mean of groups (69.6) needs about "
+        "52.0; DA-VPT's 51.98 is used", (MOCO,),
+    ),
+    KnownIssue(
+        ("linear", "partial_1", "bitfit", "adapter", "lora"), "SNELL paper Table 2", "note", ("avg_groups",),
+        "the source's mean of groups is not recorded for this row (only its group means); it is left empty",
+        (MAE, MOCO),
+    ),
 )  # fmt: skip
 
 FGVC_TASK_COLUMNS: tuple[str, ...] = tuple(t.id for t in list_tasks(suite="fgvc"))
@@ -147,6 +186,9 @@ FGVC_KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(("gps",), "V-PETL Bench", "note", (),
                "GPS's scripts load timm's `vit_base_patch16_224_in21k` (specs/fgvc.md §1.3); which checkpoint that "
                "name meant for its runs is not recorded"),
+    KnownIssue(("full", "vpt_shallow", "vpt_deep", "gatevpt"), "DA-VPT Table 1", "note", ("mean",),
+               "DA-VPT prints only the FGVC mean next to GateVPT's; whether it originates in the VPT paper is not "
+               "documented (specs/backbones.md §2.5)", (MAE, MOCO)),
 )  # fmt: skip
 SUITE_ISSUES: dict[str, tuple[KnownIssue, ...]] = {"vtab1k": KNOWN_ISSUES, "fgvc": FGVC_KNOWN_ISSUES}
 
@@ -171,13 +213,17 @@ class ReferenceTable:
     def layout(self) -> Layout:
         return LAYOUTS[self.suite]
 
-    def methods(self) -> list[str]:
-        """Methods with at least one row, sorted."""
-        return sorted(self.frame.method.unique())
+    def methods(self, backbone: str | None = None) -> list[str]:
+        """Methods with at least one row (of `backbone`, or of any), sorted."""
+        frame = self.frame if backbone is None else self.frame[self.frame.backbone == backbone]
+        return sorted(frame.method.unique())
 
-    def rows(self, method: str) -> pd.DataFrame:
-        """The rows of one method, in file order."""
-        return self.frame[self.frame.method == method]
+    def rows(self, method: str, backbone: str | None = None) -> pd.DataFrame:
+        """The rows of one method (on `backbone`, or on any), in file order."""
+        keep = self.frame.method == method
+        if backbone is not None:
+            keep &= self.frame.backbone == backbone
+        return self.frame[keep]
 
 
 def source_label(source: str) -> str:
@@ -196,9 +242,11 @@ def source_label(source: str) -> str:
     return f"{first(head)} via {first(tail)}" if sep else first(source)
 
 
-def issues_for(method: str, source: str, suite: str = "vtab1k") -> list[KnownIssue]:
-    """The known issues (`KNOWN_ISSUES`, `FGVC_KNOWN_ISSUES`) that concern a row of `suite`'s file."""
-    return [i for i in SUITE_ISSUES[suite] if i.applies_to(method, source)]
+def issues_for(
+    method: str, source: str, suite: str = "vtab1k", backbone: str = DEFAULT_REFERENCE_BACKBONE
+) -> list[KnownIssue]:
+    """The known issues (`KNOWN_ISSUES`, `FGVC_KNOWN_ISSUES`) that concern a row of `suite`'s file on `backbone`."""
+    return [i for i in SUITE_ISSUES[suite] if i.applies_to(method, source, backbone)]
 
 
 def suite_of_file(path: Path) -> str:
@@ -245,8 +293,10 @@ def _check_means(
     numbers: dict[str, Decimal | None],
     fail: Callable[..., ReferenceDataError],
     label: str,
+    backbone: str = DEFAULT_REFERENCE_BACKBONE,
 ) -> list[Discrepancy]:
-    """Compare each mean with the exact mean of its cells; return the differences rounding allows."""
+    """Compare each mean with the exact mean of its cells; return the differences rounding allows (a `misprint`
+    issue lets its columns hold the source's printed value however far it is)."""
     exact: dict[str, tuple[Decimal, int]] = {}  # column -> (exact mean, decimals of its coarsest cell)
     for group, members in GROUP_TASKS.items():
         cells = [numbers[t] for t in members]
@@ -256,14 +306,16 @@ def _check_means(
         exact["avg_groups"] = (mean_of([exact[g][0] for g in GROUPS]), min(exact[g][1] for g in GROUPS))
         cells = [numbers[t] for t in TASK_COLUMNS]
         exact["avg_19"] = (mean_of(cells), min(decimals(c) for c in cells))
-    issues = [i for i in issues_for(method, source) if i.kind == "published-means"]
+    issues = [i for i in issues_for(method, source, backbone=backbone) if i.kind == "published-means"]
+    misprints = {c for i in issues_for(method, source, backbone=backbone) if i.kind == "misprint" for c in i.columns}
+    exact = {column: mean for column, mean in exact.items() if column not in misprints}
     found: list[Discrepancy] = []
     row = {"line": line, "method": method, "source": source, "fail": fail, "label": label, "issues": issues}
     for column, mean in exact.items():
         what = "mean of the three group means" if column == "avg_groups" else "mean of its cells"
         check_mean(column, numbers[column], mean, what, found, **row)
     printed = [numbers[g] for g in GROUPS]
-    if numbers["avg_groups"] is not None and all(p is not None for p in printed):
+    if numbers["avg_groups"] is not None and all(p is not None for p in printed) and "avg_groups" not in misprints:
         # The printed mean of groups must also agree with the printed group means (both rounded).
         mean = mean_of(printed)
         tolerance = half_unit(min(decimals(p) for p in printed)) + half_unit(decimals(numbers["avg_groups"]))
@@ -273,7 +325,9 @@ def _check_means(
     return found
 
 
-VTAB_LAYOUT = Layout("vtab1k", TASK_COLUMNS, MEAN_COLUMNS, SELECTION_PROTOCOLS, BACKBONE_WEIGHTS, _check_means)
+VTAB_LAYOUT = Layout(
+    "vtab1k", TASK_COLUMNS, MEAN_COLUMNS, SELECTION_PROTOCOLS, BACKBONE_WEIGHTS, _check_means, BACKBONES
+)
 
 
 def _check_fgvc_means(
@@ -283,12 +337,13 @@ def _check_fgvc_means(
     numbers: dict[str, Decimal | None],
     fail: Callable[..., ReferenceDataError],
     label: str,
+    backbone: str = DEFAULT_REFERENCE_BACKBONE,
 ) -> list[Discrepancy]:
     """Compare the mean with the exact mean of the five datasets; return the difference if rounding allows it."""
     cells = [numbers[t] for t in FGVC_TASK_COLUMNS]
     if any(c is None for c in cells):
         return []
-    issues = [i for i in issues_for(method, source, "fgvc") if i.kind == "published-means"]
+    issues = [i for i in issues_for(method, source, "fgvc", backbone) if i.kind == "published-means"]
     found: list[Discrepancy] = []
     row = {"line": line, "method": method, "source": source, "fail": fail, "label": label, "issues": issues}
     exact = (mean_of(cells), min(decimals(c) for c in cells))
@@ -296,7 +351,8 @@ def _check_fgvc_means(
     return found
 
 
-FGVC_LAYOUT = Layout("fgvc", FGVC_TASK_COLUMNS, ("mean",), FGVC_PROTOCOLS, BACKBONE_WEIGHTS, _check_fgvc_means)
+FGVC_LAYOUT = Layout("fgvc", FGVC_TASK_COLUMNS, ("mean",), FGVC_PROTOCOLS, BACKBONE_WEIGHTS, _check_fgvc_means,
+                     BACKBONES)  # fmt: skip
 LAYOUTS: dict[str, Layout] = {"vtab1k": VTAB_LAYOUT, "fgvc": FGVC_LAYOUT}
 REFERENCE_FILES: dict[str, Path] = {"vtab1k": REFERENCE_CSV, "fgvc": FGVC_REFERENCE_CSV}
 # Every protocol label either file may hold, with what it means (VTAB-1k's wording where both have a label).

@@ -3,8 +3,9 @@
 A `Layout` names a suite's columns (text columns, task cells, means, `params_m`, `confirmed`) and how its means
 are checked against its cells; `read_reference` reads one file under a layout and refuses it with one line
 (file, line, column, what is wrong) when: a column is missing, unknown or repeated; a row has the wrong number
-of fields; a number is not a plain decimal or lies outside 0–100; a label is not one of the known ones; a
-(method, source) pair repeats; a row has no accuracy at all; or the layout's mean check fails.
+of fields; a number is not a plain decimal or lies outside 0–100; a label is not one of the known ones (the
+`backbone` id among them, and checkpoints of another backbone than the row's); a (method, source, backbone)
+triple repeats; a row has no accuracy at all; or the layout's mean check fails.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.errors import UserError
+from benchmark.papers.backbones import DEFAULT_REFERENCE_BACKBONE
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 METHOD = re.compile(r"^[a-z][a-z0-9_]*$")
-TEXT_COLUMNS = ("method", "source", "selection_protocol", "backbone_weights")
+TEXT_COLUMNS = ("method", "source", "selection_protocol", "backbone", "backbone_weights")
 CONFIRMED = ("yes", "partial", "no")
-ISSUE_KINDS = ("published-means", "computed", "unconfirmed", "note")
+ISSUE_KINDS = ("published-means", "computed", "unconfirmed", "misprint", "note")
 
 
 class ReferenceDataError(UserError):
@@ -42,9 +44,12 @@ class KnownIssue:
         kind: `published-means`: the columns hold the source's means, which differ from the means of the
             printed cells within rounding; `computed`: the columns hold means computed from the cells where
             the source prints another value; `unconfirmed`: the columns were not checked against the source;
+            `misprint`: the columns hold the source's printed means although they disagree with its printed
+            cells or group means by more than rounding allows (the loader accepts them only in these columns);
             `note`: anything else a reader of these numbers should know.
         columns: the columns concerned.
         note: what it is, in one sentence.
+        backbones: the rows' `backbone` ids.
     """
 
     methods: tuple[str, ...]
@@ -52,9 +57,10 @@ class KnownIssue:
     kind: str
     columns: tuple[str, ...]
     note: str
+    backbones: tuple[str, ...] = (DEFAULT_REFERENCE_BACKBONE,)
 
-    def applies_to(self, method: str, source: str) -> bool:
-        return method in self.methods and self.source_contains in source
+    def applies_to(self, method: str, source: str, backbone: str = DEFAULT_REFERENCE_BACKBONE) -> bool:
+        return method in self.methods and self.source_contains in source and backbone in self.backbones
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,8 @@ class Discrepancy:
         return round_half_up(self.recomputed, decimals(self.value))
 
 
-# (line, method, source, numbers, fail, label) -> the discrepancies rounding allows; raises through `fail`.
-MeansCheck = Callable[[int, str, str, "dict[str, Decimal | None]", Callable[..., ReferenceDataError], str],
+# (line, method, source, numbers, fail, label, backbone) -> the discrepancies rounding allows; raises through `fail`.
+MeansCheck = Callable[[int, str, str, "dict[str, Decimal | None]", Callable[..., ReferenceDataError], str, str],
                       "list[Discrepancy]"]  # fmt: skip
 
 
@@ -103,6 +109,7 @@ class Layout:
         protocols: the known `selection_protocol` labels.
         backbones: the known `backbone_weights` labels.
         check_means: compares each mean with its cells (`MeansCheck`).
+        reference_backbones: the known `backbone` ids, each with the `backbone_weights` labels it allows.
     """
 
     suite: str
@@ -111,6 +118,7 @@ class Layout:
     protocols: Mapping[str, str]
     backbones: Mapping[str, str]
     check_means: MeansCheck
+    reference_backbones: Mapping[str, tuple[str, ...]]
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -201,7 +209,7 @@ def read_reference(path: Path, layout: Layout) -> tuple[pd.DataFrame, list[Discr
 
     rows: list[dict[str, object]] = []
     discrepancies: list[Discrepancy] = []
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     start = reader.line_num + 1
     while True:
         try:
@@ -231,9 +239,18 @@ def read_reference(path: Path, layout: Layout) -> tuple[pd.DataFrame, list[Discr
         for column, known, what in checks:
             if raw[column] not in known:
                 raise fail(line, f"unknown {what} {raw[column]!r}; use one of {', '.join(known)}", label, column)
-        key = (method, raw["source"])
+        backbone = raw["backbone"]
+        if backbone not in layout.reference_backbones:
+            raise fail(line, f"unknown backbone id {backbone!r}; use one of {', '.join(layout.reference_backbones)}",
+                       label, "backbone")  # fmt: skip
+        if raw["backbone_weights"] not in (allowed := layout.reference_backbones[backbone]):
+            raise fail(line, f"checkpoint {raw['backbone_weights']!r} is not one of backbone {backbone}'s; use one of "
+                             f"{', '.join(allowed)} (or the backbone id of that checkpoint)", label, "backbone_weights")  # fmt: skip
+        key = (method, raw["source"], backbone)
         if key in seen:
-            raise fail(line, f"repeats the method and source of line {seen[key]}", label, "source")
+            raise fail(
+                line, f"repeats the method and source of line {seen[key]} on the same backbone", label, "source"
+            )
         seen[key] = line
 
         numbers: dict[str, Decimal | None] = {}
@@ -253,7 +270,7 @@ def read_reference(path: Path, layout: Layout) -> tuple[pd.DataFrame, list[Discr
         if all(numbers[c] is None for c in (*layout.task_columns, *layout.mean_columns)):
             raise fail(line, "the row has no accuracy at all; fill the task cells or the means", label)
 
-        discrepancies += layout.check_means(line, method, raw["source"], numbers, fail, label)
+        discrepancies += layout.check_means(line, method, raw["source"], numbers, fail, label, backbone)
         row: dict[str, object] = {c: raw[c] for c in TEXT_COLUMNS}
         row.update({c: np.nan if numbers[c] is None else float(numbers[c]) for c in layout.numeric_columns})
         row["confirmed"] = raw["confirmed"]

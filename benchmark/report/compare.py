@@ -15,8 +15,13 @@ For every method with results (or the ones asked for) and every reference row of
   `fixed-hparams-last-epoch-2seeds` from `--protocol final`, suffixed by a reduced budget), theirs as
   labelled in the reference CSV. `protocols_match` is `yes` only when the labels are equal, the budget is
   complete and ours trained the reported rows' 100 epochs; `backbone_match` only when ours ran the
-  row's ViT-B/16 checkpoint at 224 px. Every other row is marked (⚠ in the Markdown) and `mismatch`
+  row's checkpoint at 224 px. Every other row is marked (⚠ in the Markdown) and `mismatch`
   says why: such a difference is not a like-for-like result.
+
+Rows are matched on backbone as well as method (`benchmark.papers.backbones`): a run is set beside the rows of the
+reference backbone its recorded `config.backbone` maps to (a Swin-B run beside the Swin-B rows only, an MAE run
+beside the MAE rows), never beside another backbone's. A run whose backbone no reference row uses is compared with
+nothing, and the output says so in one line.
 
 `benchmark/report/compare_report.py` writes it out: `<results>/compare.csv` (every line, full precision) and
 `<results>/compare.md` (reference rows that print identical numbers under the same protocol share one table).
@@ -24,7 +29,7 @@ For every method with results (or the ones asked for) and every reference row of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.errors import UserError
+from benchmark.papers.backbones import DEFAULT_REFERENCE_BACKBONE, REFERENCE_BACKBONES, backbone_title
+from benchmark.papers.backbones import backbone_identity as backbone_identity  # re-exported: compare's interface
 from benchmark.papers.reference import (
     MEAN_COLUMNS,
     REPORTED_EPOCHS,
@@ -41,7 +48,6 @@ from benchmark.papers.reference import (
 )
 from benchmark.report.format import GROUP_OF, GROUP_SIZES, SUITE_TASKS, TASK_ORDER, protocol_label
 from benchmark.report.ours import Variant, method_variants, ours_frame
-from benchmark.report.ours import backbone_identity as backbone_identity  # re-exported: part of compare's interface
 from benchmark.run.results import load_results
 from tasks import SUITES
 
@@ -144,7 +150,7 @@ def comparison_line(variant: Variant, ref: pd.Series, row: str, reference: Refer
     for d in reference.discrepancies:
         if d.line == ref.line and d.column == row:
             notes.append(f"printed {d.value}; its cells give {d.rounded} (see the end)")
-    for issue in issues_for(ref.method, ref.source, reference.suite):
+    for issue in issues_for(ref.method, ref.source, reference.suite, ref.backbone):
         if row in issue.columns and issue.kind == "unconfirmed":
             notes.append("unconfirmed reported value")
         elif row in issue.columns and issue.kind != "published-means":
@@ -193,9 +199,10 @@ class Comparison:
     Attributes:
         blocks: one per (our variant, reference row), in method order.
         variants: every variant of our runs of the compared methods (also those without reference rows).
-        unreported: compared methods that have no reference rows at all.
+        unreported: compared methods that have no reference rows on the backbones of their runs.
         reference: the reference table.
         results: the results directory.
+        unmatched: variants whose backbone no reference row uses: compared with nothing.
     """
 
     blocks: list[Block]
@@ -203,6 +210,7 @@ class Comparison:
     unreported: list[str]
     reference: ReferenceTable
     results: Path
+    unmatched: list[Variant] = field(default_factory=list)
 
     @property
     def lines(self) -> pd.DataFrame:
@@ -252,21 +260,33 @@ def comparison_of(
     frame: pd.DataFrame, reference: ReferenceTable, methods: list[str], sources: list[str] | None, results: Path
 ) -> Comparison:
     """The comparison of `methods`' runs on the reference's suite (`frame`: `ours_frame`) with its rows."""
-    blocks, variants, unreported = [], [], []
+    blocks, variants, unreported, unmatched = [], [], [], []
     rows = SUITE_ROWS[reference.suite]
     for method in methods:
-        refs = reference.rows(method)
-        if refs.empty:
+        found = method_variants(frame, method, reference.suite)
+        matched = {v.backbone for v in found if v.backbone} if found else {DEFAULT_REFERENCE_BACKBONE}
+        if matched and not any(len(reference.rows(method, b)) for b in matched):
             unreported.append(method)
-        refs = refs[refs.source.map(lambda s: _selected(s, sources))]
-        for variant in method_variants(frame, method, reference.suite):
+        for variant in found:
             variants.append(variant)
-            for _, ref in refs.iterrows():
+            if not variant.backbone:
+                unmatched.append(variant)
+                continue
+            refs = reference.rows(method, variant.backbone)
+            for _, ref in refs[refs.source.map(lambda s: _selected(s, sources))].iterrows():
                 lines = pd.DataFrame(
                     [comparison_line(variant, ref, row, reference) for row in rows], columns=CSV_COLUMNS
                 )
                 blocks.append(Block(variant, ref, lines))
-    return Comparison(blocks, variants, unreported, reference, Path(results))
+    return Comparison(blocks, variants, unreported, reference, Path(results), unmatched)
+
+
+def unmatched_line(variant: Variant) -> str:
+    """The one line that says a variant is compared with nothing: no reference row uses its backbone."""
+    ran = "; ".join(sorted(set(variant.runs.backbone_text))) or "?"
+    known = ", ".join(backbone_title(b) for b in REFERENCE_BACKBONES)
+    return (f"{variant.method} [{variant.label()}] ran on {ran}, a backbone no reported row uses ({known}): "
+            "compared with nothing")  # fmt: skip
 
 
 def compare(

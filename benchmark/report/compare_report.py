@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.papers.backbones import DEFAULT_REFERENCE_BACKBONE, backbone_title
 from benchmark.papers.reference import Discrepancy, issues_for, source_label
-from benchmark.report.compare import HEADLINES, MARK, ROW_TITLES, Block, Comparison, is_marked
+from benchmark.report.compare import HEADLINES, MARK, ROW_TITLES, Block, Comparison, is_marked, unmatched_line
 from benchmark.report.format import SUITE_TASKS, csv_text, markdown_table, printed
 from benchmark.run.results import atomic_write_bytes
 from tasks import SUITES
@@ -91,9 +92,14 @@ def markdown(c: Comparison) -> str:
     if c.unreported:
         lines += [f"No reported {title} numbers exist for {', '.join(c.unreported)} (see "
                   "`results/reference/README.md`); their results are in the leaderboard only.", ""]  # fmt: skip
+    for v in c.unmatched:
+        lines += [f"{unmatched_line(v)}.", ""]
     for variant in c.variants:
         lines += [f"## {variant.method}: ours {variant.label()}", "", f"Ours: {variant.describe()}.", ""]
         blocks = [b for b in c.blocks if b.variant is variant]
+        if any(v is variant for v in c.unmatched):
+            lines += [f"{unmatched_line(variant)}.", ""]
+            continue
         if not blocks:
             lines += ["No reported numbers for this method" + (" match --source." if variant.method not in
                       c.unreported else "."), ""]  # fmt: skip
@@ -101,13 +107,14 @@ def markdown(c: Comparison) -> str:
         for group in _merged(blocks):
             ref = group[0].reference
             names = ", ".join(source_label(b.reference.source) for b in group)
-            lines += [f"### vs. {names}: `{ref.selection_protocol}`, {ref.backbone_weights}", ""]
+            other = "" if ref.backbone == DEFAULT_REFERENCE_BACKBONE else f" ({backbone_title(ref.backbone)})"
+            lines += [f"### vs. {names}: `{ref.selection_protocol}`, {ref.backbone_weights}{other}", ""]
             lines += [f"- source: {b.reference.source}" for b in group]
             if len(group) > 1:
                 lines.append("- these sources print the same numbers under the same protocol")
             if ref.confirmed != "yes":
                 lines.append(f"- confirmed against the source: {ref.confirmed}")
-            lines += [f"- caveat: {i.note}" for i in issues_for(ref.method, ref.source, suite)
+            lines += [f"- caveat: {i.note}" for i in issues_for(ref.method, ref.source, suite, ref.backbone)
                       if i.kind != "published-means"]  # fmt: skip
             lines.append("")
             block = group[0].lines
@@ -161,6 +168,7 @@ def summary_lines(c: Comparison) -> list[str]:
                    f"[{b.reference.selection_protocol}]: {'; '.join(parts)}; {like}")  # fmt: skip
     if c.unreported:
         out.append(f"no reported numbers for: {', '.join(c.unreported)}")
+    out += [unmatched_line(v) for v in c.unmatched]
     return out
 
 

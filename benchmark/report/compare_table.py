@@ -1,4 +1,11 @@
-"""`compare --table e2vpt|convpass|vpt`: our results laid out as a paper's tables, reported beside ours.
+"""`compare --table e2vpt|convpass|vpt|vpt-swin|vpt-mae|vpt-mocov3|e2vpt-mae|e2vpt-mocov3`: our results laid out as
+a paper's tables, reported beside ours.
+
+A table is of one backbone (`backbone` in the JSON, a reference backbone id; default `vit_b16_in21k`): its
+reported lines are that backbone's rows and its lines of ours are the runs compared with that backbone
+(`benchmark.papers.backbones.run_backbone`), so a Swin-B run appears under `vpt-swin` only and an MAE run under
+`vpt-mae` and `e2vpt-mae` only. The other backbones' tables print group means and the mean of groups (their
+sources print no per-task cells) and, for MAE and MoCo v3, the FGVC mean.
 
 Each paper's table is data (`results/reference/paper_tables.json`): its title, its columns in the paper's
 order (tasks, group means, the mean of groups, parameters), and its rows in the paper's order, each naming the
@@ -27,7 +34,14 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.errors import UserError
-from benchmark.papers.reference import ReferenceDataError, ReferenceTable, load_references, source_label
+from benchmark.papers.backbones import DEFAULT_REFERENCE_BACKBONE, REFERENCE_BACKBONES, backbone_title
+from benchmark.papers.reference import (
+    ReferenceDataError,
+    ReferenceTable,
+    issues_for,
+    load_references,
+    source_label,
+)
 from benchmark.report.compare import MARK, SUITE_ROWS, comparison_line, method_variants, ours_frame
 from benchmark.report.format import csv_text, markdown_table, printed
 from benchmark.run.results import PROJECT_ROOT, atomic_write_bytes, load_results
@@ -61,14 +75,16 @@ class PaperTable:
     note: str
     suite: str = "vtab1k"
     halves: tuple[PaperTable, ...] = ()
+    backbone: str = DEFAULT_REFERENCE_BACKBONE
 
 
-def _table(key: str, t: dict[str, Any], suite: str) -> PaperTable:
+def _table(key: str, t: dict[str, Any], suite: str, backbone: str = DEFAULT_REFERENCE_BACKBONE) -> PaperTable:
     rows = tuple(TableRow(r["label"], r["reference"], r["source"], tuple(r["methods"]), bool(r["confirmed"]))
                  for r in t["rows"])  # fmt: skip
-    halves = tuple(_table(key, t[s], s) for s in SUITE_ROWS if s != suite and s in t)
+    backbone = t.get("backbone", backbone)
+    halves = tuple(_table(key, t[s], s, backbone) for s in SUITE_ROWS if s != suite and s in t)
     return PaperTable(key, t["title"], tuple(t["columns"]), rows, tuple(t.get("not_in_suite", ())),
-                      t.get("note", ""), suite, halves)  # fmt: skip
+                      t.get("note", ""), suite, halves, backbone)  # fmt: skip
 
 
 def load_tables(path: Path = PAPER_TABLES) -> dict[str, PaperTable]:
@@ -83,6 +99,9 @@ def load_tables(path: Path = PAPER_TABLES) -> dict[str, PaperTable]:
         if unknown or not table.rows:
             raise ReferenceDataError(f"{path}: table {table.key} ({table.suite}) has unknown columns {unknown} or "
                                      "no rows")  # fmt: skip
+        if table.backbone not in REFERENCE_BACKBONES:
+            raise ReferenceDataError(f"{path}: table {table.key} has unknown backbone {table.backbone!r}; use one of "
+                                     f"{', '.join(REFERENCE_BACKBONES)}")  # fmt: skip
     return tables
 
 
@@ -94,12 +113,18 @@ def get_table(key: str, path: Path = PAPER_TABLES) -> PaperTable:
 
 
 def _reference_row(table: PaperTable, row: TableRow, reference: ReferenceTable) -> pd.Series:
-    rows = reference.rows(row.reference)
+    rows = reference.rows(row.reference, table.backbone)
     found = rows[rows.source.str.contains(row.source, regex=False)]
     if len(found) != 1:
         raise ReferenceDataError(f"table {table.key}, row {row.label}: {len(found)} reference rows of "
-                                 f"{row.reference} have a source containing {row.source!r}; it must be one")  # fmt: skip
+                                 f"{row.reference} on {table.backbone} have a source containing {row.source!r}; it "
+                                 "must be one")  # fmt: skip
     return found.iloc[0]
+
+
+def misprints(ref: pd.Series, suite: str) -> list[str]:
+    """The notes of the reference row's printed means that disagree with its cells (`misprint` known issues)."""
+    return [i.note for i in issues_for(ref.method, ref.source, suite, ref.backbone) if i.kind == "misprint"]
 
 
 def _ours_cell(mean: float, std: float, n: int) -> str:
@@ -120,7 +145,8 @@ def table_view(results: Path, reference: ReferenceTable, table: PaperTable) -> p
         raise UserError(f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` "
                         "or `python -m benchmark reproduce` first, or pass the right --results")  # fmt: skip
     frame = ours_frame(load_results(results))
-    frame = frame[frame.suite == table.suite] if not frame.empty else frame
+    if not frame.empty:
+        frame = frame[(frame.suite == table.suite) & (frame.reference_backbone == table.backbone)]
     present = set(frame.method) if not frame.empty else set()
     lines: list[dict[str, Any]] = []
     for row in table.rows:
@@ -129,7 +155,8 @@ def table_view(results: Path, reference: ReferenceTable, table: PaperTable) -> p
         lines.append({
             "row": row.label, "side": "reported", "who": source_label(ref.source),
             "protocol": ref.selection_protocol, "mark": TEST_SELECTED if tested else "",
-            "why": "" if row.confirmed else "row of this table not confirmed against the paper",
+            "why": "; ".join([*([] if row.confirmed else ["row of this table not confirmed against the paper"]),
+                              *misprints(ref, table.suite)]),
             **{c: ref[c] for c in table.columns},
         })  # fmt: skip
         for method in row.methods:
@@ -178,12 +205,22 @@ def markdown(view: pd.DataFrame, table: PaperTable, results: Path) -> str:
         who = f"reported ({line.who})" if line.side == "reported" else f"ours: `{line.who}`"
         body.append({"method": line.row if line.side == "reported" else "", "": f"{who} {line.mark}".strip(),
                      "protocol": line.protocol, **cells, "note": line.why})  # fmt: skip
+    other = table.backbone != DEFAULT_REFERENCE_BACKBONE
     lines = [
         f"# {table.title}",
         "",
         f"Ours from `{results}`, laid out as the paper's table. Generated by `python -m benchmark compare --table "
         f"{table.key}`; do not edit.",
         "",
+        *(
+            [
+                f"Backbone: {backbone_title(table.backbone)} (`{table.backbone}`): the reported lines are its rows, ours "
+                "are the runs on it; runs on other backbones are not shown.",
+                "",
+            ]
+            if other
+            else []
+        ),
         f"Reported: the numbers of `results/reference/{REFERENCE_NAMES[table.suite]}` this table prints; {TEST_SELECTED} marks "
         "numbers selected on the test set (best of several test evaluations), which last-epoch numbers cannot be "
         f"compared with. Ours: mean ± std over seeds of the last-epoch test accuracy; {MARK} marks a line whose "

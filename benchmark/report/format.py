@@ -77,9 +77,13 @@ def sources_section(board: pd.DataFrame) -> list[str]:
     if "kind" not in board.columns or not (board.kind == "reported").any():
         return []
     sources = board[board.kind == "reported"].drop_duplicates("source_full")
+    other = sources.source.str.contains(r" \[[^\[]*\)\]$", regex=True).any()
+    note = ["A source followed by a backbone in brackets was reported on that backbone, not on ViT-B/16 (IN-21k); "
+            "it is listed beside the methods whose runs are compared with that backbone's rows.", ""]  # fmt: skip
     return [
         "## Sources of the reported rows",
         "",
+        *(note if other else []),
         *(f"- **{r.source}**: {r.source_full}" for _, r in sources.iterrows()),
         "",
     ]

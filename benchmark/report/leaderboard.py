@@ -15,7 +15,9 @@ is covered.
 
 With `reported` the table also holds the papers' rows from the reference CSV (`benchmark/papers/reference.py`),
 marked `kind` = `reported` with their source, and the plot overlays them as hollow markers labelled by
-source. The papers' rows are ViT-B/16 on the real VTAB-1k; a run on another backbone or on synthetic tasks
+source. Only the rows of the backbones our runs are compared with (`benchmark.papers.backbones.run_backbone`:
+a Swin-B run's method brings the Swin-B rows, never the ViT-B/16 ones) are listed; a row of a backbone other than
+the default ViT-B/16 IN-21k has the backbone after its source. A run on a stand-in backbone or on synthetic tasks
 (the demo) only shows where it lands against them, not whether it reproduces them (`compare` says that).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchmark.papers.backbones import DEFAULT_REFERENCE_BACKBONE, backbone_title, run_backbone
 from benchmark.papers.reference import ReferenceTable, source_label
 from benchmark.report.format import (
     GROUP_OF,
@@ -195,8 +198,12 @@ def leaderboard_frame(runs: pd.DataFrame, suite: str | None = None) -> pd.DataFr
     return frame.reset_index(drop=True)
 
 
-def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) -> pd.DataFrame:
-    """The reference rows (of `methods`, or all) in the leaderboard's columns, `kind` = `reported`.
+def reported_frame(
+    reference: ReferenceTable, methods: list[str] | None = None, pairs: set[tuple[str, str]] | None = None
+) -> pd.DataFrame:
+    """The reference rows (of `methods`, or all; of the (method, backbone) `pairs` when given, else of the default
+    backbone) in the leaderboard's columns, `kind` = `reported`; a row of another backbone than the default has
+    its backbone after its source.
 
     Cells become `<task>_mean` (no std), the printed means the group columns, `avg_19` (FGVC: `mean`) the
     `avg_tasks_mean` column and `params_m` the `tunable` column (as printed: whether the head is
@@ -208,13 +215,18 @@ def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) 
     ref = reference.frame
     if methods is not None:
         ref = ref[ref.method.isin(methods)]
+    if pairs is None:
+        ref = ref[ref.backbone == DEFAULT_REFERENCE_BACKBONE]
+    else:
+        ref = ref[[(m, b) in pairs for m, b in zip(ref.method, ref.backbone, strict=True)]]
     rows = []
     for _, r in ref.iterrows():
+        other = "" if r.backbone == DEFAULT_REFERENCE_BACKBONE else f" [{backbone_title(r.backbone)}]"
         row: dict[str, Any] = {
             "kind": "reported",
             "method": r.method,
             "protocol": r.selection_protocol,
-            "source": source_label(r.source),
+            "source": source_label(r.source) + other,
             "source_full": r.source,
             "backbone_weights": r.backbone_weights,
             "tasks": int(r[tasks].notna().sum()),
@@ -235,11 +247,25 @@ def reported_frame(reference: ReferenceTable, methods: list[str] | None = None) 
     return frame.reset_index(drop=True)
 
 
-def with_reported(board: pd.DataFrame, reference: ReferenceTable, which: str = "methods") -> pd.DataFrame:
-    """`board` (kind `ours`) followed by the reference rows of its methods (`which="methods"`) or all rows."""
+def with_reported(
+    board: pd.DataFrame,
+    reference: ReferenceTable,
+    which: str = "methods",
+    backbones: dict[str, set[str]] | None = None,
+) -> pd.DataFrame:
+    """`board` (kind `ours`) followed by the reference rows of its methods (`which="methods"`) or all rows, of the
+    backbones its runs are compared with (`backbones`: method -> reference backbone ids; default: the default
+    backbone for every method; `all`: every method's rows on any of those backbones)."""
     ours = board.assign(kind="ours", source="")
     methods = None if which == "all" else sorted(board.method.unique()) if not board.empty else []
-    frame = pd.concat([ours, reported_frame(reference, methods)], ignore_index=True)
+    if backbones is None:
+        backbones = {m: {DEFAULT_REFERENCE_BACKBONE} for m in board.method} if not board.empty else {}
+    used = set().union(*backbones.values()) if backbones else {DEFAULT_REFERENCE_BACKBONE}
+    if which == "all":
+        pairs = {(m, b) for m in reference.frame.method for b in used}
+    else:
+        pairs = {(m, b) for m, found in backbones.items() for b in found}
+    frame = pd.concat([ours, reported_frame(reference, methods, pairs)], ignore_index=True)
     first = ["kind", "method", "protocol", "source"]
     return frame.reindex(columns=first + [c for c in frame.columns if c not in first])
 
@@ -304,6 +330,16 @@ def markdown(board: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def run_backbones(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Per method, the reference backbones its runs are compared with (`backbones.run_backbone`; runs on a backbone
+    no reported row uses add none)."""
+    found: dict[str, set[str]] = {}
+    for r in records:
+        backbone = run_backbone(r.get("config") or {})
+        found.setdefault(r["method"], set()).update({backbone} if backbone else set())
+    return found
+
+
 def records_by_suite(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The records of each suite with results, in `SUITES` order (a task no suite knows counts as VTAB-1k's)."""
     found: dict[str, list[dict[str, Any]]] = {}
@@ -338,7 +374,7 @@ def write_leaderboards(
     for s in suites:
         board = leaderboard_frame(runs_frame(by_suite.get(s, [])), s)
         if s in tables:
-            board = with_reported(board, tables[s], reported)
+            board = with_reported(board, tables[s], reported, run_backbones(by_suite.get(s, [])))
         boards[s] = board
     shown = [r for s in suites for r in by_suite.get(s, [])]
     texts = [markdown(b) if s == "vtab1k" else suite_markdown(b, s) for s, b in boards.items()]

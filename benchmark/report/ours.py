@@ -1,47 +1,25 @@
-"""Our side of a comparison with the papers: the runs that report test accuracy, which checkpoint each used,
-and the variants of a method (protocol, budget, configuration) with their numbers aggregated per suite."""
+"""Our side of a comparison with the papers: the runs that report test accuracy, which checkpoint each used and
+which reference backbone's rows they are compared with (`benchmark.papers.backbones`), and the variants of a method
+(protocol, budget, configuration, reference backbone) with their numbers aggregated per suite."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from benchmark.papers.reference import BACKBONE_WEIGHTS
+from benchmark.papers.backbones import backbone_identity, run_backbone
 from benchmark.report.format import SUITE_OF, protocol_label
 from benchmark.report.leaderboard import aggregate, runs_frame
 from tasks import SUITES
 
 
-def backbone_identity(config: dict[str, Any]) -> tuple[str | None, str]:
-    """Which reference checkpoint a run used (`orig_in21k`, `augreg_in21k`, or None) and how to name it.
-
-    A run matches a reference checkpoint when it ran timm's ViT-B/16 at 224 px with pretrained weights
-    tagged as that checkpoint (a local `--weights` file is taken to be what the backbone name says), or
-    Google's original `ViT-B_16.npz`.
-    """
-    name = config.get("backbone", "?")
-    weights = config.get("weights")
-    size = config.get("image_size")
-    text = (
-        name + (f" ({Path(weights).name})" if weights else "") + (f" at {size} px" if size not in (None, 224) else "")
-    )
-    if not config.get("pretrained", True):
-        return None, f"{name} (random init)"
-    arch, _, tag = name.partition(".")
-    if arch != "vit_base_patch16_224" or size not in (None, 224):
-        return None, text
-    if weights and Path(weights).name == "ViT-B_16.npz":
-        return "orig_in21k", text
-    return (tag if tag in BACKBONE_WEIGHTS else None), text
-
-
 def ours_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run that reports test accuracy (`final` mode): the leaderboard's run columns plus
-    `epochs`, `weights_id`, `backbone_text`, `grid` (the lr × weight-decay grid's shape) and `search`
-    (a pruning search's token × segment levels)."""
+    `epochs`, `weights_id`, `backbone_text`, `reference_backbone` (the reference backbone id whose rows the run is
+    compared with; empty when none), `grid` (the lr × weight-decay grid's shape) and `search` (a pruning search's
+    token × segment levels)."""
     records = [r for r in records if r.get("mode") == "final"]
     frame = runs_frame(records)
     extra = []
@@ -55,6 +33,7 @@ def ours_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "epochs": ((config.get("method_config") or {}).get("recipe") or {}).get("epochs"),
             "weights_id": weights_id,
             "backbone_text": text,
+            "reference_backbone": run_backbone(config) or "",
             "grid": (len({g[0] for g in grid}), len({g[1] for g in grid})) if grid else None,
             "search": (len(levels[0]), len(levels[1])) if all(levels) else None,
         })  # fmt: skip
@@ -78,6 +57,8 @@ class Variant:
     # What sets this configuration apart from the method's other runs under the protocol (`benchmark.report.variants`).
     variant: str = ""
     suite: str = "vtab1k"
+    # The reference backbone id whose rows these runs are compared with (`backbones.run_backbone`); "" when none.
+    backbone: str = "vit_b16_in21k"
 
     def label(self) -> str:
         """The protocol label of the whole variant (seeds: those with a successful run)."""
@@ -108,11 +89,15 @@ class Variant:
 
 
 def method_variants(frame: pd.DataFrame, method: str, suite: str = "vtab1k") -> list[Variant]:
-    """The variants of `method`'s runs on `suite`'s tasks (`ours_frame`), each aggregated over that suite only."""
+    """The variants of `method`'s runs on `suite`'s tasks (`ours_frame`), each aggregated over that suite only; runs
+    compared with different reference backbones are never one variant."""
     out = []
     runs = frame[(frame.method == method) & (frame.suite == suite)] if "suite" in frame else frame.iloc[0:0]
-    for (protocol, budget, variant), g in runs.groupby(["protocol", "budget", "variant"], sort=True):
+    if runs.empty:
+        return out
+    keys = ["protocol", "budget", "variant", "reference_backbone"]
+    for (protocol, budget, variant, backbone), g in runs.groupby(keys, sort=True):
         ok = g[g.status == "ok"]
         per_seed = ok.pivot_table(index="seed", columns="task", values="acc", aggfunc="mean")
-        out.append(Variant(method, protocol, budget, g, aggregate(per_seed, suite), variant, suite))
+        out.append(Variant(method, protocol, budget, g, aggregate(per_seed, suite), variant, suite, backbone))
     return out
