@@ -21,17 +21,21 @@ code tiles the [P, 16] mask along the feature axis, so segment j covers dims j, 
 vectors) or `drop` (removed from the sequence); rewinding `fresh` (a new random init, as the code) or
 `initial` (the dense stage's initial values); fewer token or segment levels (`max_token_levels`,
 `max_segment_levels`) for a smaller search, recorded in every result.
+
+On Swin (`methods/_e2vpt_swin.py`): the official `swin_transformer_prompt_VK.py` flow, shared K=V only, masks on
+the input prompts only; `pool` and `window_order` as VPT's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -43,12 +47,13 @@ from methods._base import (
     PeftModel,
     PruneCandidate,
     Recipe,
-    TunableModule,
 )
-from methods._family import backbone_report
+from methods._e2vpt_swin import E2VPTSwinModel, KVPrompts, PromptMasks, swin_pruned_nonzero
+from methods._family import Backbone, backbone_report, family
 from methods._inject import KVExtendedAttention
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
+from methods._swin_prompts import POOLS, WINDOW_ORDERS, swin_prompt_count
 from methods.vpt import VPT_DEFAULT_RECIPE, PromptedViT, vpt_recipe, vpt_task_recipe
 
 # Pre-pruning (P, N_kv) per task, from the official `command.txt` ("Documented Version").
@@ -80,69 +85,6 @@ def _subsample(levels: list[int], k: int | None) -> list[int]:
     return sorted({levels[round(i * (len(levels) - 1) / (k - 1))] for i in range(k)})
 
 
-class KVPrompts(TunableModule):
-    """One block's key-value prompts: `key` [heads, n, head_dim] (and `value` unless shared).
-
-    Dropout (`dropout` > 0, in training) is drawn per sample on the batch-expanded tensor, separately for the
-    keys and then the values (also when one tensor serves as both), as the official attention applies its
-    module. The official runs never apply it (see `E2VPTConfig.kv_dropout_acts`); the model passes 0 then.
-    """
-
-    def __init__(self, heads: int, num_tokens: int, head_dim: int, *, share_kv: bool, init: str, dropout: float):
-        super().__init__()
-        self.key = nn.Parameter(torch.empty(heads, num_tokens, head_dim))
-        self.value = None if share_kv else nn.Parameter(torch.empty(heads, num_tokens, head_dim))
-        for p in (self.key, self.value):
-            if p is None:
-                continue
-            if init == "kaiming":  # fan_in of [heads, n, head_dim] is n·head_dim: bound sqrt(6 / (n·head_dim))
-                nn.init.kaiming_uniform_(p, a=0)
-            elif init == "trunc_normal":
-                nn.init.trunc_normal_(p, std=0.02)
-            else:
-                raise ValueError(f"kv_init must be `kaiming` or `trunc_normal`, got {init!r}")
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, batch: int) -> tuple[Tensor, Tensor]:
-        """(keys, values): [heads, n, head_dim] each, shared by the batch, or [batch, heads, n, head_dim] each
-        when dropout acts."""
-        value = self.key if self.value is None else self.value
-        if not self.training or self.dropout.p == 0.0:
-            return self.key, value
-        return self.dropout(self.key.expand(batch, -1, -1, -1)), self.dropout(value.expand(batch, -1, -1, -1))
-
-
-class PromptMasks(nn.Module):
-    """Token mask [P] and segment mask [P, S], shared by every layer's visual prompt.
-
-    Soft and trainable in the dense stage (initialised to 1); binary and frozen after pruning. Not a
-    `TunableModule`: masks are never counted as tunable parameters.
-    """
-
-    def __init__(self, num_tokens: int, num_segments: int, dim: int, layout: str) -> None:
-        super().__init__()
-        if dim % num_segments:
-            raise ValueError(f"embedding width {dim} is not divisible into {num_segments} segments")
-        if layout not in ("strided", "contiguous"):
-            raise ValueError(f"segment_layout must be `strided` or `contiguous`, got {layout!r}")
-        self.token = nn.Parameter(torch.ones(num_tokens))
-        self.segment = nn.Parameter(torch.ones(num_tokens, num_segments))
-        self.dim, self.layout = dim, layout
-        self.trainable = True
-
-    def expanded(self) -> Tensor:
-        """The combined mask [P, D]: strided, segment j covers dims j, j+S, j+2S, …; contiguous, a D/S block."""
-        reps = self.dim // self.segment.shape[1]
-        if self.layout == "strided":
-            segment = self.segment.repeat(1, reps)
-        else:
-            segment = self.segment.repeat_interleave(reps, dim=1)
-        return segment * self.token[:, None]
-
-    def kept_tokens(self) -> Tensor:
-        return self.token.detach().nonzero().flatten()
-
-
 class E2VPTModel(PromptedViT):
     """VPT-deep with masked visual prompts and key-value prompts in every block's attention."""
 
@@ -150,7 +92,7 @@ class E2VPTModel(PromptedViT):
         self, backbone: VisionTransformer, num_classes: int, config: E2VPTConfig,
     ) -> None:  # fmt: skip
         super().__init__(backbone, num_classes, num_tokens=config.num_tokens, deep=True, dropout=config.dropout,
-                         head_init=config.head_init)  # fmt: skip
+                         head_init=config.head_init, pool=config.pool)  # fmt: skip
         self.masks = PromptMasks(config.num_tokens, config.num_segments, backbone.embed_dim, config.segment_layout)
         self.pruned_tokens = config.pruned_tokens
         self.num_kv_tokens = config.num_kv_tokens
@@ -186,7 +128,9 @@ class E2VPTModel(PromptedViT):
 
 
 @torch.enable_grad()
-def importance_scores(model: E2VPTModel, batches: Iterable[tuple[Tensor, Tensor]], mode: str) -> tuple[Tensor, Tensor]:
+def importance_scores(
+    model: E2VPTModel | E2VPTSwinModel, batches: Iterable[tuple[Tensor, Tensor]], mode: str
+) -> tuple[Tensor, Tensor]:
     """Mean over batches of a per-entry score of the token mask [P] and segment mask [P, S].
 
     `signed`: ∂L/∂m (the official code); `abs`: |∂L/∂m|; `taylor`: −m·∂L/∂m, the first-order loss change
@@ -254,7 +198,11 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
         max_segment_levels: search at most this many segment levels; None: all.
         head_init: `vpt` or `torch`.
         per_task: apply the per-task P, N_kv and recipe in `for_task`.
+        pool: `all` (prompts averaged with the other tokens where the backbone averages tokens) or `image`.
+        window_order: Swin only: `official` or `per_sample` (as VPT's, `methods/_swin_prompts.py`).
     """
+
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=lambda: vpt_recipe(*VPT_DEFAULT_RECIPE))
     num_tokens: int = 10
@@ -276,13 +224,16 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
     max_segment_levels: int | None = None
     head_init: str = "vpt"
     per_task: bool = True
+    pool: str = "all"
+    window_order: str = "official"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         choices = {
             "importance": ("signed", "abs", "taylor"), "pruned_tokens": ("zero", "drop"),
             "rewind_init": ("fresh", "initial"), "segment_layout": ("strided", "contiguous"),
-            "kv_init": ("kaiming", "trunc_normal"), "head_init": HEAD_INITS,
+            "kv_init": ("kaiming", "trunc_normal"), "head_init": HEAD_INITS, "pool": POOLS,
+            "window_order": WINDOW_ORDERS,
         }  # fmt: skip
         self.check_choices(choices)
         _checks.integer(self, "num_tokens", 1)
@@ -295,7 +246,14 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
         _checks.integer(self, "max_token_levels", 1, none_ok=True)
         _checks.integer(self, "max_segment_levels", 1, none_ok=True)
 
-    def check_backbone(self, backbone: VisionTransformer) -> None:
+    def check_backbone(self, backbone: Backbone) -> None:
+        if family(backbone) == "swin":
+            _checks.divisor(self, "num_segments", backbone.layers[0].blocks[0].dim, "the Swin stage-0 width")
+            if not self.share_kv:
+                raise _checks.invalid(self, "share_kv", "is not supported on Swin (the official code shares K=V)")
+            if not all(isinstance(s.blocks[0].attn, WindowAttention) for s in backbone.layers):
+                raise ValueError("e2vpt needs timm's WindowAttention in every Swin block")
+            return
         _checks.divisor(self, "num_segments", backbone.embed_dim, "the backbone's width")
         if self.num_kv_tokens and not all(isinstance(b.attn, Attention) for b in backbone.blocks):
             raise _checks.invalid(self, "num_kv_tokens", "needs timm's Attention in every block", 0)
@@ -308,17 +266,25 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
     def tiny(cls) -> Self:
         return cls(num_tokens=4, num_kv_tokens=2)
 
-    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
+    def create(self, backbone: Backbone, num_classes: int) -> PeftModel:
+        if isinstance(backbone, SwinTransformer):
+            return E2VPTSwinModel(backbone, num_classes, self)
         return E2VPTModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        if family(backbone) == "swin":  # 12,032·(P + N_kv) on Swin-B (K=V shared)
+            tunable = swin_prompt_count(backbone, self.num_tokens + self.num_kv_tokens, True)
+            return backbone_report(backbone, num_classes, tunable)
         depth, dim = len(backbone.blocks), backbone.embed_dim
         # 9,216·(P + N_kv) on ViT-B/16 with shared K=V (heads·head_dim = D per KV token and layer).
         tunable = depth * dim * (self.num_tokens + self.num_kv_tokens * (1 if self.share_kv else 2))
         return backbone_report(backbone, num_classes, tunable)
 
-    def pruned_nonzero(self, backbone: VisionTransformer, n_tok: int, n_seg: int) -> int:
-        """Surviving tunable weights: depth·(D/S)·(P − n_tok)·(S − n_seg) + the KV prompts (576·… on ViT-B/16)."""
+    def pruned_nonzero(self, backbone: Backbone, n_tok: int, n_seg: int) -> int:
+        """Surviving tunable weights: depth·(D/S)·(P − n_tok)·(S − n_seg) + the KV prompts (576·… on ViT-B/16); on
+        Swin only the input prompts are masked (`swin_pruned_nonzero`)."""
+        if family(backbone) == "swin":
+            return swin_pruned_nonzero(backbone, self.num_tokens, self.num_kv_tokens, self.num_segments, n_tok, n_seg)
         depth, dim = len(backbone.blocks), backbone.embed_dim
         visual = depth * (dim // self.num_segments) * (self.num_tokens - n_tok) * (self.num_segments - n_seg)
         return visual + depth * dim * self.num_kv_tokens * (1 if self.share_kv else 2)
@@ -337,7 +303,7 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
     def prune_candidates(
         self, model: PeftModel, initial_state: dict[str, Tensor], batches: Iterable[tuple[Tensor, Tensor]]
     ) -> list[PruneCandidate]:
-        if not isinstance(model, E2VPTModel):
+        if not isinstance(model, E2VPTModel | E2VPTSwinModel):
             raise TypeError("E2VPT pruning needs an E2VPT model")
         token_scores, segment_scores = importance_scores(model, batches, self.importance)
         rewind = {k: v for k, v in initial_state.items() if not k.startswith("masks.")}

@@ -9,6 +9,14 @@ v = sqrt(6 / (3·patch² + D)) (0.0625 for ViT-B/16); prompt dropout on every in
 shallow), a mask per sample drawn as the official code draws it; the backbone's own dropout is off.
 Tunable: 12·p·D (deep) or p·D (shallow).
 
+On Swin (`methods/_swin_prompts.py`, the official `PromptedSwinTransformer`): p prompts of the stage-0 width beside
+the feature map, replicated into every window, four copies through each patch merging, deep prompts per stage
+replacing them before every block but the first; U(-v, v) with v = sqrt(6 / (3·patch² + C0)) (0.1846 on Swin-B).
+Tunable: p·C0 (shallow, 128·p on Swin-B) or p·Σ depth_s·C_s (deep, 12,032·p on Swin-B).
+
+Pooling (`pool`): `all` averages the prompts with the other tokens where the backbone averages tokens (the
+official Swin `avgpool`, and VPT's MAE pooling); `image` removes them first. With CLS pooling both are the same.
+
 Per-task prompt lengths: the deep list of the suite's spec, confirmed for dmlab, sun397, eurosat and
 svhn and unconfirmed for the rest; the same list is the shallow default (VPT's shallow lengths are
 unknown). Per-task batch sizes and learning rates: the four confirmed points; elsewhere batch 64 and
@@ -22,15 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report, family
 from methods._inject import embed, insert_tokens, pool, remove_tokens, replace_tokens, run_blocks
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
+from methods._swin_prompts import POOLS, WINDOW_ORDERS, PromptedSwin, swin_prompt_count
 
 VPT_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
 VPT_WDS = (0.01, 1e-3, 1e-4, 0.0)
@@ -105,10 +115,13 @@ class PromptedViT(PeftModel):
 
     def __init__(
         self, backbone: VisionTransformer, num_classes: int, *, num_tokens: int, deep: bool, dropout: float,
-        head_init: str,
+        head_init: str, pool: str = "image",
     ) -> None:  # fmt: skip
         super().__init__(backbone, num_classes, head_init=head_init)
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.deep = deep
+        self.pool = pool
         layers = len(backbone.blocks) if deep else 1
         self.prompts = Prompts(layers, num_tokens, backbone.embed_dim, prompt_init_bound(backbone), dropout)
 
@@ -130,8 +143,9 @@ class PromptedViT(PeftModel):
             return replace_tokens(x, self.layer_prompt(i, x.shape[0]), at) if self.deep else x
 
         x = run_blocks(self.backbone, embed(self.backbone, x), before_block)
-        # Pooling sees only the backbone's own tokens (CLS pooling ignores prompts anyway; average pooling would not).
-        return pool(self.backbone, remove_tokens(x, at, n))
+        # `image`: pooling sees only the backbone's own tokens; `all`: average pooling takes the prompts in too
+        # (they sit after the prefix tokens). CLS pooling ignores prompts either way.
+        return pool(self.backbone, remove_tokens(x, at, n) if self.pool == "image" else x)
 
 
 @dataclass
@@ -143,20 +157,27 @@ class _VPTConfig(PerTaskSettings, MethodConfig):
         dropout: prompt dropout on every insertion.
         head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch`.
         per_task: apply the per-task prompt length and recipe in `for_task`.
+        pool: `all` (prompts averaged with the other tokens where the backbone averages tokens, as VPT's code) or
+            `image` (prompts removed before pooling).
+        window_order: Swin only: `official` (the official code's pairing of prompts with windows, which mixes the
+            images of a batch; see `methods/_swin_prompts.py`) or `per_sample`.
     """
 
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     deep: ClassVar[bool]
     recipe: Recipe = field(default_factory=lambda: vpt_recipe(*VPT_DEFAULT_RECIPE))
     num_tokens: int = 10
     dropout: float = 0.1
     head_init: str = "vpt"
     per_task: bool = True
+    pool: str = "all"
+    window_order: str = "official"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _checks.integer(self, "num_tokens", 1)
         _checks.rates(self, "dropout")
-        _checks.choice(self, "head_init", HEAD_INITS)
+        self.check_choices({"head_init": HEAD_INITS, "pool": POOLS, "window_order": WINDOW_ORDERS})
 
     def task_values(self, task_id: str) -> dict[str, Any]:
         recipe = vpt_task_recipe(task_id, VPT_CONFIRMED_RECIPES)
@@ -166,11 +187,16 @@ class _VPTConfig(PerTaskSettings, MethodConfig):
     def tiny(cls) -> Self:
         return cls(num_tokens=3)
 
-    def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
-        return PromptedViT(backbone, num_classes, num_tokens=self.num_tokens, deep=self.deep, dropout=self.dropout,
-                           head_init=self.head_init)  # fmt: skip
+    def create(self, backbone: Backbone, num_classes: int) -> PeftModel:
+        kwargs = dict(num_tokens=self.num_tokens, deep=self.deep, dropout=self.dropout, head_init=self.head_init,
+                      pool=self.pool)  # fmt: skip
+        if isinstance(backbone, SwinTransformer):
+            return PromptedSwin(backbone, num_classes, window_order=self.window_order, **kwargs)
+        return PromptedViT(backbone, num_classes, **kwargs)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        if family(backbone) == "swin":  # 12,032·p (deep) / 128·p (shallow) on Swin-B
+            return backbone_report(backbone, num_classes, swin_prompt_count(backbone, self.num_tokens, self.deep))
         layers = len(backbone.blocks) if self.deep else 1
         tunable = layers * self.num_tokens * backbone.embed_dim  # 9,216·p (deep) / 768·p (shallow) on ViT-B/16
         return backbone_report(backbone, num_classes, tunable)
