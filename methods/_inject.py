@@ -8,7 +8,8 @@
 - `KVExtendedAttention`: wraps a block's `Attention` and prepends extra per-head tokens to its keys and
   values (queries untouched), through `scaled_dot_product_attention` so fused kernels serve it (or the
   explicit softmax when timm's `fused_attn` flag of the wrapped attention is off).
-- `ParallelBranches`: wraps a block and adds scaled branches beside its attention and/or MLP sub-blocks.
+- `ParallelBranches`: wraps a block and adds scaled branches beside its attention and/or MLP sub-blocks (the
+  Swin counterpart, and per-block iteration for both families, are in `methods/_inject_swin.py`).
 - `replace_module` with `Wrapped` (a module applied to a submodule's input and/or output) and `ParallelLinear`
   (a frozen Linear plus a branch beside it): a submodule of the backbone (`attn.qkv`, `mlp.fc1`, `norm1`,
   `drop_path2`, ...) is swapped for a wrapper that holds it, so the block's own forward calls the wrapper.
@@ -136,14 +137,18 @@ class ParallelBranches(nn.Module):
     branch); with `branch_drop_path` off, the branches skip the drop-path (AdaptFormer's again).
     """
 
+    # What the wrapped block must have (the Swin counterpart is in `methods/_inject_swin.py`).
+    block_kind = "ViT Block"
+    block_parts = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
     def __init__(
         self, block: nn.Module, *, attn_branch: nn.Module | None, mlp_branch: nn.Module | None, scale: float,
         reads_stream: bool = False, branch_drop_path: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
-        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+        for name in self.block_parts:
             if not hasattr(block, name):
-                raise TypeError(f"expected a timm ViT Block, {type(block).__name__} has no `{name}`")
+                raise TypeError(f"expected a timm {self.block_kind}, {type(block).__name__} has no `{name}`")
         self.block = block
         self.attn_branch = attn_branch
         self.mlp_branch = mlp_branch

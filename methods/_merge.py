@@ -9,6 +9,9 @@
 - `Wrapped(module, after=S)` where S(y) = γ ⊙ y + β over channels exposes `output_affine() -> (γ, β)`,
   after a Linear, a LayerNorm or a Conv2d (channels = output features): W' = diag(γ) W, b' = γ ⊙ b + β (SSF).
 
+The same holds for a timm `SwinTransformer` (its Linears and norms are wrapped the same way); a shift after
+a Linear without bias (Swin's patch-merging reduction) cannot be folded without changing the architecture.
+
 Folds are computed in float64 and stored in the weights' dtype. Anything else that a method added
 (a non-linear branch, prompt tokens) cannot be folded: `NotMergeableError`, naming the module.
 """

@@ -34,6 +34,12 @@ reproduced. By default it follows the code behind PETL_Vision's published row:
 Recipe: PETL_Vision's AdamW grid (lr {1e-3, 1e-2} × weight decay {1e-4, 1e-3}, drop-path 0.1) with the
 shared schedule of `methods/_petl_recipe.py` (PETL_Vision's own schedule is not in the spec).
 
+On Swin (SPT's and SNELL's "Adapter-8" rows) both place their adapters in every block as on a ViT, each of its
+stage's width d (2dh + h + d: 8-wide NOAH adapters total 2·8·12,032 + 8·24 + 12,032 = 204,736 on Swin-B); the patch
+mergings and the patch embedding get none. Houlsby's attention-side adapter is applied to the attention's output
+once windows are merged back (in front of the block's `drop_path1`): it is position-wise, so this is the same
+function, and a second drop-path there draws per image as on a ViT.
+
 Neither is re-parameterisable (a non-linear bottleneck): `merged_backbone` says so.
 """
 
@@ -43,14 +49,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
 from methods._bottleneck import ResidualBottleneck
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report
 from methods._inject import Wrapped, replace_module
+from methods._inject_swin import block_widths, family_blocks
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
 from methods._timm_init import reinit_linears
@@ -66,16 +74,22 @@ class AdapterModel(PeftModel):
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, config: _AdapterConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
-        d = backbone.embed_dim
         declared = "lora" if config.init == "lora" else "xavier"
-        for i, block in enumerate(backbone.blocks):
+        for prefix, block, d in family_blocks(backbone):
             for target in config.attach:
                 adapter = ResidualBottleneck(d, config.hidden, act=ACTIVATIONS[config.activation](),
                                              dropout=config.dropout, init=declared, scale=config.scale)  # fmt: skip
                 # The block's own drop-path of this sub-block, a second time between it and the adapter.
                 twice = getattr(config, "drop_path_twice", False)  # a field of adapter_houlsby only
                 drop_path = copy.deepcopy(block.get_submodule(DROP_PATHS[target])) if twice else None
-                path = f"blocks.{i}.{target}"
+                if target == "attn" and isinstance(block, SwinTransformerBlock):
+                    # Swin's attention runs on windows: the adapter goes in front of the block's drop-path, which
+                    # sees the whole (B, H, W, C) map (a second drop-path there draws per image, not per window).
+                    path = f"{prefix}.{DROP_PATHS[target]}"
+                    before = adapter if drop_path is None else nn.Sequential(drop_path, adapter)
+                    replace_module(backbone, path, Wrapped(backbone.get_submodule(path), before=before))
+                    continue
+                path = f"{prefix}.{target}"
                 replace_module(
                     backbone, path, Wrapped(backbone.get_submodule(path), after=adapter, drop_path=drop_path)
                 )
@@ -102,6 +116,7 @@ class _AdapterConfig(MethodConfig):
     """
 
     version: ClassVar[int] = 2  # 2: the official runs' re-initialisation by default (and Houlsby's second drop-path)
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     attach: ClassVar[tuple[str, ...]]
     inits: ClassVar[tuple[str, ...]]
 
@@ -133,10 +148,10 @@ class _AdapterConfig(MethodConfig):
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return AdapterModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        d, h = backbone.embed_dim, self.hidden
-        per_adapter = 2 * d * h + h + d  # 1537h + 768 at D = 768
-        return backbone_report(backbone, num_classes, len(backbone.blocks) * len(self.attach) * per_adapter)
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        h = self.hidden
+        per_block = [len(self.attach) * (2 * d * h + h + d) for d in block_widths(backbone)]  # 1537h + 768 at 768
+        return backbone_report(backbone, num_classes, sum(per_block))
 
 
 @register_method("adapter")

@@ -8,6 +8,8 @@ x ← x + DP(MLP(LN₂(x))) + s·(W_up dropout(ReLU(W_down x + b_down)) + b_up):
 (not LN₂(x)) and gets no drop-path; no adapter LayerNorm; init "lora" (W_down kaiming-uniform(a=√5), the
 rest zero): exactly the identity at init. 12·(1537h + 768) on ViT-B/16: 156,768 at h = 8 (the default,
 matching the reference row's 0.16M), 1,189,632 at the official h = 64. s = 0.1, dropout 0.1.
+On Swin the same branch beside every block's MLP, of its stage's width d (204,736 on Swin-B at h = 8: Σd =
+12,032 over 24 blocks), through `SwinParallelBranches`; the patch mergings get none.
 
 The paper has no VTAB-1k table; the reference row is a third-party reproduction of unconfirmed recipe.
 Recipe here: the shared AdamW recipe of `methods/_petl_recipe.py` (timm's weight-decay rule, drop-path 0.1, as
@@ -25,8 +27,9 @@ from torch import nn
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
 from methods._bottleneck import Bottleneck
-from methods._family import backbone_report
-from methods._inject import ParallelBranches
+from methods._family import Backbone, backbone_report
+from methods._inject import replace_module
+from methods._inject_swin import block_widths, family_blocks, parallel_branches
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
 
@@ -36,14 +39,11 @@ class AdaptFormerModel(PeftModel):
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, config: AdaptFormerConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
-        d = backbone.embed_dim
-        backbone.blocks = nn.Sequential(*[
-            ParallelBranches(
+        for path, block, d in family_blocks(backbone):
+            replace_module(backbone, path, parallel_branches(
                 block, attn_branch=None, scale=config.scale, reads_stream=True, branch_drop_path=False,
                 mlp_branch=Bottleneck(d, config.hidden, act=nn.ReLU(), dropout=config.dropout, init="lora"),
-            )
-            for block in backbone.blocks
-        ])  # fmt: skip
+            ))  # fmt: skip
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         return timm_no_weight_decay(self)
@@ -63,6 +63,7 @@ class AdaptFormerConfig(MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = True
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=petl_recipe)
     hidden: int = 8
@@ -84,6 +85,6 @@ class AdaptFormerConfig(MethodConfig):
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return AdaptFormerModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        d, h = backbone.embed_dim, self.hidden
-        return backbone_report(backbone, num_classes, len(backbone.blocks) * (2 * d * h + h + d))
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        h = self.hidden
+        return backbone_report(backbone, num_classes, sum(2 * d * h + h + d for d in block_widths(backbone)))

@@ -5,6 +5,10 @@ ECCV 2022, https://arxiv.org/abs/2203.12119): a Linear(D, C) head on the CLS tok
 norm, kaiming-normal (fan_out) weight and bias -4.5951, SGD with momentum, warm-up then cosine.
 The learning-rate grids are VPT's base grids scaled by batch/256 (the suite's choice: VPT's own
 grids for these baselines are unconfirmed).
+
+Both attach to timm's ViT and Swin alike (the head reads the pooled feature: 769·C on ViT-B/16, 1025·C on
+Swin-B; full fine-tuning trains every backbone parameter: 85,798,656 and 86,743,224, relative-position bias
+tables and patch mergings included, as VPT's Swin "Full" row).
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from torch import nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe
-from methods._family import backbone_report
+from methods._family import backbone_param_count, backbone_report
 from methods._registry import register_method
-from methods._vit import vit_param_count
 
 WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
 LINEAR_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)
@@ -62,6 +65,7 @@ class _BaselineConfig(MethodConfig):
     """
 
     model_cls: ClassVar[type[PeftModel]]
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     head_init: str = "vpt"
 
     def __post_init__(self) -> None:
@@ -106,4 +110,4 @@ class FullConfig(_BaselineConfig):
     recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        return backbone_report(backbone, num_classes, vit_param_count(backbone))
+        return backbone_report(backbone, num_classes, backbone_param_count(backbone))

@@ -8,6 +8,13 @@ gives the same set: patch embedding, per block qkv, proj, fc1, fc2, norm1 and no
 12·8,448 + 768 + 768 = 102,912. LayerNorm weights stay frozen. The model is the backbone itself, so it
 is trivially its own merged form, and it starts as the identity.
 
+On Swin the same rule (module type) gives the patch embedding's conv and LayerNorm biases, every block's six,
+each patch merging's LayerNorm bias (its reduction Linear has none) and the final LayerNorm's: 137,216 on Swin-B.
+The relative-position bias tables are not bias terms in BitFit's sense (BitFit's are the additive biases of
+the linear layers and norms: a table is an attention-logit parameter, looked up by relative position), so they
+stay frozen, although a selection by the substring "bias" in parameter names, as the vision code bases do it,
+would take them too (+ 13·13·heads per block, 63,544 on Swin-B).
+
 Recipe: the spec leaves BitFit's to the suite (its V-PETL cells probably reproduce VPT's "Bias" baseline,
 unconfirmed): the shared AdamW recipe of the PEFT baselines, lr 1e-3, with timm's weight-decay rule (so no
 bias is decayed, only the head weight) and PETL_Vision's lr × weight-decay grid; drop-path 0.1.
@@ -19,14 +26,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report, family
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
+from methods._swin import stage_depths, stage_dims
 
 BIASED = (nn.Linear, nn.Conv2d, nn.LayerNorm)
 
@@ -68,6 +77,7 @@ class BitFitConfig(MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = True
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=petl_recipe)
     drop_path_rate: float = 0.1
@@ -84,7 +94,23 @@ class BitFitConfig(MethodConfig):
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return BitFitModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        if family(backbone) == "swin":
+            return backbone_report(backbone, num_classes, swin_bias_count(backbone))
         d, hidden = backbone.embed_dim, backbone.blocks[0].mlp.fc1.out_features
         per_block = 3 * d + d + hidden + d + 2 * d  # qkv, proj, fc1, fc2, norm1, norm2: 8,448 at D = 768
         return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block + d + d)
+
+
+def swin_bias_count(swin: SwinTransformer) -> int:
+    """Biases of a timm Swin from its hyperparameters: the patch embedding's conv and LayerNorm (2·C₀), per block
+    qkv, proj, fc1, fc2, norm1, norm2 (7d + MLP width), each patch merging's LayerNorm(4d) (its reduction has
+    no bias), the final LayerNorm: 137,216 on Swin-B."""
+    c0 = stage_dims(swin)[0]
+    total = 2 * c0
+    for s, (d, depth) in enumerate(zip(stage_dims(swin), stage_depths(swin), strict=True)):
+        hidden = swin.layers[s].blocks[0].mlp.fc1.out_features
+        total += depth * (3 * d + d + hidden + d + 2 * d)
+        if s > 0:
+            total += 4 * stage_dims(swin)[s - 1]
+    return total + swin.num_features

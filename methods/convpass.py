@@ -151,6 +151,10 @@ class _ConvpassConfig(PerTaskSettings, MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = True
+    needs: ClassVar[str] = (
+        "a ViT's CLS token and one square patch grid of one width (its bypass reshapes the patch tokens to that "
+        "grid and runs CLS as a 1x1 image); Convpass's Swin variant is outside the spec"
+    )
     mlp_side: ClassVar[bool]
     task_settings: ClassVar[dict[str, tuple[float, bool]]]
 

@@ -186,6 +186,10 @@ class _FacTConfig(PerTaskSettings, MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = True
+    needs: ClassVar[str] = (
+        "one width for every block: its factors U (D -> r) and V (r -> D) are shared by all blocks, "
+        "while each Swin stage doubles the width"
+    )
     kind: ClassVar[str]
     task_settings: ClassVar[dict[str, tuple[int, float]]]
 

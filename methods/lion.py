@@ -294,6 +294,8 @@ class LIONConfig(MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = True
+    # Its layers act on the image and on the pooled feature only, so any family serves (the paper has Swin rows).
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(
         default_factory=lambda: Recipe(

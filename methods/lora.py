@@ -11,6 +11,10 @@ dropout 0.1 on the branch input: 3·D·r + D·r per block, 294,912 on ViT-B/16 a
 is the frozen one, bit for bit. Same count (2·2·D·r per block), scale α/r (α = r unless set: scale 1).
 Both fold into the qkv weight (`merged_backbone`).
 
+On Swin (SPT's and SNELL's "LoRA-8" rows): the same pairs on every block's window-attention qkv, sized by its
+stage's width d (4·d·r per block: 385,024 on Swin-B at r = 8, Σd = 2·128 + 2·256 + 18·512 + 2·1024 = 12,032);
+the patch embedding and the patch mergings' reduction Linears are left frozen, as the ViT's patch embedding is.
+
 `init=noah` (default): NOAH's effective initialisation. Its `VisionTransformer.__init__` ends with
 `apply(_init_weights)`, which re-initialises every `nn.Linear` after the blocks are built, LoRA's A and B
 included (`methods/_timm_init.py`): the runs behind NOAH's table start from A, B ~ N(0, 0.02²) (timm's
@@ -40,8 +44,9 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report
 from methods._inject import ParallelLinear, addmm_into, replace_module
+from methods._inject_swin import block_widths, family_blocks
 from methods._merge import merge_backbone
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
@@ -109,13 +114,12 @@ class LoRAModel(PeftModel):
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, config: LoRAConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
-        d = backbone.embed_dim
-        slices = None if config.targets == "qkv" else [(0, d), (2 * d, 3 * d)]
-        for i, block in enumerate(backbone.blocks):
+        for path, block, d in family_blocks(backbone):
             qkv = block.attn.qkv
+            slices = None if config.targets == "qkv" else [(0, d), (2 * d, 3 * d)]
             branch = LoRA(qkv.in_features, qkv.out_features, config.rank, scale=config.scale,
                           dropout=config.dropout, slices=slices)  # fmt: skip
-            replace_module(backbone, f"blocks.{i}.attn.qkv", ParallelLinear(qkv, branch))
+            replace_module(backbone, f"{path}.attn.qkv", ParallelLinear(qkv, branch))
         if config.init == "noah":  # after every block is built, as NOAH's `apply(_init_weights)`
             for branch in self.tunable_modules():
                 for a, b in zip(branch.a, branch.b, strict=True):
@@ -146,6 +150,7 @@ class LoRAConfig(MethodConfig):
     """
 
     version: ClassVar[int] = 2  # 2: init=noah (NOAH's re-initialised A and B) by default
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=petl_recipe)
     rank: int = 8
@@ -172,11 +177,12 @@ class LoRAConfig(MethodConfig):
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
-    def check_backbone(self, backbone: VisionTransformer) -> None:
-        d = backbone.embed_dim
-        qkv = backbone.blocks[0].attn.qkv
-        if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * d:
-            raise ValueError(f"lora needs a fused qkv Linear {d} -> {3 * d}; this backbone has {qkv}")
+    def check_backbone(self, backbone: Backbone) -> None:
+        for path, block, d in family_blocks(backbone):
+            qkv = block.attn.qkv
+            if not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * d:
+                raise ValueError(f"lora needs a fused qkv Linear {d} -> {3 * d}; {path} has {qkv}")
+        d = min(block_widths(backbone))
         if self.rank > d:
             raise ValueError(f"rank {self.rank} exceeds the width {d}; set rank <= {d}")
 
@@ -187,6 +193,5 @@ class LoRAConfig(MethodConfig):
         return LoRAModel(backbone, num_classes, self)
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        d = backbone.embed_dim
-        per_block = (d + 3 * d) * self.rank  # 3,072·r at D = 768, both variants
-        return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block)
+        per_block = [(d + 3 * d) * self.rank for d in block_widths(backbone)]  # 3,072·r at D = 768, both variants
+        return backbone_report(backbone, num_classes, sum(per_block))

@@ -27,6 +27,10 @@ DoRA's magnitude, VeRA's λ vectors, ...); their parameters are the tunable ones
 folds every tuner into its base weight and puts the plain `nn.Linear` back: the result is a plain timm
 `VisionTransformer` with exactly the backbone's parameters.
 
+On Swin the same suffixes select the same Linears of every block (window attention's `qkv`, `proj`; the MLP's
+`fc1`, `fc2`), of their stage's width; the patch mergings' `reduction` is targeted only if named. The formula sums
+over the Linears actually selected, and `merge_and_unload` gives back a plain timm `SwinTransformer`.
+
 Recipe: NOAH's LoRA recipe (§1.3: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, timm cosine with 10 warm-up
 epochs, drop-path 0.1) for every tuner: none of them has a published VTAB-1k recipe. Grid: PETL_Vision's
 lr {1e-2, 1e-3} × wd {1e-4, 1e-3} (§10). Scaling vectors (DoRA's magnitude, VeRA's λ, IA³'s vectors, BOFT's
@@ -91,6 +95,7 @@ class PeftTunerConfig(MethodConfig):
     identity_at_init: ClassVar[bool] = True
     # The tuner a registered `peft_<tuner>` name stands for (None: any, chosen by `tuner`).
     fixed_tuner: ClassVar[str | None] = None
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=_tunable_recipe)
     tuner: str = "lora"

@@ -183,6 +183,10 @@ class PGNConfig(MethodConfig):
     """
 
     identity_at_init: ClassVar[bool] = False
+    needs: ClassVar[str] = (
+        "a ViT's token sequence with a position embedding and a CLS token to append its generated prompts to "
+        "(a Swin block takes a (B, H, W, C) map)"
+    )
 
     recipe: Recipe = field(
         default_factory=lambda: Recipe(

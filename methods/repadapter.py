@@ -11,6 +11,9 @@ timm LN₁ feeds only `attn.qkv` and LN₂ only `mlp.fc1`, so R is attached as a
 and folds into them exactly (`merged_backbone`): W' = W M, b' = W m + b with M = I + s B_dense A,
 m = s (B_dense a + b). Per module D·h + h + D·h/g + D; 24 modules, h = 8, g = 2: 239,808 on ViT-B/16
 (the paper's 0.22M counts the weights only, 221,184). s per task from the official configs.
+On Swin the same two adapters per block, before the window attention's qkv and before fc1, of the stage's width
+d (both Linears have biases, so they fold as on a ViT); the patch mergings get none (the paper's Swin code is not
+in the spec: the suite's choice).
 
 Recipe (`train.py`): AdamW lr 1e-3, weight decay 1e-4 on every trainable tensor, batch 64, 100 epochs, timm
 cosine warm-up 10 from 1e-6 to 1e-5 stepped per epoch, drop-path 0.1, head as timm's `reset_classifier`.
@@ -32,8 +35,9 @@ from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report
 from methods._inject import Wrapped, replace_module
+from methods._inject_swin import block_widths, family_blocks
 from methods._merge import merge_backbone
 from methods._per_task import PerTaskSettings
 from methods._petl_recipe import petl_recipe
@@ -84,11 +88,10 @@ class RepAdapterModel(PeftModel):
     def __init__(self, backbone: VisionTransformer, num_classes: int, config: RepAdapterConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
         self.sparse_lambda = config.sparse_lambda
-        d = backbone.embed_dim
         targets = ("attn.qkv", "mlp.fc1") if config.placement == "block" else ("attn.qkv",)
-        for i in range(len(backbone.blocks)):
+        for prefix, _, d in family_blocks(backbone):
             for target in targets:
-                path = f"blocks.{i}.{target}"
+                path = f"{prefix}.{target}"
                 adapter = RepAdapter(d, config.hidden, config.groups, scale=config.scale, dropout=config.dropout)
                 replace_module(backbone, path, Wrapped(backbone.get_submodule(path), before=adapter))
 
@@ -125,6 +128,7 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
 
     identity_at_init: ClassVar[bool] = True
     version: ClassVar[int] = 2  # 2: sparse_lambda 0 by default (cross-entropy alone, as the official main branch)
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=petl_recipe)
     scale: float = 1.0
@@ -147,9 +151,10 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
         _checks.rates(self, "dropout", "drop_path_rate")
         _checks.real(self, "sparse_lambda", 0.0)
 
-    def check_backbone(self, backbone: VisionTransformer) -> None:
-        if backbone.embed_dim % self.groups:
-            raise ValueError(f"groups ({self.groups}) must divide the width {backbone.embed_dim}")
+    def check_backbone(self, backbone: Backbone) -> None:
+        for d in sorted(set(block_widths(backbone))):
+            if d % self.groups:
+                raise ValueError(f"groups ({self.groups}) must divide the width {d}")
 
     def task_values(self, task_id: str) -> dict[str, Any]:
         return {"scale": float(REPADAPTER_SCALES[task_id])} if task_id in REPADAPTER_SCALES else {}
@@ -160,8 +165,7 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return RepAdapterModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
-        d, h = backbone.embed_dim, self.hidden
-        per_module = d * h + h + d * h // self.groups + d  # 9,992 at D = 768, h = 8, g = 2
-        modules = len(backbone.blocks) * (2 if self.placement == "block" else 1)
-        return backbone_report(backbone, num_classes, modules * per_module)
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        h, per_block = self.hidden, 2 if self.placement == "block" else 1
+        per_module = [d * h + h + d * h // self.groups + d for d in block_widths(backbone)]  # 9,992 at 768, 8, 2
+        return backbone_report(backbone, num_classes, per_block * sum(per_module))

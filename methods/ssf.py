@@ -9,6 +9,11 @@ and in every block `norm1`, `attn.qkv` (before the head split), `attn.proj` (bef
 `mlp.fc1` (before GELU), `mlp.fc2`, and the final `norm`. Tunable 2·(2D + L·(7D + 4D)) with a 4D MLP:
 205,824 on ViT-B/16. Each follows a Linear, LayerNorm or conv and folds into it (`merged_backbone`).
 
+On Swin, SSF's rule (a scale and shift after every linear operation and LayerNorm) gives, besides the same six
+points per block (sized by the stage's width) and the final norm, the patch embedding's LayerNorm and each
+patch merging's LayerNorm(4d) and reduction Linear(4d → 2d): 278,016 on Swin-B. timm's reduction has no bias to
+take the shift, so on Swin `merged_backbone` refuses (`NotMergeableError`) rather than change the architecture.
+
 Recipe (the two released VTAB scripts): AdamW lr 5e-3, weight decay 5e-5 (timm's rule: γ, β never
 decayed), batch 64 (timm's training loader drops the last batch), 100 epochs, warm-up 10 from 1e-7, cosine to 1e-8, drop-path 0, head as timm's
 `reset_classifier` (PyTorch default). SSF's trainer steps its scheduler at epoch + 1 after each epoch, so
@@ -20,33 +25,38 @@ searches PETL_Vision's grid. SSF's rows used AugReg IN-21k weights; on `orig_in2
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
-from methods._family import backbone_report
+from methods._family import Backbone, backbone_report, family
 from methods._inject import Wrapped, replace_module
 from methods._merge import merge_backbone
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
+from methods._swin import stage_depths, stage_dims
 
 # Per block: the submodules SSF follows, and how their output width is read.
 SSF_BLOCK_POINTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 
 class ScaleShift(TunableModule):
-    """γ ⊙ z + β over the channel dimension: the last one, or dimension 1 of a conv's [B, C, H, W] output."""
+    """γ ⊙ z + β over the channel dimension: the last one, or (`conv`) dimension 1 of a conv's [B, C, H, W] output
+    (Swin's (B, H, W, C) maps keep their channels last)."""
 
-    def __init__(self, channels: int, init_std: float = 0.02) -> None:
+    def __init__(self, channels: int, init_std: float = 0.02, *, conv: bool = False) -> None:
         super().__init__()
+        self.conv = conv
         self.scale = nn.Parameter(torch.empty(channels).normal_(1.0, init_std))
         self.shift = nn.Parameter(torch.empty(channels).normal_(0.0, init_std))
 
     def forward(self, z: Tensor) -> Tensor:
-        if z.dim() == 4:
+        if self.conv:
             return torch.addcmul(self.shift[:, None, None], z, self.scale[:, None, None])
         return torch.addcmul(self.shift, z, self.scale)
 
@@ -64,10 +74,18 @@ def _width(module: nn.Module) -> int:
     raise TypeError(f"SSF follows a Linear, LayerNorm or Conv2d, got {type(module).__name__}")
 
 
-def ssf_points(vit: VisionTransformer) -> list[str]:
-    """Dotted paths of the modules SSF follows, in forward order."""
-    blocks = [f"blocks.{i}.{p}" for i in range(len(vit.blocks)) for p in SSF_BLOCK_POINTS]
-    return ["patch_embed.proj", *blocks, "norm"]
+def ssf_points(backbone: Backbone) -> list[str]:
+    """Dotted paths of the modules SSF follows, in forward order (on Swin also the patch embedding's LayerNorm
+    and each patch merging's LayerNorm and reduction)."""
+    if family(backbone) == "vit":
+        blocks = [f"blocks.{i}.{p}" for i in range(len(backbone.blocks)) for p in SSF_BLOCK_POINTS]
+        return ["patch_embed.proj", *blocks, "norm"]
+    points = ["patch_embed.proj", "patch_embed.norm"]
+    for s, stage in enumerate(backbone.layers):
+        if s > 0:
+            points += [f"layers.{s}.downsample.norm", f"layers.{s}.downsample.reduction"]
+        points += [f"layers.{s}.blocks.{i}.{p}" for i in range(len(stage.blocks)) for p in SSF_BLOCK_POINTS]
+    return [*points, "norm"]
 
 
 class SSFModel(PeftModel):
@@ -77,7 +95,8 @@ class SSFModel(PeftModel):
         super().__init__(backbone, num_classes, head_init=config.head_init)
         for path in ssf_points(backbone):
             module = backbone.get_submodule(path)
-            replace_module(backbone, path, Wrapped(module, after=ScaleShift(_width(module), config.init_std)))
+            shift = ScaleShift(_width(module), config.init_std, conv=isinstance(module, nn.Conv2d))
+            replace_module(backbone, path, Wrapped(module, after=shift))
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         return timm_no_weight_decay(self)
@@ -96,6 +115,8 @@ class SSFConfig(MethodConfig):
         drop_path_rate: the backbone's stochastic depth (0 in SSF's scripts).
         head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
     """
+
+    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(
         default_factory=lambda: petl_recipe(lr=5e-3, weight_decay=5e-5, warmup_start_lr=1e-7, min_lr=1e-8)
@@ -122,7 +143,24 @@ class SSFConfig(MethodConfig):
     def create(self, backbone: VisionTransformer, num_classes: int) -> PeftModel:
         return SSFModel(backbone, num_classes, self)
 
-    def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
+    def expected_params(self, backbone: Backbone, num_classes: int) -> ParamReport:
+        if family(backbone) == "swin":
+            return backbone_report(backbone, num_classes, swin_ssf_count(backbone))
         d, hidden = backbone.embed_dim, backbone.blocks[0].mlp.fc1.out_features
         per_block = 2 * (d + 3 * d + d + d + hidden + d)  # 16,896 at D = 768
         return backbone_report(backbone, num_classes, len(backbone.blocks) * per_block + 2 * 2 * d)
+
+
+def swin_ssf_count(swin: SwinTransformer) -> int:
+    """SSF on a timm Swin from its hyperparameters: 2·(2C₀) after the patch embedding's conv and LayerNorm, per
+    block 2·(7d + MLP width), per patch merging 2·(4d + 2d) after its LayerNorm(4d) and reduction (4d → 2d), 2·C
+    after the final LayerNorm: 278,016 on Swin-B."""
+    dims, depths = stage_dims(swin), stage_depths(swin)
+    total = 2 * 2 * dims[0] + 2 * swin.num_features
+    for s, (d, depth) in enumerate(zip(dims, depths, strict=True)):
+        hidden = swin.layers[s].blocks[0].mlp.fc1.out_features
+        total += depth * 2 * (d + 3 * d + d + d + hidden + d)
+        if s > 0:
+            merge = swin.layers[s].downsample
+            total += 2 * (4 * merge.dim + merge.out_dim)
+    return total

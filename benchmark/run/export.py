@@ -43,7 +43,7 @@ def merged_model(model: Any, num_classes: int, method: str) -> VisionTransformer
     except NotMergeableError as e:
         raise UserError(f"{method} cannot be merged: {e}; export needs a re-parameterisable method") from None
     merged.reset_classifier(num_classes)
-    merged.head.load_state_dict(model.head.state_dict())
+    getattr(merged.head, "fc", merged.head).load_state_dict(model.head.state_dict())  # Swin's head holds `fc`
     return merged.requires_grad_(False)
 
 
