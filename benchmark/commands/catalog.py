@@ -1,4 +1,4 @@
-"""`methods`, `tasks` and `params`: what the suite has."""
+"""`methods`, `tasks`, `backbones` and `params`: what the suite has."""
 
 from __future__ import annotations
 
@@ -48,6 +48,21 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from benchmark.run.presets import preset_rows
+
+    rows = preset_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  ({row['family']}, reference id {row['reference']}): {row['title']}")
+        for key in ("weights", "normalization", "pooling", "papers"):
+            print(f"  {key + ':':15}{row[key]}")
+    print("Any other timm ViT or Swin runs as timm builds it (e.g. --backbone vit_base_patch16_224, test_vit).")
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from benchmark.run.backbone import meta_backbone
     from benchmark.run.resolve import resolve_config
@@ -88,6 +103,14 @@ def register(sub: Any) -> None:
     )
     suite_option(p)
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser(
+        "backbones",
+        help="the papers' backbones (presets): family, weights, normalisation, pooling, papers, reference id",
+        description="Example: python -m benchmark backbones",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    p.set_defaults(func=cmd_backbones)
 
     p = sub.add_parser(
         "params",

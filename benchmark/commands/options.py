@@ -267,11 +267,30 @@ def method_names(text: str | None) -> list[str] | None:
 
 
 def check_image_size(backbone: str, image_size: int) -> None:
-    """The image side must be a whole number of patches (at least one): else every run would fail later."""
-    from benchmark.run.backbone import meta_backbone
+    """The image side must be a whole number of patches (at least one), and on Swin fit its windows: else every run
+    would fail later, or timm would pad the feature maps (zero tokens inside windows) where the official Swin
+    refuses the size."""
+    from benchmark.run.backbone import meta_backbone, swin_size_fits, swin_windows
+    from methods import family
 
-    patch = meta_backbone(backbone).patch_embed.patch_size
+    model = meta_backbone(backbone)
+    patch = model.patch_embed.patch_size
     p = patch[0] if isinstance(patch, tuple | list) else int(patch)
+    if family(model) == "swin":
+        windows = swin_windows(model)
+        if not swin_size_fits(image_size, p, windows):
+            fits = min(
+                (s for s in range(p, 4 * max(image_size, p) + 1, p) if swin_size_fits(s, p, windows)),
+                key=lambda s: (abs(s - image_size), s),
+                default=None,
+            )
+            raise UserError(
+                f"--image-size {image_size} does not fit {backbone}: with {p} px patches, each stage's grid (the side "
+                f"/ {p}, halved by each of the {len(windows) - 1} patch merges) must be whole and a multiple of its "
+                f"window ({', '.join(map(str, windows))}) or no larger than it"
+                + (f"; use e.g. {fits}" if fits else "")
+            )
+        return
     if image_size < p or image_size % p:
         fits = max(p, image_size // p * p)
         raise UserError(f"--image-size {image_size} is not a multiple of {backbone}'s patch size {p}; use e.g. {fits}")

@@ -11,15 +11,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from benchmark.perf.timing import count_tokens, eval_throughput, step_ms
 from benchmark.run.resolve import resolve_config
-from methods import MethodConfig
+from methods import Backbone, MethodConfig
 from tasks import Task
 
 
-def tokens_per_task(config: MethodConfig, backbone: VisionTransformer, tasks: Iterable[Task], image_size: int,
+def tokens_per_task(config: MethodConfig, backbone: Backbone, tasks: Iterable[Task], image_size: int,
                     device: torch.device) -> dict[str, int]:  # fmt: skip
     """The token count entering the first block for each task's settings (e.g. VPT's per-task prompt length);
     one model per distinct setting."""

@@ -8,7 +8,8 @@ method's forward, cross-entropy, the method's regularisation term), backward, an
 The floor: the frozen backbone's forward plus backward with respect to its input tokens (the patch
 embedding runs forward only, as in every method whose embedding is frozen), on the same number of tokens
 the method feeds its blocks (prompts included), through a frozen head of the task's classes; no weight
-gradients. No method that tunes anything at the input of the first block can do less, so `x_floor`
+gradients. On a Swin the floor is its plain frozen forward on the patch map (prompts, which a Swin carries beside
+the map and replicates into every window, are not added to it: its methods are counted at the patch count). No method that tunes anything at the input of the first block can do less, so `x_floor`
 says how much a method adds on top of the unavoidable work. Methods that tune nothing below the head
 (the linear probe) can, and land below 1.
 
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from benchmark.core.device import sync
@@ -49,7 +49,7 @@ from benchmark.perf.timing import (
 )
 from benchmark.run.module import ClassificationModule
 from benchmark.run.resolve import resolve_config
-from methods import MethodConfig, NotMergeableError, embed, insert_tokens, pool, run_blocks
+from methods import Backbone, MethodConfig, NotMergeableError, embed, family, insert_tokens, pool, run_blocks
 from tasks import Task
 
 
@@ -73,7 +73,7 @@ def training_step(
 
 def method_candidate(
     config: MethodConfig,
-    backbone: VisionTransformer,
+    backbone: Backbone,
     task: Task,
     batch: tuple[Tensor, Tensor],
     variant: Variant,
@@ -105,32 +105,40 @@ def method_candidate(
 
 
 def floor_candidate(
-    backbone: VisionTransformer, tokens: int, num_classes: int, batch: tuple[Tensor, Tensor], variant: Variant,
+    backbone: Backbone, tokens: int, num_classes: int, batch: tuple[Tensor, Tensor], variant: Variant,
     device: torch.device, *, compile: bool = False,
 ) -> Candidate:  # fmt: skip
-    """Forward + backward of the frozen `backbone` with respect to its `tokens` input tokens (no weight grads)."""
+    """Forward + backward of the frozen `backbone` with respect to its `tokens` input tokens (no weight grads); a
+    Swin's floor runs its stages, final norm and pooling on the patch map (its token count must be the patches')."""
     vit = copy.deepcopy(backbone).to(device).requires_grad_(False)
     set_attention(vit, variant.attention)
     head = nn.Linear(vit.num_features, num_classes).to(device).requires_grad_(False)
     x, y = batch
+    swin = family(vit) == "swin"
     with torch.no_grad():
-        base = embed(vit, x[:1]).shape[1]
-    if tokens < base:
-        raise ValueError(f"the floor needs at least the backbone's {base} tokens, got {tokens}")
+        first = vit.patch_embed(x[:1]) if swin else embed(vit, x[:1])
+    base = first.shape[1] * first.shape[2] if swin else first.shape[1]
+    if tokens < base or (swin and tokens != base):
+        raise ValueError(
+            f"the floor needs {'exactly' if swin else 'at least'} the backbone's {base} tokens, got {tokens}"
+        )
     extra = torch.zeros(tokens - base, vit.embed_dim, device=device)
     if compile:
-        for block in vit.blocks:
+        for block in vit.layers if swin else vit.blocks:
             block.compile()
-    prefix = vit.num_prefix_tokens
+    prefix = getattr(vit, "num_prefix_tokens", 0)
 
     def step() -> None:
         with autocast(device, variant):
             with torch.no_grad():
-                seq = embed(vit, x)
+                seq = vit.patch_embed(x) if swin else embed(vit, x)
             seq = insert_tokens(seq, extra, prefix) if len(extra) else seq
             seq.requires_grad_(True)
-            logits = head(pool(vit, run_blocks(vit, seq, lambda i, t: t)))
-            loss = F.cross_entropy(logits.float(), y)
+            if swin:
+                features = vit.forward_head(vit.norm(vit.layers(seq)), pre_logits=True)
+            else:
+                features = pool(vit, run_blocks(vit, seq, lambda i, t: t))
+            loss = F.cross_entropy(head(features).float(), y)
         loss.backward()
 
     return Candidate(f"floor@{tokens}", "floor", variant, tokens, step)
@@ -160,7 +168,7 @@ def synthetic_batch(n: int, image_size: int, num_classes: int, device: torch.dev
 def measure_models(
     spec: PerfSpec,
     configs: Iterable[MethodConfig],
-    backbone: VisionTransformer,
+    backbone: Backbone,
     device: torch.device,
     *,
     extra_floor_tokens: Iterable[int] = (),
@@ -216,7 +224,7 @@ def hot_spots(c: Candidate, top: int = 3) -> list[str]:
     return [f"{e.key} {100 * getattr(e, attr) / total:.0f}%" for e in ranked]
 
 
-def head_candidate(config: MethodConfig, backbone: VisionTransformer, task: Task, batch_size: int,
+def head_candidate(config: MethodConfig, backbone: Backbone, task: Task, batch_size: int,
                    device: torch.device) -> Candidate:  # fmt: skip
     """A frozen-feature method's step on cached features: the head alone (what the linear probe trains)."""
     model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
@@ -340,7 +348,7 @@ def run(
     return report
 
 
-def plain_candidate(name: str, vit: VisionTransformer, variant: Variant, device: torch.device) -> Candidate:
+def plain_candidate(name: str, vit: Backbone, variant: Variant, device: torch.device) -> Candidate:
     """Evaluation of a plain timm ViT with its head (no training step): the frozen backbone or a merged model."""
     vit = vit.to(device).eval().requires_grad_(False)
     set_attention(vit, variant.attention)
@@ -373,7 +381,7 @@ def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repe
             row["merged_eval_images_per_s"] = None
             continue
         merged.reset_classifier(task.num_classes)
-        merged.head.load_state_dict(model.head.state_dict())
+        merged.get_classifier().load_state_dict(model.head.state_dict())
         c = plain_candidate(f"{row['method']} merged", merged, _variant(variants, row["variant"]), device)
         row["merged_eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
     return frozen

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
 from torch import Tensor, nn
 
 from benchmark.core.device import sync
 from benchmark.core.platform import can_reset_peak_rss, malloc_trim, peak_rss_mib, proc_status_mib, reset_peak_rss
-from methods import PeftModel
+from methods import PeftModel, family
 
 ATTENTION = ("fused", "explicit")
 
@@ -44,19 +45,32 @@ def device_name(device: torch.device) -> str:
 
 
 def set_attention(model: nn.Module, kind: str) -> None:
-    """Route every timm `Attention` (and our key-value-extended wrapper, which reads the same flag) through
-    `scaled_dot_product_attention` (`fused`) or through the explicit softmax(QKᵀ)V (`explicit`)."""
+    """Route every timm `Attention` and Swin `WindowAttention` (and our key-value-extended wrapper, which reads the
+    same flag) through `scaled_dot_product_attention` (`fused`) or through the explicit softmax(QKᵀ)V
+    (`explicit`). timm leaves Swin's windows on the explicit path unless told (its fused path is experimental)."""
     if kind not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention | WindowAttention):
             m.fused_attn = kind == "fused"
 
 
+def first_block(backbone: nn.Module) -> nn.Module:
+    """The first transformer block of a ViT or a Swin (its first stage's first block)."""
+    return backbone.layers[0].blocks[0] if family(backbone) == "swin" else backbone.blocks[0]
+
+
 def count_tokens(model: PeftModel, image_size: int, device: torch.device) -> int:
-    """How many tokens enter the model's first block, measured on one image (prompts included)."""
+    """How many tokens enter the model's first block, measured on one image (prompts included). On a Swin, the
+    patches of its (B, H, W, C) feature map: prompts there travel beside the map, replicated into every window,
+    and are not counted (the floor of a Swin is its plain forward)."""
     seen: list[int] = []
-    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+
+    def record(m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0]
+        seen.append(x.shape[1] * x.shape[2] if x.dim() == 4 else x.shape[1])
+
+    handle = first_block(model.backbone).register_forward_pre_hook(record)
     was_training = model.training
     try:
         model.eval()

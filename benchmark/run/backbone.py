@@ -21,6 +21,8 @@ from timm.models.swin_transformer import SwinTransformer, _create_swin_transform
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 
 from benchmark.core.errors import UserError
+from benchmark.run.checkpoints import convert_checkpoint
+from benchmark.run.presets import preset_for, pretrained_cfg
 from methods import Backbone
 
 DEFAULT_BACKBONE = "vit_base_patch16_224.orig_in21k"
@@ -75,12 +77,15 @@ def _meta_backbone(name: str, image_size: int | None, kwargs: tuple[tuple[str, A
 
 
 def _check_name(name: str) -> None:
-    arch = timm.models.split_model_name_tag(name)[0]
+    arch, tag = timm.models.split_model_name_tag(name)
     if not timm.is_model(arch):
         raise UserError(
             f"unknown backbone {name!r}; pick a timm ViT or Swin, e.g. {DEFAULT_BACKBONE}, test_vit or "
-            "swin_base_patch4_window7_224.ms_in22k"
+            "swin_base_patch4_window7_224.ms_in22k (`python -m benchmark backbones` lists the papers' ones)"
         )
+    known = timm.models.get_arch_pretrained_cfgs(arch)
+    if tag and preset_for(name) is None and name not in known:
+        raise UserError(f"{arch} has no pretrained tag {tag!r}; pick one of timm's ({', '.join(known)}) or no tag")
 
 
 def create_backbone(
@@ -103,12 +108,18 @@ def create_backbone(
         device: where to build the model; `meta` builds the structure without allocating weights.
         init_seed: seed of the random initialisation (what remains random without pretrained weights),
             so a random backbone is the same in every process; the global RNG is left as it was.
-        kwargs: forwarded to `timm.create_model` (e.g. `drop_path_rate`).
+        kwargs: forwarded to `timm.create_model` (e.g. `drop_path_rate`); they win over a preset's own
+            arguments (`benchmark.run.presets`: MAE's average pooling through a fresh `fc_norm`).
     """
     _check_name(name)
+    preset = preset_for(name)
     args: dict[str, Any] = dict(
         num_classes=0, drop_rate=0.0, attn_drop_rate=0.0, proj_drop_rate=0.0, drop_path_rate=0.0
     )
+    if preset is not None:
+        args.update(preset.create_kwargs)
+        if preset.pretrained_cfg is not None:  # a tag timm does not know
+            args["pretrained_cfg"] = pretrained_cfg(name)
     args.update(kwargs)
     if image_size is not None:
         args["img_size"] = image_size
@@ -158,9 +169,10 @@ def load_weights(model: Backbone, path: str | Path, *, name: str, source: str | 
 
     timm reads the file (`.safetensors`, a torch pickle loaded weights-only, or Google's `.npz`), unwraps
     `state_dict`/`model` entries and strips the `module.`/`_orig_mod.` prefixes that DDP and
-    `torch.compile` add, then converts it to the model's layout (`checkpoint_filter_fn`: other checkpoint
-    formats, position embeddings and patch embeddings resampled to this image and patch size). What is
-    left must match the model key for key and shape for shape, except the classifier head (`head.weight`,
+    `torch.compile` add; a preset's official layout (MAE, MoCo v3) is converted by `benchmark.run.checkpoints`,
+    refused in one line when its keys are another layout; then timm converts it to the model's layout
+    (`checkpoint_filter_fn`: other checkpoint formats, position embeddings and patch embeddings resampled to
+    this image and patch size). What is left must match the model key for key and shape for shape, except the classifier head (`head.weight`,
     `head.bias`), which the headless backbone drops. timm itself only warns about missing or unexpected
     keys when the head is removed, which would let another model's checkpoint, or half of one, train on
     random weights without a word. Other prefixes (`model.`, `backbone.`) are not stripped, since they may
@@ -178,6 +190,12 @@ def load_weights(model: Backbone, path: str | Path, *, name: str, source: str | 
             f"cannot read {source} ({type(e).__name__}: {_first_line(e)}); pass a complete .safetensors, "
             ".pth/.bin or .npz checkpoint"
         ) from None
+    conversion = getattr(preset_for(name), "checkpoint", None)
+    if conversion is not None:
+        try:
+            state = convert_checkpoint(conversion, state, model)
+        except ValueError as e:
+            raise UserError(f"{source} for backbone {name}: {e}") from None
     try:
         state = _checkpoint_filter(name, model)(state, model)
     except Exception as e:  # the conversion indexes tensors by the model's shapes and fails on foreign ones
@@ -276,10 +294,12 @@ def hub_weights(name: str) -> Path:
     import huggingface_hub
     from huggingface_hub import constants
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None)
     if not repo:
-        raise UserError(f"{name} has no weights on the Hugging Face Hub; pass --weights FILE or --no-pretrained")
+        preset = preset_for(name)
+        wanted = preset.weights if preset is not None and preset.weights.startswith("--weights") else "--weights FILE"
+        raise UserError(f"{name} has no weights on the Hugging Face Hub; pass {wanted}, or --no-pretrained")
     files = ("model.safetensors", "pytorch_model.bin")
     for filename in files:
         cached = huggingface_hub.try_to_load_from_cache(repo, filename)
@@ -305,10 +325,34 @@ def hub_weights(name: str) -> Path:
     raise UserError(f"could not download weights of {name} from {repo} ({errors[-1][:200]}); {advice}")
 
 
+def swin_windows(model: SwinTransformer) -> list[int]:
+    """The window side of each Swin stage as built for its default size (timm clips a window to a smaller grid)."""
+    ref = getattr(model, "_ref_window_sizes", None)  # timm keeps the constructor's windows here
+    if ref is not None:
+        return [int(w[0] if isinstance(w, tuple | list) else w) for w in ref]
+    return [int(stage.blocks[0].window_size[0]) for stage in model.layers]
+
+
+def swin_size_fits(side: int, patch: int, windows: list[int]) -> bool:
+    """Whether a square image of `side` px runs on a Swin without padding: whole patches, an even grid before each
+    patch merging, and each stage's grid a multiple of its window (or no larger, as timm then shrinks the window)."""
+    if side < patch or side % patch:
+        return False
+    grid = side // patch
+    for stage, window in enumerate(windows):
+        if stage:
+            if grid % 2:
+                return False
+            grid //= 2
+        if grid > window and grid % window:
+            return False
+    return True
+
+
 def default_image_size(name: str) -> int:
     """The input size a backbone name implies (its pretrained cfg), without building it."""
     _check_name(name)
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = pretrained_cfg(name)
     if cfg is not None and cfg.input_size is not None:
         return int(cfg.input_size[-1])
     return 224
