@@ -79,7 +79,13 @@ def ssf_points(backbone: Backbone) -> list[str]:
     and each patch merging's LayerNorm and reduction)."""
     if family(backbone) == "vit":
         blocks = [f"blocks.{i}.{p}" for i in range(len(backbone.blocks)) for p in SSF_BLOCK_POINTS]
-        return ["patch_embed.proj", *blocks, "norm"]
+        # The final norm: `fc_norm` after pooling where the backbone has no `norm` (MAE's average pooling).
+        final = (
+            "fc_norm"
+            if isinstance(backbone.norm, nn.Identity) and not isinstance(backbone.fc_norm, nn.Identity)
+            else "norm"
+        )
+        return ["patch_embed.proj", *blocks, final]
     points = ["patch_embed.proj", "patch_embed.norm"]
     for s, stage in enumerate(backbone.layers):
         if s > 0:

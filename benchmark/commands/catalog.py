@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from benchmark.commands.options import (
+    check_image_size,
     method_class,
     method_options,
     positive_int,
@@ -73,6 +74,8 @@ def cmd_params(args: argparse.Namespace) -> int:
     configs = [method_class(n.strip()) for n in (names or methods.list_methods())]
     options = method_options(args)
     tasks = task_list(args.tasks, args.suite)
+    if args.image_size:
+        check_image_size(args.backbone, args.image_size)
     out = []
     for cls in configs:
         for task in tasks:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.commands.options import (
+    check_image_size,
     int_list,
     method_class,
     number_type,
@@ -122,6 +123,7 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     image_size = args.image_size or default_image_size(args.backbone)
+    check_image_size(args.backbone, image_size)
     batch_size = args.batch_size or (64 if on_gpu else 8)
     task = one_task(args.task)
 

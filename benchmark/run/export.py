@@ -21,12 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save
 from timm.models.vision_transformer import VisionTransformer
 
 from benchmark.core.errors import UserError
+from benchmark.run.presets import preset_for
 from benchmark.run.results import read_result
 from methods import NotMergeableError
 from tasks.atomic import atomic_write_bytes
@@ -142,6 +144,11 @@ def export_merged(result: Path, out: Path) -> dict[str, Any]:
     head = sum(p.numel() for p in merged.head.parameters())
     total = sum(p.numel() for p in merged.parameters())
     default_size = (getattr(merged, "pretrained_cfg", None) or {}).get("input_size")
+    size_arg = "" if not default_size or default_size[-1] == size[0] else f", img_size={size[0]}"
+    preset = preset_for(name)
+    if preset is not None:  # timm builds a preset from its architecture plus the preset's own arguments
+        name = timm.models.split_model_name_tag(name)[0]
+        size_arg += "".join(f", {k}={v!r}" for k, v in preset.create_kwargs.items())
     return {
         "method": record["method"],
         "task": task.id,
@@ -151,5 +158,5 @@ def export_merged(result: Path, out: Path) -> dict[str, Any]:
         "backbone": total - head,
         "head": head,
         "max_logit_diff": diff,
-        "size_arg": "" if not default_size or default_size[-1] == size[0] else f", img_size={size[0]}",
+        "size_arg": size_arg,
     }

@@ -165,6 +165,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Trainer.fit.*stopped: `max_epochs=.*")
+    # Methods that keep the frozen backbone in eval mode on purpose (VPT on Swin, as its official code does).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class _TrainTimer(pl.Callback):
