@@ -82,6 +82,14 @@ class PromptMasks(nn.Module):
     def kept_tokens(self) -> Tensor:
         return self.token.detach().nonzero().flatten()
 
+    def mask(self, prompt: Tensor, pruned_tokens: str) -> Tensor:
+        """`prompt` [.., P, D] (after its dropout: the official order) times the masks; with `pruned_tokens="drop"`
+        and fixed masks, the masked tokens removed."""
+        prompt = prompt * self.expanded().to(prompt.dtype)
+        if pruned_tokens == "drop" and not self.trainable:
+            prompt = prompt[..., self.kept_tokens(), :]
+        return prompt
+
 
 class E2VPTSwinModel(PromptedSwin):
     """E²VPT on Swin: masked input prompts, deep prompts per stage, shared key-value prompts in every block.
@@ -107,11 +115,7 @@ class E2VPTSwinModel(PromptedSwin):
         self._first_block = [sum(depths[:s]) for s in range(len(depths))]
 
     def input_prompts(self, batch: int) -> Tensor:
-        # Dropout first (per sample), then the masks: the official order.
-        prompt = self.prompts.first(batch) * self.masks.expanded().to(self.prompts.input.dtype)
-        if self.pruned_tokens == "drop" and not self.masks.trainable:
-            prompt = prompt[..., self.masks.kept_tokens(), :]
-        return prompt
+        return self.masks.mask(self.prompts.first(batch), self.pruned_tokens)
 
     def block_kv(self, stage: int, index: int) -> ExtraKV:
         return None if self.kv is None else self.kv[self._first_block[stage] + index]

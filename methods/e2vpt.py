@@ -104,11 +104,7 @@ class E2VPTModel(PromptedViT):
             block.attn = KVExtendedAttention(attn, kv)
 
     def layer_prompt(self, layer: int, batch: int) -> Tensor:
-        # Dropout first (per sample), then the masks: the official order.
-        prompt = self.prompts(layer, batch) * self.masks.expanded().to(self.prompts.prompts.dtype)
-        if self.pruned_tokens == "drop" and not self.masks.trainable:
-            prompt = prompt[..., self.masks.kept_tokens(), :]
-        return prompt
+        return self.masks.mask(self.prompts(layer, batch), self.pruned_tokens)
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         return list(self.masks.parameters()) if self.masks.trainable else []
