@@ -91,7 +91,25 @@ class PromptMasks(nn.Module):
         return prompt
 
 
-class E2VPTSwinModel(PromptedSwin):
+class MaskedPrompts:
+    """What E²VPT's models (ViT and Swin) share about their `masks` (a `PromptMasks`): trained as auxiliary parameters
+    in the dense stage, saved with the tunable state, and fixed by a pruning decision."""
+
+    masks: PromptMasks
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return list(self.masks.parameters()) if self.masks.trainable else []
+
+    def state_modules(self) -> list[nn.Module]:
+        return [self.masks]
+
+    def apply_pruning(self, state: dict[str, Tensor]) -> None:
+        self.masks.trainable = False
+        self.load_tunable_state_dict(state, partial=True)
+        self.mark_trainable()
+
+
+class E2VPTSwinModel(MaskedPrompts, PromptedSwin):
     """E²VPT on Swin: masked input prompts, deep prompts per stage, shared key-value prompts in every block.
 
     `config` is an `E2VPTConfig` (its fields are read here; shared K=V is checked by the config).
@@ -120,22 +138,11 @@ class E2VPTSwinModel(PromptedSwin):
     def block_kv(self, stage: int, index: int) -> ExtraKV:
         return None if self.kv is None else self.kv[self._first_block[stage] + index]
 
-    def auxiliary_parameters(self) -> list[nn.Parameter]:
-        return list(self.masks.parameters()) if self.masks.trainable else []
-
-    def state_modules(self) -> list[nn.Module]:
-        return [self.masks]
-
     def nonzero_tunable(self) -> int:
         kept = int((self.masks.expanded().detach() != 0).sum())
         deep = sum(p.numel() for p in self.prompts.deep)
         kv = sum(p.numel() for p in self.kv.parameters()) if self.kv is not None else 0
         return kept + deep + kv
-
-    def apply_pruning(self, state: dict[str, Tensor]) -> None:
-        self.masks.trainable = False
-        self.load_tunable_state_dict(state, partial=True)
-        self.mark_trainable()
 
 
 def _head_dim(attn: nn.Module) -> int:

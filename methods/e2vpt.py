@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from methods import _checks
 from methods._base import (
@@ -48,7 +48,7 @@ from methods._base import (
     PruneCandidate,
     Recipe,
 )
-from methods._e2vpt_swin import E2VPTSwinModel, KVPrompts, PromptMasks, swin_pruned_nonzero
+from methods._e2vpt_swin import E2VPTSwinModel, KVPrompts, MaskedPrompts, PromptMasks, swin_pruned_nonzero
 from methods._family import Backbone, backbone_report, family
 from methods._inject import KVExtendedAttention
 from methods._per_task import PerTaskSettings
@@ -85,7 +85,7 @@ def _subsample(levels: list[int], k: int | None) -> list[int]:
     return sorted({levels[round(i * (len(levels) - 1) / (k - 1))] for i in range(k)})
 
 
-class E2VPTModel(PromptedViT):
+class E2VPTModel(MaskedPrompts, PromptedViT):
     """VPT-deep with masked visual prompts and key-value prompts in every block's attention."""
 
     def __init__(
@@ -106,21 +106,10 @@ class E2VPTModel(PromptedViT):
     def layer_prompt(self, layer: int, batch: int) -> Tensor:
         return self.masks.mask(self.prompts(layer, batch), self.pruned_tokens)
 
-    def auxiliary_parameters(self) -> list[nn.Parameter]:
-        return list(self.masks.parameters()) if self.masks.trainable else []
-
-    def state_modules(self) -> list[nn.Module]:
-        return [self.masks]
-
     def nonzero_tunable(self) -> int:
         kept = int((self.masks.expanded().detach() != 0).sum())
         kv = sum(p.numel() for m in self.modules() if isinstance(m, KVPrompts) for p in m.parameters())
         return kept * self.prompts.prompts.shape[0] + kv
-
-    def apply_pruning(self, state: dict[str, Tensor]) -> None:
-        self.masks.trainable = False
-        self.load_tunable_state_dict(state, partial=True)
-        self.mark_trainable()
 
 
 @torch.enable_grad()
