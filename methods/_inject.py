@@ -91,30 +91,40 @@ class KVExtendedAttention(nn.Module):
         gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
         q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)  # [B, heads, N, head_dim]
-        extra_k, extra_v = self.extra(B)  # [heads, n, head_dim] or [B, heads, n, head_dim]
-        n = extra_k.shape[-2]
-        k = torch.cat([extra_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([extra_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-        if attn_mask is not None:  # the extra keys are visible to every query
-            attn_mask = F.pad(attn_mask, (n, 0), value=0.0 if attn_mask.dtype != torch.bool else True)
-        if a.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if self.training else 0.0, scale=a.scale
-            )
-        else:  # the explicit path, when timm's flag asks for it (e.g. to measure what fusing gains)
-            scores = (q * a.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                scores = (
-                    scores.masked_fill(~attn_mask, float("-inf"))
-                    if attn_mask.dtype == torch.bool
-                    else scores + attn_mask
-                )
-            x = a.attn_drop(scores.softmax(dim=-1)) @ v
+        k, v, attn_mask = prepend_kv(k, v, attn_mask, *self.extra(B))
+        x = attend(a, q, k, v, attn_mask, training=self.training)
         x = x.transpose(1, 2).reshape(B, N, -1)
         x = a.norm(x)
         if gate is not None:
             x = x * gate
         return a.proj_drop(a.proj(x))
+
+
+def prepend_kv(
+    k: Tensor, v: Tensor, mask: Tensor | None, extra_k: Tensor, extra_v: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Keys and values [B, heads, N, head_dim] with `extra_k`/`extra_v` ([heads, n, head_dim], shared by the batch,
+    or [B, heads, n, head_dim]) in front, and the attention mask (float or bool, or None) widened so that every
+    query sees the extra keys."""
+    B, n = k.shape[0], extra_k.shape[-2]
+    k = torch.cat([extra_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([extra_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    if mask is not None:
+        mask = F.pad(mask, (n, 0), value=0.0 if mask.dtype != torch.bool else True)
+    return k, v, mask
+
+
+def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, training: bool) -> Tensor:
+    """Softmax attention [B, heads, N, head_dim] with a timm attention module's scale, dropout and `fused_attn` flag:
+    `scaled_dot_product_attention` (fused kernels), or the explicit softmax when the flag asks for it (e.g. to
+    measure what fusing gains). `mask` is added (float) or selects the visible keys (bool)."""
+    if attn.fused_attn:
+        p = attn.attn_drop.p if training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=attn.scale)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
 
 class ParallelBranches(nn.Module):

@@ -42,6 +42,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from methods._base import PeftModel, TunableModule
+from methods._inject import attend, prepend_kv
 from methods._swin import stage_depths, stage_dims
 
 WINDOW_ORDERS = ("official", "per_sample")
@@ -98,17 +99,8 @@ def prompted_window_attention(
         mask = (mask.unsqueeze(0) + shifted[None, :, None]).expand(B_ // nW, -1, -1, -1, -1)
         mask = mask.reshape(B_, attn.num_heads, N, N)
     if extra is not None:
-        extra_k, extra_v = extra(B_)
-        n = extra_k.shape[-2]
-        k = torch.cat([extra_k.to(k.dtype).expand(B_, -1, -1, -1), k], dim=2)
-        v = torch.cat([extra_v.to(v.dtype).expand(B_, -1, -1, -1), v], dim=2)
-        mask = F.pad(mask, (n, 0))
-    mask = mask.to(q.dtype)
-    if attn.fused_attn:
-        drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale)
-    else:  # the explicit path, when timm's flag asks for it
-        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)) @ v
+        k, v, mask = prepend_kv(k, v, mask, *extra(B_))
+    out = attend(attn, q, k, v, mask.to(q.dtype), training=attn.training)
     out = out.transpose(1, 2).reshape(B_, N, -1)
     return attn.proj_drop(attn.proj(out))
 
