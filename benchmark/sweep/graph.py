@@ -8,20 +8,14 @@ waits for its runs (the inline sweep has just run them; the local/SLURM driver s
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from benchmark.core.errors import UserError
-from benchmark.data.arrays import SplitArrays, VTABDataModule
-from benchmark.run.backbone import NORMALIZATIONS
 from benchmark.run.resolve import Backbones
 from benchmark.run.results import grid_tune_path, read_result, run_path, write_result
 from benchmark.run.runner import (
@@ -29,33 +23,25 @@ from benchmark.run.runner import (
     RunSpec,
     Settings,
     SweepData,
-    compute_device,
     execute,
 )
-from benchmark.run.splits import mode_splits
 from benchmark.sweep.claims import claim_path, read_owner, try_claim
 from benchmark.sweep.decisions import (
     DecisionError,
     StoredCandidates,
     decisions_dir,
-    file_hash,
-    read_candidates,
     read_json_decision,
     record_digest,
-    result_digest,
-    write_candidates,
     write_json_decision,
 )
+from benchmark.sweep.plan import Plan, StageError
+from benchmark.sweep.pruning import PruningStage
 from benchmark.sweep.resume import conflict, stale_version
-from methods import MethodConfig, PruneCandidate
+from methods import MethodConfig
 from tasks import Task
 
 # How often a sweep looks again at a run that another process holds (seconds).
 CLAIM_POLL_S = 2.0
-
-
-class StageError(RuntimeError):
-    """An earlier stage of a task's pipeline failed, so its later stages cannot run."""
 
 
 def select_grid_point(tune_records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,15 +75,7 @@ def select_grid_point(tune_records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Plan:
-    """One planned run: its spec and where its result goes."""
-
-    spec: RunSpec
-    path: Path
-
-
-class Sweep:
+class Sweep(PruningStage):
     """The runs of one method over tasks and seeds: grid search, pruning stage, final runs; resumable."""
 
     def __init__(self, config: MethodConfig, *, protocol: str, settings: Settings, results: Path,
@@ -241,36 +219,6 @@ class Sweep:
         stored = self.decide(decisions_dir(self.task_dir(task)) / "grid-selection.json", inputs, compute)
         return {**stored["about"], "sha256": stored["sha256"]}
 
-    def candidates_path(self, task: Task) -> Path:
-        return decisions_dir(self.task_dir(task)) / f"{self.protocol}-prune-candidates.safetensors"
-
-    def pruning_candidates(self, dense: Plan) -> StoredCandidates:
-        """The method's pruning candidates for the dense run: the stored decision when current, else computed
-        here (`decide_pruning`; the local/SLURM driver hands that to a worker instead)."""
-        path = self.candidates_path(dense.spec.task)
-        stored = self.current(path, read_candidates, dense_inputs(dense.path))
-        return stored if stored is not None else self.decide_pruning(dense, path)
-
-    def decide_pruning(self, dense: Plan, path: Path) -> StoredCandidates:
-        """Compute the method's pruning candidates from the dense run's trained and initial state, on this
-        process's device, and write them once under the claim of `path`."""
-        inputs = dense_inputs(dense.path)
-        with self.claim(path):
-            if (stored := self.current(path, read_candidates, inputs)) is not None:
-                return stored
-            cfg, task = dense.spec.config, dense.spec.task
-            pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
-            model = cfg.build(copy.deepcopy(self.backbones(cfg)), task.num_classes).to(compute_device())
-            trained, initial = dense_states(dense.path)
-            model.load_tunable(trained)
-            batches = _normalised_batches(self.data.arrays[task.id][mode_splits(task, "tune")[0]], cfg, self.settings)
-            try:
-                candidates = cfg.prune_candidates(model, load_file(str(initial)), batches)
-            except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
-                raise StageError(f"the pruning decision failed ({type(e).__name__}: {e})") from e
-            return write_candidates(path, candidates, inputs)
-
-    # -- stages ------------------------------------------------------------------------------------------
     def grid_plans(self, cfg: MethodConfig, task: Task) -> list[Plan]:
         return [
             Plan(RunSpec(cfg.with_recipe(lr=lr, weight_decay=wd), task, TUNING_SEED, "tune", "grid", self.settings),
@@ -284,59 +232,6 @@ class Sweep:
         return [Plan(RunSpec(cfg, task, seed, mode, self.protocol, self.settings,
                              save_state=path.with_suffix("") if self.save_tunable else None), path)
                 for seed, path in zip(seeds, paths, strict=True)]  # fmt: skip
-
-    def dense_plan(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
-                   decisions: dict[str, str] | None = None) -> Plan:  # fmt: skip
-        stem = self.task_dir(task) / f"{self.protocol}-prune" / "dense"
-        spec = RunSpec(cfg, task, TUNING_SEED, "tune", self.protocol, self.settings, selection,
-                       pruning={"stage": "dense"}, save_state=stem, decisions=decisions)  # fmt: skip
-        return Plan(spec, stem.with_suffix(".json"))
-
-    def prune(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
-              decisions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-        """Dense stage on the tuning split, the method's pruning decision, then the rewind search on validation.
-
-        Returns the chosen candidate's state, a record of the search for the final runs, and the hash of the
-        choice (a decision file over the candidates' file, both written once).
-        """
-        plan = self.dense_plan(cfg, task, selection, decisions)
-        dense = self.settle([self.run(plan, outputs=dense_states(plan.path))])[0]
-        if dense["status"] != "ok":
-            raise StageError(f"the dense stage failed ({dense['error']})")
-        stored = self.pruning_candidates(plan)
-        candidates = [PruneCandidate(**c) for c in stored.candidates]
-        rewinds = [
-            Plan(RunSpec(cfg, task, TUNING_SEED + 1, "tune", self.protocol, self.settings, selection,
-                         prune_state=c.state, pruning={"stage": "rewind", "candidate": c.key, **c.info},
-                         decisions={**decisions, "candidates": stored.sha256}),
-                 plan.path.with_name(f"rewind-{c.key}.json"))
-            for c in candidates
-        ] if len(candidates) > 1 else []  # fmt: skip
-        # A fresh draw (seed + 1), not the dense stage's initial values, unless the candidate restores them.
-        self.add_to_plan(sum(self.needs_run(p.path) for p in rewinds))
-        records = self.settle([self.run(p) for p in rewinds])
-        inputs = {"candidates": stored.sha256,
-                  **{p.path.name: record_digest(r) for p, r in zip(rewinds, records, strict=True)}}  # fmt: skip
-
-        def compute() -> tuple[dict[str, Any], dict[str, Any]]:
-            if not rewinds:
-                return {"candidate": candidates[0].key, "candidates": stored.sha256}, {"search": []}
-            scored = [(r["val_acc"], *c.preference, c) for r, c in zip(records, candidates, strict=True)
-                      if r["status"] == "ok"]  # fmt: skip
-            if not scored:
-                raise StageError("every rewind run failed, so no pruning candidate could be selected")
-            chosen = max(scored, key=lambda t: t[:-1])[-1]
-            return {"candidate": chosen.key, "candidates": stored.sha256}, {
-                "search": [[c.key, a] for a, *_, c in scored]
-            }
-
-        choice = self.decide(
-            decisions_dir(self.task_dir(task)) / f"{self.protocol}-prune-choice.json", inputs, compute
-        )
-        chosen = next(c for c in candidates if c.key == choice["candidate"])
-        info = {"stage": "final", "candidate": chosen.key, **chosen.info, "dense_val_acc": dense["val_acc"],
-                "search": choice["about"]["search"], "decision": choice["sha256"]}  # fmt: skip
-        return {"state": chosen.state, "info": info, "sha256": choice["sha256"]}
 
     def task(self, cfg: MethodConfig, task: Task, seeds: list[int]) -> None:
         """Walk one task's graph: grid points -> selection -> dense -> pruning decision -> rewinds -> choice ->
@@ -362,20 +257,6 @@ class Sweep:
             self.run(plan)
 
 
-def dense_states(dense: Path) -> tuple[Path, Path]:
-    """The dense run's trained and initial tunable state, beside its result."""
-    return dense.with_name(f"{dense.stem}.safetensors"), dense.with_name(f"{dense.stem}-init.safetensors")
-
-
-def dense_inputs(dense: Path) -> dict[str, Any]:
-    """What a pruning decision is made from: the dense run's result and both of its states."""
-    trained, initial = dense_states(dense)
-    return {
-        "dense": result_digest(dense),
-        **{f.name: file_hash(f) if f.is_file() else None for f in (trained, initial)},
-    }
-
-
 def stored_inputs(stored: Any) -> Any:
     return stored.inputs if isinstance(stored, StoredCandidates) else stored["inputs"]
 
@@ -383,12 +264,3 @@ def stored_inputs(stored: Any) -> Any:
 def stale_detail(why: str) -> str:
     """The differing fields of a conflict message, e.g. `decisions.selection: 'ab12..' -> 'cd34..'`."""
     return why.rpartition("(")[2].rstrip(")") if "(" in why else why
-
-
-def _normalised_batches(arrays: SplitArrays, cfg: MethodConfig, settings: Settings):
-    """The split's training batches (seeded shuffle), normalised on the compute device."""
-    mean, std = NORMALIZATIONS[settings.normalization]
-    dm = VTABDataModule(arrays, arrays, batch_size=cfg.recipe.batch_size, seed=TUNING_SEED, mean=mean, std=std)
-    device = compute_device()
-    for batch in dm.train_dataloader():  # (images, labels), plus the flips of a crop_flip suite's random crops
-        yield dm.on_after_batch_transfer(tuple(t.to(device) for t in batch), 0)
