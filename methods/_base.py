@@ -298,10 +298,24 @@ class MethodConfig:
         """The method's parameter formula, evaluated for this backbone and class count."""
         raise NotImplementedError
 
+    # What the pruning stage decides from (`prune_candidates`): `trained`, a dense run trained first (E²VPT's
+    # pruning, NOAH's supernet); `pretrained`, the freshly built model and the task's training data (SCT's channels,
+    # GPS's and SPT's weights). A `pretrained` decision is made before the grid, and every run of the task carries it.
+    decides_from: ClassVar[str] = "trained"
+
     @property
     def prunes(self) -> bool:
         """Whether this config runs a pruning stage (the runner then calls `prune_candidates`)."""
         return False
+
+    @property
+    def trains_dense(self) -> bool:
+        """Whether the pruning stage starts with a dense training run."""
+        return self.prunes and self.decides_from == "trained"
+
+    def dense_config(self) -> Self:
+        """The config of the pruning stage's dense run (by default this one; NOAH's supernet trains longer)."""
+        return self
 
     def prune_candidates(
         self, model: PeftModel, initial_state: dict[str, Tensor], batches: Iterable[tuple[Tensor, Tensor]]

@@ -345,5 +345,5 @@ def plan_reproduction(
             and task.suite_info.augment == "none"
             and bool(getattr(getattr(cfg, "model_cls", None), "features_frozen", False))
         )
-        plans.append(TaskPlan(task, cfg, overrides, seeds, grid_runs, int(cfg.prunes), rewinds, frozen))
+        plans.append(TaskPlan(task, cfg, overrides, seeds, grid_runs, int(cfg.trains_dense), rewinds, frozen))
     return Plan(name, budget, protocol, options, plans)

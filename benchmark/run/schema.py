@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 PROTOCOLS = ("final", "tune", "grid")
 MODES = ("final", "tune")
 STATUSES = ("ok", "failed")
-PRUNING_STAGES = ("dense", "rewind", "final")
+PRUNING_STAGES = ("dense", "rewind", "grid", "final")  # grid: a grid point under a decision from the pretrained model
 
 # May be absent, never null (see the module docstring).
 ABSENT: Any = None

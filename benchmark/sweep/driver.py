@@ -199,7 +199,7 @@ def drive(
              f"SLURM job arrays ({launch.runs_per_job} run(s) per job, at most {launch.parallelism} jobs at once, "
              f"the queue asked every {SLURM_POLL_S:.0f} s)")  # fmt: skip
     print(f"{config.name}: runs go to {where}; job logs in {logs}", file=sys.stderr, flush=True)
-    dense_after_grid = sum(configs[t.id].prunes and state.protocol == "grid" for t in tasks)
+    dense_after_grid = sum(configs[t.id].trains_dense and state.protocol == "grid" for t in tasks)
     bar = _Progress(state, [p.path for p, _ in known], dense_after_grid, config.name, progress)
     attempts: Counter[Path] = Counter()
     executed: list[dict[str, Any]] = []

@@ -219,12 +219,17 @@ class Sweep(PruningStage):
         stored = self.decide(decisions_dir(self.task_dir(task)) / "grid-selection.json", inputs, compute)
         return {**stored["about"], "sha256": stored["sha256"]}
 
-    def grid_plans(self, cfg: MethodConfig, task: Task) -> list[Plan]:
-        return [
+    def grid_plans(self, cfg: MethodConfig, task: Task, pruning: dict[str, Any] | None = None) -> list[Plan]:
+        """The grid points; under a decision made from the pretrained model (`pruning`), each carries it."""
+        plans = [
             Plan(RunSpec(cfg.with_recipe(lr=lr, weight_decay=wd), task, TUNING_SEED, "tune", "grid", self.settings),
                  grid_tune_path(self.results, self.name, task.id, lr, wd))
             for lr in cfg.recipe.lr_grid for wd in cfg.recipe.wd_grid
         ]  # fmt: skip
+        for plan in plans if pruning is not None else []:
+            plan.spec.prune_state, plan.spec.pruning = pruning["state"], {**pruning["info"], "stage": "grid"}
+            plan.spec.decisions = {"pruning": pruning["sha256"]}
+        return plans
 
     def final_plans(self, cfg: MethodConfig, task: Task, seeds: list[int]) -> list[Plan]:
         mode = "tune" if self.protocol == "tune" else "final"
@@ -236,16 +241,20 @@ class Sweep(PruningStage):
     def task(self, cfg: MethodConfig, task: Task, seeds: list[int]) -> None:
         """Walk one task's graph: grid points -> selection -> dense -> pruning decision -> rewinds -> choice ->
         final seeds. Every decision is a file (`benchmark.sweep.decisions`) whose hash the runs after it carry in
-        their identity, so each final run is checked against the decisions it was trained under."""
-        selection, decisions = None, {}
+        their identity, so each final run is checked against the decisions it was trained under. A decision made
+        from the pretrained model (`MethodConfig.decides_from`) comes first, and the grid points carry it too."""
+        selection, decisions, pruning = None, {}, None
         finals = self.final_plans(cfg, task, seeds)
         try:
+            if cfg.prunes and not cfg.trains_dense:
+                pruning = self.prune(cfg, task, None, {})
             if self.protocol == "grid":
-                plans = self.grid_plans(cfg, task)
+                plans = self.grid_plans(cfg, task, pruning)
                 selection = self.select(task, plans, self.settle([self.run(p) for p in plans]))
                 decisions["selection"] = selection["sha256"]
                 cfg = cfg.with_recipe(lr=selection["lr"], weight_decay=selection["weight_decay"])
-            pruning = self.prune(cfg, task, selection, decisions) if cfg.prunes else None
+            if cfg.trains_dense:
+                pruning = self.prune(cfg, task, selection, decisions)
         except StageError as e:
             tqdm.write(f"{self.name}/{task.id}: {e}; no final runs", file=sys.stderr)
             return

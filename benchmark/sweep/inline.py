@@ -144,7 +144,7 @@ def sweep(
     if not state.run_progress:
         quiet_lightning()
     todo = sum(state.needs_run(p.path) for p, _ in known)
-    todo += sum(configs[t.id].prunes and state.protocol == "grid" for t in tasks)  # the dense runs after a grid
+    todo += sum(configs[t.id].trains_dense and state.protocol == "grid" for t in tasks)  # the dense runs after a grid
     state.bar = tqdm(total=todo, desc=config.name, unit="run", disable=not progress)
     try:
         for task in tasks:

@@ -18,6 +18,7 @@ from benchmark.sweep.decisions import (
     StoredCandidates,
     decisions_dir,
     file_hash,
+    json_hash,
     read_candidates,
     record_digest,
     result_digest,
@@ -39,24 +40,29 @@ class PruningStage:
         """The method's pruning candidates for the dense run: the stored decision when current, else computed
         here (`decide_pruning`; the local/SLURM driver hands that to a worker instead)."""
         path = self.candidates_path(dense.spec.task)
-        stored = self.current(path, read_candidates, dense_inputs(dense.path))
+        stored = self.current(path, read_candidates, dense_inputs(dense))
         return stored if stored is not None else self.decide_pruning(dense, path)
 
     def decide_pruning(self, dense: Plan, path: Path) -> StoredCandidates:
-        """Compute the method's pruning candidates from the dense run's trained and initial state, on this
-        process's device, and write them once under the claim of `path`."""
-        inputs = dense_inputs(dense.path)
+        """Compute the method's pruning candidates from the dense run's trained and initial state (or, for a decision
+        made from the pretrained model, from the freshly built one), on this process's device, and write them once
+        under the claim of `path`."""
+        inputs = dense_inputs(dense)
         with self.claim(path):
             if (stored := self.current(path, read_candidates, inputs)) is not None:
                 return stored
             cfg, task = dense.spec.config, dense.spec.task
             pl.seed_everything(TUNING_SEED, workers=True, verbose=False)
             model = cfg.build(copy.deepcopy(self.backbones(cfg)), task.num_classes).to(compute_device())
-            trained, initial = dense_states(dense.path)
-            model.load_tunable(trained)
+            if cfg.trains_dense:
+                trained, initial = dense_states(dense.path)
+                model.load_tunable(trained)
+                initial_state = load_file(str(initial))
+            else:
+                initial_state = {k: v.detach().clone() for k, v in model.tunable_state_dict().items()}
             batches = normalised_batches(self.data.arrays[task.id][mode_splits(task, "tune")[0]], cfg, self.settings)
             try:
-                candidates = cfg.prune_candidates(model, load_file(str(initial)), batches)
+                candidates = cfg.prune_candidates(model, initial_state, batches)
             except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
                 raise StageError(f"the pruning decision failed ({type(e).__name__}: {e})") from e
             return write_candidates(path, candidates, inputs)
@@ -65,7 +71,7 @@ class PruningStage:
     def dense_plan(self, cfg: MethodConfig, task: Task, selection: dict[str, Any] | None,
                    decisions: dict[str, str] | None = None) -> Plan:  # fmt: skip
         stem = self.task_dir(task) / f"{self.protocol}-prune" / "dense"
-        spec = RunSpec(cfg, task, TUNING_SEED, "tune", self.protocol, self.settings, selection,
+        spec = RunSpec(cfg.dense_config(), task, TUNING_SEED, "tune", self.protocol, self.settings, selection,
                        pruning={"stage": "dense"}, save_state=stem, decisions=decisions)  # fmt: skip
         return Plan(spec, stem.with_suffix(".json"))
 
@@ -77,9 +83,11 @@ class PruningStage:
         choice (a decision file over the candidates' file, both written once).
         """
         plan = self.dense_plan(cfg, task, selection, decisions)
-        dense = self.settle([self.run(plan, outputs=dense_states(plan.path))])[0]
-        if dense["status"] != "ok":
-            raise StageError(f"the dense stage failed ({dense['error']})")
+        dense: dict[str, Any] = {"val_acc": None}  # a decision from the pretrained model has no dense run
+        if cfg.trains_dense:
+            dense = self.settle([self.run(plan, outputs=dense_states(plan.path))])[0]
+            if dense["status"] != "ok":
+                raise StageError(f"the dense stage failed ({dense['error']})")
         stored = self.pruning_candidates(plan)
         candidates = [PruneCandidate(**c) for c in stored.candidates]
         rewinds = [
@@ -113,6 +121,8 @@ class PruningStage:
         chosen = next(c for c in candidates if c.key == choice["candidate"])
         info = {"stage": "final", "candidate": chosen.key, **chosen.info, "dense_val_acc": dense["val_acc"],
                 "search": choice["about"]["search"], "decision": choice["sha256"]}  # fmt: skip
+        if not cfg.trains_dense:
+            del info["dense_val_acc"]
         return {"state": chosen.state, "info": info, "sha256": choice["sha256"]}
 
 
@@ -121,11 +131,14 @@ def dense_states(dense: Path) -> tuple[Path, Path]:
     return dense.with_name(f"{dense.stem}.safetensors"), dense.with_name(f"{dense.stem}-init.safetensors")
 
 
-def dense_inputs(dense: Path) -> dict[str, Any]:
-    """What a pruning decision is made from: the dense run's result and both of its states."""
-    trained, initial = dense_states(dense)
+def dense_inputs(dense: Plan) -> dict[str, Any]:
+    """What a pruning decision is made from: the dense run's result and both of its states; for a decision made
+    from the pretrained model, the identity of the model and data it is computed on (the dense run's config)."""
+    if not dense.spec.config.trains_dense:
+        return {"pretrained": json_hash(dense.spec.config_dict())}
+    trained, initial = dense_states(dense.path)
     return {
-        "dense": result_digest(dense),
+        "dense": result_digest(dense.path),
         **{f.name: file_hash(f) if f.is_file() else None for f in (trained, initial)},
     }
 
