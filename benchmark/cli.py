@@ -22,6 +22,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
+    parser.set_defaults(main=main)  # `batch` runs other commands through it, in its worker processes
     return parser
 
 
