@@ -376,6 +376,8 @@ def test_results_from_another_configuration_or_other_data_are_refused_not_mixed(
 
 def test_make_demo_runs_every_registered_method_once():
     """The demo's commands, as `make -n` prints them: every method in exactly one `bench` command."""
+    import itertools
+    import shlex
     import shutil
     import subprocess
 
@@ -383,7 +385,9 @@ def test_make_demo_runs_every_registered_method_once():
         pytest.skip("make is not installed")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(["make", "-n", "demo"], cwd=root, capture_output=True, text=True, check=True).stdout
-    benches = [line.split() for line in out.splitlines() if " -m benchmark bench " in line]
+    words = shlex.split(out[out.index(" -m benchmark batch ") :].replace("\\\n", " ").splitlines()[0])
+    benches = [c.split() for w, c in itertools.pairwise(words) if w == "--command"]
+    assert benches and all(b[0] == "bench" for b in benches)
     named = [m for words in benches for m in words[words.index("--method") + 1].split(",")]
     # `peft` is the generic tuner method; its default configuration is `peft_lora`'s, which the demo runs.
     assert sorted(named) == sorted(m for m in list_methods() if m != "peft")
