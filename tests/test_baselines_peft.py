@@ -19,7 +19,19 @@ from tests.conftest import argv, tiny_vit
 
 # The re-parameterisable methods (spec §8): the table baselines, every `peft` tuner, and trivially the linear
 # probe and full fine-tuning.
-MERGEABLE = {"lora", "bitfit", "ssf", "fact_tt", "fact_tk", "repadapter", "linear", "full", "peft"}
+MERGEABLE = {
+    "lora",
+    "bitfit",
+    "ssf",
+    "fact_tt",
+    "fact_tk",
+    "repadapter",
+    "linear",
+    "full",
+    "peft",
+    "ln_tune",
+    "difffit",
+}
 MERGEABLE |= {f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")}
 D = 48  # tiny_vit's width
 

@@ -19,7 +19,7 @@ that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md`
 - The table baselines (`specs/baselines_peft.md`), keyed by name: `lora`, `adapter` (NOAH's fixed recipe,
   §1.3), `fact_tt`, `fact_tk` (per-task rank and scale, fixed lr, §6) and `repadapter` (per-task scale, fixed
   lr, §7) the `final` protocol with their recipes (published numbers test-selected, as Convpass's);
-  `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf` PETL_Vision's val-tuned grid (§10: AdamW lr {1e-2, 1e-3}
+  `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf`, `ln_tune`, `difffit`, `lora_adapter` PETL_Vision's val-tuned grid (§10: AdamW lr {1e-2, 1e-3}
   × weight decay {1e-4, 1e-3} at batch 64; its per-task search over method sizes is not rerun), the only
   published protocol of theirs the spec pins down; the `peft` tuners have no published numbers (§9), so
   the same grid on val200 with the suite's seeds, and `compare` lists them as unreported.
@@ -120,7 +120,10 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     "fact_tt": PaperProtocol("final", spec="baselines_peft.md §6"),
     "fact_tk": PaperProtocol("final", spec="baselines_peft.md §6"),
     "repadapter": PaperProtocol("final", spec="baselines_peft.md §7"),
-    **{m: PETL_VISION_GRID for m in ("adapter_houlsby", "adaptformer", "bitfit", "ssf")},
+    **{
+        m: PETL_VISION_GRID
+        for m in ("adapter_houlsby", "adaptformer", "bitfit", "ssf", "ln_tune", "difffit", "lora_adapter")
+    },
     **{
         m: SUITE_GRID
         for m in ("peft", *(f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")))
