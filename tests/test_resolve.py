@@ -23,7 +23,7 @@ from tests.test_launch import bench_args, leftovers, one_thread, outcomes, slurm
 # A drop-path rate no method has by default, so a backbone built from the default config shows.
 DROP_PATH = 0.2
 # Options that keep a method's pipeline short on the tiny backbone: one pruning candidate, no rewind search.
-SHORT = {"e2vpt": ["max_token_levels=1", "max_segment_levels=1"]}
+SHORT = {"e2vpt": ["max_token_levels=1", "max_segment_levels=1"], "sct": ["k=8"]}
 # Methods with per-task settings (the `per_task` switch) and a task whose settings differ from the defaults.
 PER_TASK = [m for m in list_methods() if "per_task" in {f.name for f in dataclasses.fields(get_method(m))}]
 

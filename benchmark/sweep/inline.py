@@ -103,8 +103,10 @@ def prepare_sweep(
     for task in tasks:
         cfg = configs[task.id]
         if protocol == "grid":
-            known += [(p, False) for p in state.grid_plans(cfg, task)]
-        elif cfg.prunes:
+            # Grid points that carry a decision made from the pretrained model are known only once it is made.
+            early = cfg.prunes and not cfg.trains_dense
+            known += [(p, early) for p in state.grid_plans(cfg, task)]
+        elif cfg.trains_dense:
             known.append((state.dense_plan(cfg, task, None), False))
         known += [(p, True) for p in state.final_plans(cfg, task, seeds)]
     for p, _ in known:
