@@ -31,6 +31,7 @@ MERGEABLE = {
     "peft",
     "ln_tune",
     "difffit",
+    "gps",
 }
 MERGEABLE |= {f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")}
 D = 48  # tiny_vit's width
