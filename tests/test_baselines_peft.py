@@ -32,6 +32,7 @@ MERGEABLE = {
     "ln_tune",
     "difffit",
     "gps",
+    "partial_1",
 }
 MERGEABLE |= {f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")}
 D = 48  # tiny_vit's width

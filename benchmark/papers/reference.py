@@ -105,6 +105,26 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "78.49 / 55.00 / 71.97 against the published 78.48 / 54.98 / 71.96",
     ),
     KnownIssue(
+        ("partial_1",), "VPT paper", "published-means", (*GROUPS, "avg_groups"),
+        "the VPT paper's means were taken before its cells were rounded to one decimal; the cells give "
+        "69.46 / 78.55 / 34.19 / 60.73 against the published 69.44 / 78.53 / 34.17 / 60.71",
+    ),
+    KnownIssue(
+        ("mlp_3",), "VPT paper", "published-means", ("structured", "avg_groups"),
+        "the VPT paper's means were taken before its cells were rounded to one decimal; the cells give "
+        "30.64 / 57.09 against the published 30.62 / 57.08",
+    ),
+    KnownIssue(
+        ("sidetune",), "VPT paper", "published-means", ("specialized", "structured"),
+        "the VPT paper's means were taken before its cells were rounded to one decimal; the cells give "
+        "68.10 / 23.43 against the published 68.12 / 23.41",
+    ),
+    KnownIssue(
+        ("partial_1", "mlp_3", "sidetune"), "VPT paper", "unconfirmed", (*TASK_COLUMNS, *GROUPS, "avg_19"),
+        "cells and group means not checked against the paper or a copy of it (none was available offline); the "
+        "cells reproduce the group means within rounding",
+    ),
+    KnownIssue(
         ("adapter", "lora", "noah"), "NOAH paper Table 1", "computed", ("avg_groups",),
         "NOAH prints the mean of groups at one decimal (LoRA 74.5); the value here is the two-decimal mean of "
         "the cells",
