@@ -133,7 +133,7 @@ def test_epochs_override_is_recorded_in_the_plan():
 
 def test_methods_without_a_protocol_are_refused_naming_those_with_one(capsys):
     with pytest.raises(UserError, match=r"lion has no published VTAB-1k protocol to reproduce; methods with one: "
-                                        r"adapter, adapter_houlsby, .*, convpass, convpass_attn, e2vpt, .*, peft, peft_boft, .*vpt_shallow$"):  # fmt: skip
+                                        r"adapter, adapter_houlsby, .*, convpass, convpass_attn, difffit, e2vpt, .*, peft, peft_boft, .*vpt_shallow$"):  # fmt: skip
         plan("lion")
     for args in (["--method", "pgn"], ["--method", "nope"], ["--method", "vpt_deep", "--source", "nowhere"]):
         capsys.readouterr()

@@ -24,6 +24,11 @@ that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md`
   published protocol of theirs the spec pins down; the `peft` tuners have no published numbers (§9), so
   the same grid on val200 with the suite's seeds, and `compare` lists them as unreported.
 
+- VPT's own baselines: `partial_1` full fine-tuning's grid, `mlp_3` and `sidetune` the linear probe's (VPT ran
+  them through the same tuning script). `sct`, `gps`, `spt_lora`, `spt_adapter` and `noah`: the `final` protocol
+  with the fixed per-task recipes of their official scripts, after the method's own selection or search stage
+  (`more_methods.md`); their published numbers come from compilations whose selection is unknown.
+
 `--budget quick` keeps one seed (42) and a 2 × 1 grid (and, for E²VPT, 3 × 2 pruning levels); every
 result records the budget, so the leaderboard and `compare` label it. Known gap: VPT-shallow's prompt
 length is not searched (the spec's suite choice is {1, 5, 10, 50, 100, 200} on val200); the runner's grid
@@ -113,6 +118,12 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "linear": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="baselines_and_protocols.md §6"),
     "full": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="baselines_and_protocols.md §6"),
+    # VPT's own baselines: Partial-1 trains backbone weights (full's grid), Mlp-3 and Sidetune a head (linear's).
+    "partial_1": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="vpt.md §6"),
+    "mlp_3": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
+    "sidetune": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
+    # Fixed per-task recipes of the official scripts, each after its own selection or search stage.
+    **{m: PaperProtocol("final", spec="more_methods.md") for m in ("sct", "gps", "spt_lora", "spt_adapter", "noah")},
     "convpass": PaperProtocol("final", spec="convpass.md §6"),
     "convpass_attn": PaperProtocol("final", spec="convpass.md §6"),
     "lora": PaperProtocol("final", spec="baselines_peft.md §1.3"),
@@ -184,13 +195,14 @@ class TaskPlan:
 
     @property
     def train_images(self) -> int:
-        """Images passed forward and backward in training (plus the pruning scores' pass over the tuning split)."""
+        """Images passed forward and backward in training (the dense run at its own epochs, e.g. NOAH's supernet),
+        plus the pruning or selection decision's pass over the tuning split."""
         if self.frozen_features:
             return 0
-        epochs = self.config.recipe.epochs
+        epochs, dense_epochs = self.config.recipe.epochs, self.config.dense_config().recipe.epochs
         tune = self.sizes("tune")[0]
-        return ((self.grid_runs + self.dense_runs + self.rewind_runs) * tune * epochs
-                + len(self.seeds) * self.sizes("final")[0] * epochs + self.dense_runs * tune)  # fmt: skip
+        return ((self.grid_runs + self.rewind_runs) * tune * epochs + self.dense_runs * tune * dense_epochs
+                + len(self.seeds) * self.sizes("final")[0] * epochs + int(self.config.prunes) * tune)  # fmt: skip
 
     @property
     def eval_images(self) -> int:
