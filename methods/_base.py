@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -226,26 +225,6 @@ class PruneCandidate:
     preference: tuple[float, ...] = ()
 
 
-def parse_option(key: str, text: str, hint: Any) -> Any:
-    """Convert `text` to a config field's type (bool, int, float, str, or one of them or None)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args and text.lower() == "none":
-        return None
-    target = args[0] if args else hint
-    if target is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"option {key} takes true or false, got {text!r}")
-    if target in (int, float, str):
-        try:
-            return target(text)
-        except ValueError:
-            raise ValueError(f"option {key} takes a {target.__name__}, got {text!r}") from None
-    raise ValueError(f"option {key} cannot be set from the command line")
-
-
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     seen: set[int] = set()
     out: list[nn.Parameter] = []
@@ -302,6 +281,8 @@ class MethodConfig:
     # pruning, NOAH's supernet); `pretrained`, the freshly built model and the task's training data (SCT's channels,
     # GPS's and SPT's weights). A `pretrained` decision is made before the grid, and every run of the task carries it.
     decides_from: ClassVar[str] = "trained"
+    # The tune mode's split whose batches `prune_candidates` gets: `train` (train800) or `eval` (val200: NOAH's search).
+    decides_on: ClassVar[str] = "train"
 
     @property
     def prunes(self) -> bool:
@@ -394,7 +375,7 @@ class MethodConfig:
             if key not in hints or key == "recipe" or key not in {f.name for f in fields(self)}:
                 known = sorted(f.name for f in fields(self) if f.name != "recipe")
                 raise ValueError(f"{self.name} has no option {key!r}; options: {', '.join(known)}")
-            changes[key] = parse_option(key, text, hints[key])
+            changes[key] = _checks.parse_option(key, text, hints[key])
         return dataclasses.replace(self, **changes)
 
     def with_recipe(self, **overrides: Any) -> Self:

@@ -124,3 +124,23 @@ def _has_type(value: Any, hint: Any) -> bool:
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # generic annotations (tuples, dicts): left to the config's own checks
+
+
+def parse_option(key: str, text: str, hint: Any) -> Any:
+    """Convert `text` to a config field's type (bool, int, float, str, or one of them or None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and text.lower() == "none":
+        return None
+    target = args[0] if args else hint
+    if target is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"option {key} takes true or false, got {text!r}")
+    if target in (int, float, str):
+        try:
+            return target(text)
+        except ValueError:
+            raise ValueError(f"option {key} takes a {target.__name__}, got {text!r}") from None
+    raise ValueError(f"option {key} cannot be set from the command line")

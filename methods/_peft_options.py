@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from methods import _checks
-from methods._base import parse_option
+from methods._checks import parse_option
 
 ADAPTER = "default"
 # LoRA initialisations the suite allows (PiSSA, OLoRA, EVA, LoftQ, CorDA rewrite the frozen weights or need data).

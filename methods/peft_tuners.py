@@ -49,7 +49,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from methods import _checks
-from methods._base import MethodConfig, ParamReport, PeftModel, Recipe, parse_option
+from methods._base import MethodConfig, ParamReport, PeftModel, Recipe
+from methods._checks import parse_option
 from methods._family import backbone_report
 from methods._peft_options import (
     ADAPTER,

@@ -60,7 +60,8 @@ class PruningStage:
                 initial_state = load_file(str(initial))
             else:
                 initial_state = {k: v.detach().clone() for k, v in model.tunable_state_dict().items()}
-            batches = normalised_batches(self.data.arrays[task.id][mode_splits(task, "tune")[0]], cfg, self.settings)
+            split = mode_splits(task, "tune")[1 if cfg.decides_on == "eval" else 0]
+            batches = normalised_batches(self.data.arrays[task.id][split], cfg, self.settings)
             try:
                 candidates = cfg.prune_candidates(model, initial_state, batches)
             except Exception as e:  # recorded like a failed run: this task stops, the sweep goes on
