@@ -50,24 +50,33 @@ pretrain-demo: $(STAMP)
 # 4-block backbone (LoRA r = 8, adapters h = 8, RepAdapter h = 8 in 2 groups); the per-task VTAB settings
 # are replaced by one: FacT-TT rank 8 and FacT-TK rank 16 with s = 10 (Convpass's demo scale), RepAdapter
 # s = 1; BitFit at lr 0.01 (the top of its grid: biases alone move slowly at 1e-3). The eight `peft` tuners
-# keep the spec's configurations and NOAH's recipe. Every method trains one seed (rows say 1seed): with two,
-# the 26 methods take about twice the demo's 10 minutes on 2 cores.
+# keep the spec's configurations and NOAH's recipe. Every method trains one seed (rows say 1seed).
+# Methods with a selection or search stage run it on the demo's tasks, shortened for a 64-wide, 4-block backbone:
+# NOAH's supernet 30 epochs (its paper: 500), its evolution 3 generations of 10 (paper: 15 of 50) under a 0.015 M
+# limit over depths 1-4; SPT under a 0.01 M budget (paper: 0.2-1 M); SCT on K = 8 of 64 channels (paper: 96 of
+# 768); GPS with K = 1 (its VTAB setting). Partial-1, LN-tune and DiffFit share full's lr 0.01, Mlp-3 the linear
+# probe's; Sidetune's AlexNet starts from random weights (nothing is downloaded) and reads the image at 64 px.
 # One `bench` command per group of methods that share their settings, longest first, so that the queues
 # end together.
-DEMO_GROUPS := lion peft e2vpt baselines convpass full pgn fact_tt fact_tk vpt_deep vpt_shallow repadapter linear
+DEMO_GROUPS := lion peft noah e2vpt baselines full spt gps sct sidetune convpass pgn fact_tt fact_tk vpt_deep vpt_shallow repadapter linear
 DEMO_RUN_lion := --method lion --set lipschitz=kernel --lr 0.01
 DEMO_RUN_peft := --method peft_lora,peft_dora,peft_vera,peft_ia3,peft_boft,peft_oft,peft_loha,peft_lokr
 DEMO_RUN_e2vpt := --method e2vpt --set max_token_levels=2 --set max_segment_levels=2
-DEMO_RUN_baselines := --method lora,adapter,adapter_houlsby,adaptformer,ssf
+DEMO_RUN_baselines := --method lora,adapter,adapter_houlsby,adaptformer,ssf,lora_adapter
 DEMO_RUN_convpass := --method convpass,convpass_attn --set per_task=false --set scale=10
-DEMO_RUN_full := --method full,bitfit --lr 0.01
+DEMO_RUN_full := --method full,partial_1,bitfit,ln_tune,difffit --lr 0.01
 DEMO_RUN_pgn := --method pgn --warmup-epochs 5
 DEMO_RUN_fact_tt := --method fact_tt --set per_task=false --set rank=8 --set scale=10
 DEMO_RUN_fact_tk := --method fact_tk --set per_task=false --set rank=16 --set scale=10
 DEMO_RUN_vpt_deep := --method vpt_deep --set num_tokens=16 --lr 0.1
 DEMO_RUN_vpt_shallow := --method vpt_shallow --set num_tokens=16 --lr 0.25
 DEMO_RUN_repadapter := --method repadapter --set per_task=false --set scale=1
-DEMO_RUN_linear := --method linear --lr 0.05
+DEMO_RUN_linear := --method linear,mlp_3 --lr 0.05
+DEMO_RUN_noah := --method noah --set depths=1,2,3,4 --set supernet_epochs=30 --set param_limit=0.015 --set population=10 --set generations=3
+DEMO_RUN_spt := --method spt_lora,spt_adapter --set budget=0.01
+DEMO_RUN_gps := --method gps --set per_task=false --set k=1
+DEMO_RUN_sct := --method sct --set per_task=false --set k=8
+DEMO_RUN_sidetune := --method sidetune --set side_weights=none --set side_image_size=64 --lr 0.05
 # The commands run DEMO_JOBS at a time (default: one per core, at most 2), each on one torch thread: on 2 cores,
 # two such processes finish about 1.3x the runs of one process on two threads (the tiny backbone's small
 # matrices keep a second thread busy only part of the time). Each command's output appears when it ends.
