@@ -233,3 +233,54 @@ def test_candidates_whose_listing_breaks_the_schema_are_named_as_corrupt(tmp_pat
     save_file(state, str(path), metadata=metadata)
     with pytest.raises(DecisionError, match=rf"the decision file {path} is corrupt \(its metadata: .*--rerun-stale"):
         read_candidates(path)
+
+
+def sct_args(synth_root: Path, results: Path, *extra: str) -> list[str]:
+    return argv(f"bench --method sct --tasks camelyon --data-root {synth_root} --results {results}",
+                "--epochs", "1", "--seeds", "42", "--set", "k=8", *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_decision_from_the_pretrained_model_is_made_once_and_checked_before_any_training(synth_root, tmp_path,
+                                                                                         monkeypatch, capsys):  # fmt: skip
+    """SCT's channels: no dense run; the decision's inputs are the identity of the model and data it is made on.
+    A damaged or stale decision stops the sweep with one line before anything trains; deleted, it is made again
+    (the same channels, so no run after it is stale)."""
+    from benchmark.sweep.decisions import write_candidates
+    from methods._base import PruneCandidate
+    from methods.sct import SCTConfig
+
+    results = tmp_path / "r"
+    calls = []
+    real = SCTConfig.prune_candidates
+    monkeypatch.setattr(SCTConfig, "prune_candidates", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert main(sct_args(synth_root, results)) == 0 and len(calls) == 1
+    task_dir = results / "runs/sct/camelyon"
+    assert not (task_dir / "final-prune").exists()  # no dense run
+    path = task_dir / "decisions/final-prune-candidates.safetensors"
+    stored = read_candidates(path)
+    assert set(stored.inputs) == {"pretrained"}
+    (final,) = finals(results, "sct", "camelyon")
+    choice = read_json_decision(task_dir / "decisions/final-prune-choice.json")
+    assert final["config"]["decisions"] == {"pruning": choice["sha256"]} and choice["candidates"] == stored.sha256
+    trained = {p: p.stat().st_mtime_ns for p in task_dir.glob("final-s*.json")}
+
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(sct_args(synth_root, results)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "corrupt" in err[0], err
+
+    candidates = [PruneCandidate(**c) for c in stored.candidates]
+    write_candidates(path, candidates, {"pretrained": "0" * 64})  # made from another model or data
+    assert main(sct_args(synth_root, results)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "--rerun-stale" in err[0], err
+    assert len(calls) == 1 and {p: p.stat().st_mtime_ns for p in trained} == trained
+
+    path.unlink()
+    assert main(sct_args(synth_root, results)) == 0 and len(calls) == 2
+    assert read_candidates(path).sha256 == stored.sha256
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
