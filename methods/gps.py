@@ -24,8 +24,10 @@ Selection (a stage decided once per task from the pretrained model, `decides_fro
   K entries with the largest |accumulated gradient| (the code's `times_para`, one K for every layer; 1 on
   every VTAB task but Patch Camelyon, 2).
 - Tuning: only the selected entries move (the code zeroes the other entries' gradients before Adam with
-  weight decay 0, so they stay exactly at their pretrained values); here each wrapped layer holds a delta [out, K]
-  scattered onto its frozen weight in the forward (`SparseDelta`, zero at init: the identity). The code's mask
+  weight decay 0, so they stay exactly at their pretrained values); here each layer is wrapped
+  (`methods._sparse.SparselyTuned`) with one delta per selected entry added to its frozen weight in the forward
+  (`SparseDelta` at flat positions row·fan_in + column, zero at init: the identity). The decision stores, per
+  layer, the selected columns [out, K] under `backbone.<path>.sparse.index`. The code's mask
   also leaves every bias of those layers and the head fully trainable (the name rule `bias` → trained comes after
   `norm` → frozen, so LayerNorm γ and β stay frozen): `train_biases` (default on, the code's).
 - A model built without the decision (contract tests, `--set` experiments) selects the K largest-magnitude
@@ -75,6 +77,7 @@ from methods._family import Backbone, backbone_report
 from methods._inject import replace_module
 from methods._per_task import PerTaskSettings
 from methods._registry import register_method
+from methods._sparse import SparseDelta, SparselyTuned
 
 # (batch, lr, drop-path, K) of `train_scripts/vit/vtab/<task>/train_gps.sh`.
 GPS_TASKS: dict[str, tuple[int, float, float, int]] = {
@@ -104,49 +107,6 @@ def gps_recipe(batch_size: int = 32, lr: float = 2e-3) -> Recipe:
     )  # fmt: skip
 
 
-# -- the tuned entries ---------------------------------------------------------------------------------------------
-class SparseDelta(TunableModule):
-    """The tuned entries of one weight matrix [out, in]: `delta` [out, K] added at columns `index` [out, K]."""
-
-    def __init__(self, index: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index.to(torch.int64).contiguous())
-        self.delta = nn.Parameter(torch.zeros(index.shape, dtype=torch.float32, device=index.device))
-
-    def add_to(self, weight: Tensor) -> Tensor:
-        """`weight` (any shape [out, ...]) with the delta added at the selected entries; `weight` is not modified."""
-        flat = weight.reshape(weight.shape[0], -1)
-        return flat.scatter_add(1, self.index, self.delta.to(flat.dtype)).view_as(weight)
-
-    def set_index(self, index: Tensor) -> None:
-        """Select other entries (a pruning decision); the delta restarts at zero."""
-        if index.shape != self.index.shape:
-            raise ValueError(f"selection shape {tuple(index.shape)} != {tuple(self.index.shape)}")
-        with torch.no_grad():
-            self.index.copy_(index)
-            self.delta.zero_()
-
-
-class SparselyTuned(nn.Module):
-    """A frozen `nn.Linear` or `nn.Conv2d` computed with its weight plus a `SparseDelta` (same bias, same call)."""
-
-    def __init__(self, module: nn.Linear | nn.Conv2d, index: Tensor) -> None:
-        super().__init__()
-        if not isinstance(module, nn.Linear | nn.Conv2d):
-            raise TypeError(f"expected an nn.Linear or nn.Conv2d, got {type(module).__name__}")
-        self.module = module
-        self.sparse = SparseDelta(index)
-
-    def weight(self) -> Tensor:
-        return self.sparse.add_to(self.module.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return F.linear(x, self.weight(), m.bias)
-        return m._conv_forward(x, self.weight(), m.bias)
-
-
 def candidate_layers(vit: nn.Module, patch_embed: bool = True) -> dict[str, nn.Linear | nn.Conv2d]:
     """Module path -> the layers whose weights GPS selects from: the patch embedding's conv (with `patch_embed`)
     and every Linear inside the blocks (qkv, proj, fc1, fc2 on timm's ViT), in module order."""
@@ -168,6 +128,12 @@ def top_k_columns(scores: Tensor, k: int) -> Tensor:
     return scores.reshape(scores.shape[0], -1).topk(k, dim=1).indices.sort(dim=1).values
 
 
+def flat_positions(columns: Tensor, fan_in: int) -> Tensor:
+    """Columns [out, K] of a weight [out, fan_in] as flat positions row·fan_in + column ([out·K], row-major)."""
+    rows = torch.arange(columns.shape[0], device=columns.device).unsqueeze(1)
+    return (rows * fan_in + columns.to(torch.int64)).flatten()
+
+
 class SelectedBiases(TunableModule):
     """The selected layers' own bias tensors, registered here too (shared, not copied), as BitFit's."""
 
@@ -181,19 +147,25 @@ class SelectedBiases(TunableModule):
 class GPSModel(PeftModel):
     def __init__(self, backbone: VisionTransformer, num_classes: int, config: GPSConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
+        self.k = config.k
         self.wrapped: dict[str, SparselyTuned] = {}
         layers = candidate_layers(backbone, config.patch_embed)
         for path, layer in layers.items():
             with torch.no_grad():  # no decision yet: the K largest-magnitude pretrained weights per neuron
-                index = top_k_columns(layer.weight.abs(), config.k)
-            wrapper = SparselyTuned(layer, index)
+                index = flat_positions(top_k_columns(layer.weight.abs(), config.k), fan_in(layer))
+            wrapper = SparselyTuned(layer, {"weight": SparseDelta(index)})
             replace_module(backbone, path, wrapper)
             self.wrapped[path] = wrapper
         self.gps_biases = SelectedBiases(layers) if config.train_biases else None
 
     def selection_state(self) -> dict[str, Tensor]:
-        """The selection as `apply_pruning` takes it: tunable-state key of each index buffer -> [out, K]."""
-        return {f"backbone.{path}.sparse.index": w.sparse.index for path, w in self.wrapped.items()}
+        """The selection as `apply_pruning` takes it (the decision files' format): `backbone.<path>.sparse.index`
+        -> the selected columns [out, K] of each layer."""
+        state = {}
+        for path, w in self.wrapped.items():
+            index = w.deltas["weight"].index
+            state[f"backbone.{path}.sparse.index"] = (index % fan_in(w.module)).view(-1, self.k)
+        return state
 
     def apply_pruning(self, state: dict[str, Tensor]) -> None:
         expected = self.selection_state()
@@ -201,23 +173,19 @@ class GPSModel(PeftModel):
         if missing or unexpected:
             raise ValueError(f"GPS selection does not match the model: missing {missing}, unexpected {unexpected}")
         for path, wrapper in self.wrapped.items():
-            index = state[f"backbone.{path}.sparse.index"]
-            if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < fan_in(wrapper.module):
-                raise ValueError(f"GPS selection of {path}: columns outside [0, {fan_in(wrapper.module)})")
-            wrapper.sparse.set_index(index.to(wrapper.sparse.index.device, torch.int64))
+            key, n = f"backbone.{path}.sparse.index", fan_in(wrapper.module)
+            index = state[key]
+            if index.shape != expected[key].shape:
+                raise ValueError(f"selection shape {tuple(index.shape)} != {tuple(expected[key].shape)}")
+            if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < n:
+                raise ValueError(f"GPS selection of {path}: columns outside [0, {n})")
+            delta = wrapper.deltas["weight"]
+            delta.set_index(flat_positions(index.to(delta.index.device), n))
 
     def merged_backbone(self) -> VisionTransformer:
         merged = copy.deepcopy(self.backbone)
-        with torch.no_grad():
-            for path in self.wrapped:
-                wrapper = merged.get_submodule(path)
-                layer = wrapper.module
-                w = layer.weight
-                layer.weight.copy_(
-                    w.double().reshape(w.shape[0], -1).scatter_add(1, wrapper.sparse.index, wrapper.sparse.delta.double())
-                    .view_as(w).to(w.dtype)
-                )  # fmt: skip
-                replace_module(merged, path, layer)
+        for path in self.wrapped:
+            replace_module(merged, path, merged.get_submodule(path).folded())
         return merged
 
 

@@ -22,7 +22,8 @@ freshly built model from train800, before the grid; every run of the task carrie
   grid and keeps the total closest to each budget (above or below); here τ is the largest whose total does
   not exceed `budget` (the total grows with τ, so a bisection finds it): the budget is never exceeded.
 Stage 2, training: the frozen backbone, each structured matrix with its module, each unstructured entry a
-delta added to the frozen weight in the forward (`SparseDelta`), the class token a delta.
+delta added to the frozen weight in the forward (`SparseDelta`; `SPTLinear`, or `SparselyTuned` on a
+LayerNorm), the class token a delta.
 - LoRA (`BlockSPTParallel`): Δy = DropPath₀.₁(B A Dropout₀.₁(x)), beside q, k, v (one dropout mask of the
   input shared by the three), fc1 and fc2; beside proj without the dropout. A kaiming-uniform(a=√5), B zero,
   no scale (the suite's `LoRA` at scale 1).
@@ -51,6 +52,11 @@ Choices where the paper and code are silent or inconsistent:
 Recipe (the scripts): AdamW lr 1e-3, weight decay 1e-4 (1-D tensors and the class token without), batch 64
 without drop_last, 100 epochs, timm cosine warm-up 10 from 1e-6 to 1e-5, drop-path 0.1, no augmentation;
 the code reported the best of its test evaluations, the suite the last epoch. Grid: PETL_Vision's lr × wd.
+
+Layout: this file holds the modules (`ClassTokenDelta`, `SPTLinear`), the model (`SPTModel`) and the two
+registered configs; the decision stage (candidates, sensitivity, allotment, default decision) is
+`methods/_spt_allot.py`; the unstructured deltas and the frozen-layer wrapper are `methods/_sparse.py` (shared with
+GPS).
 """
 
 from __future__ import annotations
@@ -62,7 +68,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -74,180 +79,21 @@ from methods._family import Backbone, backbone_report
 from methods._inject import Wrapped, replace_module
 from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
+from methods._sparse import SparseDelta, SparselyTuned
+from methods._spt_allot import (
+    MATRICES,
+    SENSITIVITY_MODES,
+    Allotter,
+    Piece,
+    candidate_pieces,
+    default_allotment,
+    module_cost,
+    sensitivity,
+)
 from methods.lora import LoRA
-
-MATRICES = ("q", "k", "v", "proj", "fc1", "fc2")
-SENSITIVITY_MODES = ("train", "eval")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A candidate: a contiguous range of a backbone tensor (`path`.`attr`), flat offsets [start, start + numel).
-
-    Matrices (`op` one of `MATRICES`) are rows [row0, row0 + out) of a Linear's weight with `in_features` columns;
-    vectors (`op` None) are a bias (or its q/k/v third) or a LayerNorm's scale or shift.
-    """
-
-    path: str
-    attr: str
-    start: int
-    numel: int
-    op: str | None = None
-    row0: int = 0
-    out_features: int = 0
-    in_features: int = 0
-
-
-def candidate_pieces(vit: VisionTransformer) -> list[Piece]:
-    """The candidates in a fixed order: per block norm1, q, k, v (weight, bias), proj, norm2, fc1, fc2, then the
-    final norm (and `fc_norm`); absent biases and affine parameters are skipped."""
-    pieces: list[Piece] = []
-
-    def norm(path: str) -> None:
-        m = vit.get_submodule(path)
-        if isinstance(m, nn.LayerNorm) and m.weight is not None:
-            pieces.extend(Piece(path, a, 0, m.weight.numel()) for a in ("weight", "bias") if getattr(m, a) is not None)
-
-    def linear(path: str, ops: tuple[str, ...]) -> None:
-        m = vit.get_submodule(path)
-        rows = m.out_features // len(ops)
-        for i, op in enumerate(ops):
-            pieces.append(Piece(path, "weight", i * rows * m.in_features, rows * m.in_features, op, i * rows, rows,
-                                m.in_features))  # fmt: skip
-            if m.bias is not None:
-                pieces.append(Piece(path, "bias", i * rows, rows))
-
-    for i in range(len(vit.blocks)):
-        norm(f"blocks.{i}.norm1")
-        linear(f"blocks.{i}.attn.qkv", ("q", "k", "v"))
-        linear(f"blocks.{i}.attn.proj", ("proj",))
-        norm(f"blocks.{i}.norm2")
-        linear(f"blocks.{i}.mlp.fc1", ("fc1",))
-        linear(f"blocks.{i}.mlp.fc2", ("fc2",))
-    for name in ("norm", "fc_norm"):
-        if isinstance(getattr(vit, name, None), nn.LayerNorm):
-            norm(name)
-    return pieces
-
-
-def module_cost(kind: str, rank: int, piece: Piece) -> int:
-    """Parameters of the structured module of a matrix: LoRA r·(in + out), adapter 2·out·r + r + out (on its output,
-    as the code's `get_structured_param_num`)."""
-    if kind == "lora":
-        return rank * (piece.in_features + piece.out_features)
-    return 2 * piece.out_features * rank + rank + piece.out_features
-
-
-@dataclass
-class Allotment:
-    """What the allotment rule decides for one τ: structured flags per matrix, unstructured/whole-vector entries."""
-
-    top: int
-    structured: Tensor  # bool [M], over the matrix pieces in order
-    entries: Tensor  # int64, sorted global indices (whole vectors included)
-    total: int  # tunable parameters: class token + structured costs + entries
-
-
-class Allotter:
-    """The allotment rule over `pieces` (global index space: the pieces concatenated in order)."""
-
-    def __init__(self, pieces: list[Piece], costs: list[int | None], alpha: float, beta: float,
-                 structured_vectors: bool, fixed: int) -> None:  # fmt: skip
-        self.pieces = pieces
-        self.sizes = torch.tensor([p.numel for p in pieces])
-        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
-        self.matrix = torch.tensor([p.op is not None for p in pieces])
-        cost = torch.tensor([c if c is not None else 0 for c in costs], dtype=torch.float64)
-        self.cost = cost.long()
-        # A piece goes whole (module, or the whole vector) once it holds at least this many selected entries.
-        self.whole_at = torch.where(self.matrix, cost / alpha, self.sizes.double() / beta)
-        if not structured_vectors:
-            self.whole_at = torch.where(self.matrix, self.whole_at, torch.full_like(self.whole_at, math.inf))
-        self.whole_cost = torch.where(self.matrix, self.cost, self.sizes)
-        self.fixed = fixed
-
-    def counts(self, selected: Tensor) -> Tensor:
-        """Selected entries per piece for global indices `selected`."""
-        piece = torch.searchsorted(self.offsets, selected, right=True) - 1
-        return torch.bincount(piece, minlength=len(self.pieces))
-
-    def total(self, counts: Tensor) -> int:
-        whole = counts.double() >= self.whole_at
-        return self.fixed + int(torch.where(whole, self.whole_cost, counts).sum())
-
-    def decide(self, selected: Tensor, top: int) -> Allotment:
-        counts = self.counts(selected)
-        whole = counts.double() >= self.whole_at
-        piece = torch.searchsorted(self.offsets, selected, right=True) - 1
-        keep = selected[~whole[piece]]  # entries of unstructured pieces
-        vectors = [torch.arange(int(o), int(o + s)) for o, s, w, m in
-                   zip(self.offsets, self.sizes, whole, self.matrix, strict=True) if w and not m]  # fmt: skip
-        entries = torch.cat([keep, *vectors]).sort().values if vectors else keep.sort().values
-        total = self.total(counts)
-        return Allotment(top, whole[self.matrix].clone(), entries.long(), total)
-
-    def maximum(self) -> int:
-        """The total when every candidate is selected."""
-        return self.total(self.sizes.clone())
-
-    def allot(self, scores: Tensor, budget: int) -> Allotment:
-        """The top-τ rule with the largest τ whose total stays within `budget` (the total grows with τ, so a
-        bisection finds it); ranked on the scores' device, ties broken by candidate order."""
-        order = torch.argsort(scores.detach(), descending=True, stable=True)
-        ids = torch.arange(len(self.pieces), device=scores.device)
-        ranked = torch.repeat_interleave(ids, self.sizes.to(scores.device))[order]
-
-        def total(top: int) -> int:
-            return self.total(torch.bincount(ranked[:top], minlength=len(self.pieces)).cpu())
-
-        lo, hi = 0, len(order)  # total(lo) <= budget; the answer lies in [lo, hi]
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if total(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        return self.decide(order[:lo].cpu(), lo)
-
-
-def default_allotment(allotter: Allotter, budget: int) -> Allotment:
-    """Deterministic decision spending exactly `budget`: modules on the eligible matrices in order while their cost
-    fits, then the first entries of the other matrices and of the vectors (ValueError if it cannot be spent)."""
-    remaining = budget - allotter.fixed
-    pieces = allotter.pieces
-    structured = torch.zeros(len(pieces), dtype=torch.bool)
-    for i, p in enumerate(pieces):
-        eligible = p.op is not None and p.numel >= allotter.whole_at[i]
-        if eligible and int(allotter.cost[i]) <= remaining:
-            structured[i] = True
-            remaining -= int(allotter.cost[i])
-    chunks = []
-    for group in (True, False):  # unstructured entries: matrices first, then vectors
-        for i, p in enumerate(pieces):
-            if remaining == 0 or structured[i] or (p.op is not None) != group:
-                continue
-            k = min(remaining, p.numel)
-            chunks.append(torch.arange(int(allotter.offsets[i]), int(allotter.offsets[i]) + k))
-            remaining -= k
-    if remaining:
-        raise ValueError(f"the default decision cannot spend {budget} parameters ({remaining} left over)")
-    entries = torch.cat(chunks).sort().values if chunks else torch.zeros(0, dtype=torch.long)
-    return Allotment(-1, structured[allotter.matrix].clone(), entries, budget)
 
 
 # -- modules ----------------------------------------------------------------------------------------------------
-class SparseDelta(TunableModule):
-    """Deltas on chosen entries of a frozen tensor: `index` (flat positions) and `values` (zero at init)."""
-
-    def __init__(self, index: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index.long())
-        self.values = nn.Parameter(torch.zeros(index.numel(), device=index.device))
-
-    def add_to(self, tensor: Tensor) -> Tensor:
-        return tensor.flatten().index_add(0, self.index, self.values.to(tensor.dtype)).view_as(tensor)
-
-
 class ClassTokenDelta(TunableModule):
     """A delta on the class token, added to sequence position 0 after the position embedding (before `norm_pre`):
     the same as tuning the class token itself when the position dropout is off."""
@@ -260,22 +106,7 @@ class ClassTokenDelta(TunableModule):
         return torch.cat([x[:, :1] + self.delta.to(x.dtype), x[:, 1:]], dim=1)
 
 
-class SPTNorm(nn.Module):
-    """A frozen LayerNorm whose scale and/or shift get `SparseDelta`s."""
-
-    def __init__(self, norm: nn.LayerNorm, deltas: dict[str, SparseDelta]) -> None:
-        super().__init__()
-        self.norm = norm
-        self.deltas = nn.ModuleDict(deltas)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n = self.norm
-        w = self.deltas["weight"].add_to(n.weight) if "weight" in self.deltas else n.weight
-        b = self.deltas["bias"].add_to(n.bias) if "bias" in self.deltas else n.bias
-        return F.layer_norm(x, n.normalized_shape, w, b, n.eps)
-
-
-class SPTLinear(nn.Module):
+class SPTLinear(SparselyTuned):
     """A frozen Linear with `SparseDelta`s on its weight/bias and structured modules on row slices of its output.
 
     `branches[k]` acts on output slice `slices[k]` (rows [a, b)): kind `lora` reads the (dropped-out) input and
@@ -286,9 +117,7 @@ class SPTLinear(nn.Module):
     def __init__(self, linear: nn.Linear, deltas: dict[str, SparseDelta], kind: str,
                  branches: list[tuple[tuple[int, int], nn.Module]], *, dropout: float, drop_path: float,
                  reads_input: bool = False) -> None:  # fmt: skip
-        super().__init__()
-        self.linear = linear
-        self.deltas = nn.ModuleDict(deltas)
+        super().__init__(linear, deltas)
         self.kind = kind
         self.slices = [s for s, _ in branches]
         self.branches = nn.ModuleList([m for _, m in branches])
@@ -300,10 +129,7 @@ class SPTLinear(nn.Module):
         self.part = [cuts.index(a) for a, _ in self.slices]  # which part of the split output each branch acts on
 
     def forward(self, x: Tensor) -> Tensor:
-        lin = self.linear
-        w = self.deltas["weight"].add_to(lin.weight) if "weight" in self.deltas else lin.weight
-        b = self.deltas["bias"].add_to(lin.bias) if "bias" in self.deltas else lin.bias
-        y = F.linear(x, w, b)
+        y = super().forward(x)
         if not self.slices:
             return y
         parts = list(y.split(self.sizes, dim=-1))
@@ -318,7 +144,7 @@ class SPTLinear(nn.Module):
 class SPTModel(PeftModel):
     """The frozen ViT with the class-token delta and, per the decision, modules and deltas on its Linears/norms."""
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, config: _SPTConfig) -> None:
+    def __init__(self, backbone: VisionTransformer, num_classes: int, config: SPTConfigBase) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
         self.config = config
         self.pieces = candidate_pieces(backbone)
@@ -356,7 +182,7 @@ class SPTModel(PeftModel):
             }
             if isinstance(original, nn.LayerNorm):
                 if deltas:
-                    replace_module(self.backbone, path, SPTNorm(original, deltas))
+                    replace_module(self.backbone, path, SparselyTuned(original, deltas))
             elif deltas or path in branches:
                 kind, reads_input = cfg.structured, path.endswith("attn.proj")
                 dropout = 0.0 if reads_input else cfg.branch_dropout
@@ -405,41 +231,7 @@ class SPTModel(PeftModel):
         return timm_no_weight_decay(self)
 
 
-def sensitivity(model: SPTModel, batches: Iterable[tuple[Tensor, Tensor]], images: int | None, chunk: int,
-                mode: str = "train") -> tuple[Tensor, int]:  # fmt: skip
-    """Σ g² of the cross-entropy loss over chunks of `chunk` images (at most `images`; None: every batch) for
-    every candidate, in the pieces' order (float32 [N] on the model's device), and the number of images used."""
-    tensors = list({id(t): t for t in (model.frozen_tensor(p) for p in model.pieces)}.values())
-    flags = [t.requires_grad for t in tensors]
-    was_training = model.training
-    sums = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
-    seen = 0
-    try:
-        model.train(mode == "train")
-        for t in tensors:
-            t.requires_grad_(True)
-        for x, y in batches:
-            for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
-                if images is not None and seen >= images:
-                    break
-                loss = F.cross_entropy(model(xs), ys)
-                for acc, g in zip(sums, torch.autograd.grad(loss, tensors), strict=True):
-                    acc += g.float() ** 2
-                seen += len(xs)
-            if images is not None and seen >= images:
-                break
-    finally:
-        for t, f in zip(tensors, flags, strict=True):
-            t.requires_grad_(f)
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("the sensitivity needs at least one training image")
-    where = {id(t): acc for t, acc in zip(tensors, sums, strict=True)}
-    flat = [where[id(model.frozen_tensor(p))].flatten()[p.start : p.start + p.numel] for p in model.pieces]
-    return torch.cat(flat), seen
-
-
-def decision_params(config: _SPTConfig, backbone: VisionTransformer, state: dict[str, Tensor]) -> int:
+def decision_params(config: SPTConfigBase, backbone: VisionTransformer, state: dict[str, Tensor]) -> int:
     """Tunable parameters of a decided model: D (class token) + Σ costs of the structured matrices + entries."""
     allotter = config.allotter(backbone)
     costs = allotter.cost[allotter.matrix]
@@ -448,7 +240,7 @@ def decision_params(config: _SPTConfig, backbone: VisionTransformer, state: dict
 
 # -- configs ----------------------------------------------------------------------------------------------------
 @dataclass
-class _SPTConfig(MethodConfig):
+class SPTConfigBase(MethodConfig):
     """SPT settings (defaults: the official scripts).
 
     Attributes:
@@ -575,7 +367,7 @@ class _SPTConfig(MethodConfig):
 
 @register_method("spt_lora")
 @dataclass
-class SPTLoRAConfig(_SPTConfig):
+class SPTLoRAConfig(SPTConfigBase):
     """SPT-LoRA: LoRA beside the sensitive matrices, unstructured deltas elsewhere (400,000 at budget 0.4)."""
 
     structured = "lora"
@@ -583,7 +375,7 @@ class SPTLoRAConfig(_SPTConfig):
 
 @register_method("spt_adapter")
 @dataclass
-class SPTAdapterConfig(_SPTConfig):
+class SPTAdapterConfig(SPTConfigBase):
     """SPT-Adapter: adapters on the sensitive matrices, unstructured deltas elsewhere (400,000 at budget 0.4)."""
 
     structured = "adapter"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from benchmark.cli import main
 from benchmark.run.backbone import create_backbone
-from methods.gps import GPS_TASKS, GPSConfig, SparselyTuned, TwoViews, supcon_loss
+from methods._sparse import SparselyTuned
+from methods.gps import GPS_TASKS, GPSConfig, TwoViews, supcon_loss
 from tasks import TASKS
 from tests.conftest import argv, tiny_vit
 
@@ -144,7 +145,7 @@ def test_only_the_selected_entries_move():
     assert torch.equal(model.backbone.blocks[0].norm1.bias, frozen["backbone.blocks.0.norm1.bias"])
     # a new decision restarts the deltas at zero
     model.apply_pruning(state)
-    assert all(not w.sparse.delta.any() for w in model.wrapped.values())
+    assert all(not w.deltas["weight"].values.any() for w in model.wrapped.values())
     with pytest.raises(ValueError, match="missing"):
         model.apply_pruning({})
 

@@ -12,16 +12,10 @@ import torch.nn.functional as F
 
 from benchmark.cli import main
 from benchmark.run.backbone import create_backbone
+from methods._sparse import SparseDelta
+from methods._spt_allot import candidate_pieces, module_cost, sensitivity
 from methods.lora import LoRA
-from methods.spt import (
-    SparseDelta,
-    SPTAdapterConfig,
-    SPTLoRAConfig,
-    candidate_pieces,
-    decision_params,
-    module_cost,
-    sensitivity,
-)
+from methods.spt import SPTAdapterConfig, SPTLoRAConfig, decision_params
 from tests.conftest import argv, tiny_vit
 
 D, HIDDEN, DEPTH = 48, 96, 3  # tiny_vit
@@ -159,7 +153,7 @@ def test_only_selected_entries_and_modules_change_after_a_step(config):
     assert sorted(m.values.numel() for m in deltas) == [1, 1, 2, 2]  # k of block 0, proj b | proj W, norm1 b
     for module in model.backbone.modules():  # the effective weight differs from the frozen one on the entries only
         for attr, delta in getattr(module, "deltas", {}).items():
-            base = getattr(module.linear if hasattr(module, "linear") else module.norm, attr)
+            base = getattr(module.module, attr)
             moved = (delta.add_to(base) != base).flatten().nonzero().flatten()
             assert set(moved.tolist()) <= set(delta.index.tolist()) and moved.numel() > 0
     structured = [m for m in model.modules() if isinstance(m, LoRA)] if config.structured == "lora" else []
