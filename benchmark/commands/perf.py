@@ -98,6 +98,18 @@ def _slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_config(cls: Any) -> Any:
+    """A method's default config, or `Unbuilt` (its row then says why, in one line) when its defaults are refused:
+    one broken method never ends a report of all of them."""
+    from benchmark.perf.model import Unbuilt
+    from benchmark.perf.timing import one_line
+
+    try:
+        return cls()
+    except Exception as e:
+        return Unbuilt(cls.name, f"its default config is refused: {one_line(e)}")
+
+
 def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Path | None) -> int:
     import torch
 
@@ -112,7 +124,7 @@ def _model_perf(args: argparse.Namespace, data_root: Path | None, cache_dir: Pat
     out = Path(args.out).expanduser()
     check_writable(out, option="--out", what="the perf tables")
     names = list_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    configs = [method_class(name)() for name in names]
+    configs = [default_config(method_class(name)) for name in names]
     variants = tuple(perf_timing.Variant(p, a) for p in args.precision.split(",") for a in args.attention.split(","))
     for v in variants:
         if v.precision not in perf_timing.PRECISION_DTYPES or v.attention not in perf_timing.ATTENTION:
@@ -170,7 +182,9 @@ def register(sub: Any) -> None:
         description="Times each method's training step (the suite's own loss and optimiser, on a fixed "
         "synthetic batch; weights random, which speed does not depend on) side by side with the floor, the "
         "frozen backbone's forward + backward to its input tokens at the same token count, and with full "
-        "fine-tuning; peak memory; evaluation throughput; the linear probe's cost over a task. Writes "
+        "fine-tuning; peak memory; evaluation throughput; each frozen-feature method's cost over a task (its head "
+        "on cached features). Every method gets a row: one that cannot be timed says why in its note, and a method "
+        "with a pruning or selection stage is timed as built, before the task's decision (noted). Writes "
         "OUT/<device>-<backbone>-<date>.md and .json. --sweep adds the predicted wall time of each method's "
         "19-task VTAB-1k run against the official trainers' pattern. --data: images/s of the cached uint8 "
         "loader against decoding every image file each epoch (a VTAB-1k task and an FGVC one, whose loader "

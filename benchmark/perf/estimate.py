@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from benchmark.perf.timing import count_tokens, eval_throughput, step_ms
-from benchmark.run.resolve import resolve_config
 from methods import Backbone, MethodConfig
 from tasks import Task
 
@@ -21,13 +20,15 @@ from tasks import Task
 def tokens_per_task(config: MethodConfig, backbone: Backbone, tasks: Iterable[Task], image_size: int,
                     device: torch.device) -> dict[str, int]:  # fmt: skip
     """The token count entering the first block for each task's settings (e.g. VPT's per-task prompt length);
-    one model per distinct setting."""
+    one model per distinct setting (the settings `perf` times: `timed_config`)."""
     import json
+
+    from benchmark.perf.model import timed_config
 
     seen: dict[str, int] = {}
     out = {}
     for task in tasks:
-        cfg = resolve_config(config, task.id)
+        cfg, _ = timed_config(config, backbone, task)
         key = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "recipe"}, sort_keys=True, default=str)
         if key not in seen:
             model = cfg.build(copy.deepcopy(backbone), task.num_classes).to(device)
@@ -93,7 +94,9 @@ def predict_sweep(costs: SweepCosts, tasks: Iterable[Task], tokens: dict[str, in
 
 
 def sweep_rows(candidates, rows, variants, configs, sweep_tokens, x_eval, decode_ips, head_ips, spec, device, say):
-    """Predicted 19-task wall time per method (see `predict_sweep`), ours against the official pattern."""
+    """Predicted 19-task wall time per method (see `predict_sweep`), ours against the official pattern; a method
+    that could not be timed (or whose per-task token counts could not be read) gets a row saying so. `head_ips`:
+    the frozen-feature methods' head images/s on cached features, by name."""
     from tasks import TASKS
 
     ours_v = variants[0]
@@ -110,6 +113,15 @@ def sweep_rows(candidates, rows, variants, configs, sweep_tokens, x_eval, decode
         ours = by_key[(cfg.name, ours_v)]
         off = by_key[(cfg.name, official_v)] if official_v else ours
         row = next(r for r in rows if r["method"] == cfg.name and r["variant"] == ours_v.label)
+        why = (
+            "its training step is untimed" if not (ours.timed and off.timed)
+            else "no evaluation throughput" if row.get("eval_images_per_s") is None
+            else "no per-task token counts (building it for some task's settings failed)"
+            if cfg.name not in sweep_tokens else None
+        )  # fmt: skip
+        if why is not None:
+            out.append({"method": cfg.name, "note": f"not predicted: {why}"})
+            continue
         costs = SweepCosts(
             step_ms=step_ms(ours),
             step_ms_fp32=step_ms(off),
@@ -120,19 +132,24 @@ def sweep_rows(candidates, rows, variants, configs, sweep_tokens, x_eval, decode
             decode_ips=decode,
             floor_ms={t: ms for (v, t), ms in floors.items() if v == ours_v},
             floor_ms_fp32={t: ms for (v, t), ms in floors.items() if v == (official_v or ours_v)},
-            head_ips=head_ips if cfg.name == "linear" else None,
+            head_ips=head_ips.get(cfg.name),
         )
-        pred = predict_sweep(costs, TASKS, sweep_tokens[cfg.name], cfg.recipe.epochs)
+        pred = predict_sweep(costs, TASKS, sweep_tokens[cfg.name], ours.config.recipe.epochs)
+        stage = (
+            "plus its decision stage (a dense run first)" if ours.config.trains_dense
+            else "plus its decision stage (a pass over train800 per task)" if ours.config.prunes else None
+        )  # fmt: skip
         out.append(
             {
                 "method": cfg.name,
                 "ours_variant": ours_v.label,
                 "official_variant": (official_v or ours_v).label,
-                "epochs": cfg.recipe.epochs,
+                "epochs": ours.config.recipe.epochs,
                 "tokens": sorted(set(sweep_tokens[cfg.name].values())),
                 "decode_images_per_s": round(decode, 1),
                 "eval_images_per_s_official": round(costs.eval_ips_official, 2),
                 **{k: round(v, 1) if k.endswith("_s") else round(v, 2) for k, v in pred.items()},
+                "note": stage,
             }
         )
     return out

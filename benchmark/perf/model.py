@@ -13,6 +13,14 @@ the map and replicates into every window, are not added to it: its methods are c
 says how much a method adds on top of the unavoidable work. Methods that tune nothing below the head
 (the linear probe) can, and land below 1.
 
+Every registered method is timed (`--methods all`): a method that cannot be built or stepped on the backbone gets a
+row saying why in one line instead of ending the run, and a row's note says how a method was timed when that is not
+simply its model for the task: a method with a pruning or search stage is timed as built, before the task's decision
+(the dense stage's model, or the supernet, for a decision from a trained model; the default selection of the
+decision's size for one from the pretrained model); a frozen-feature method (`PeftModel.features_frozen`) is timed
+end to end and, separately, as its head alone on cached features; a method whose defaults do not fit a tiny test
+backbone is timed with its `tiny()` settings.
+
 Noise control: every model is built first and kept alive; after warm-up, each round times one step of
 every candidate (methods and floors) in a rotated order, and a candidate's step time is the median of
 its rounds, so slow drifts of a shared machine hit every candidate alike and ratios are side by side.
@@ -44,12 +52,24 @@ from benchmark.perf.timing import (
     interleaved,
     measure_memory,
     memory_kind,
+    one_line,
     set_attention,
     time_call,
+    untimed,
 )
 from benchmark.run.module import ClassificationModule
 from benchmark.run.resolve import resolve_config
-from methods import Backbone, MethodConfig, NotMergeableError, embed, family, insert_tokens, pool, run_blocks
+from methods import (
+    Backbone,
+    MethodConfig,
+    NotMergeableError,
+    PeftModel,
+    embed,
+    family,
+    insert_tokens,
+    pool,
+    run_blocks,
+)
 from tasks import Task
 
 
@@ -71,6 +91,49 @@ def training_step(
     return step
 
 
+@dataclass(frozen=True)
+class Unbuilt:
+    """A registered method whose config cannot even be made (its defaults refused): reported untimed, with why."""
+
+    name: str
+    reason: str
+
+
+def timed_config(config: MethodConfig, backbone: Backbone, task: Task) -> tuple[MethodConfig, str | None]:
+    """The config `perf` times for `task` (its per-task settings) and a note when it is not that: where those
+    settings do not fit `backbone` (`check_backbone`: a tiny test ViT narrower than a width the defaults need),
+    the method's `tiny()` settings, said in the note. Raises what the config raises when neither fits."""
+    cfg = resolve_config(config, task.id)
+    try:
+        cfg.check_backbone(backbone)
+        return cfg, None
+    except ValueError as e:
+        small = resolve_config(type(config).tiny(), task.id)
+        try:
+            small.check_backbone(backbone)
+        except ValueError:
+            raise e from None
+        return small, f"its tiny() settings: the defaults do not fit this backbone ({one_line(e, 160)})"
+
+
+def stage_note(config: MethodConfig, model: PeftModel) -> str | None:
+    """How a method's model as built differs from what a run of it trains, when it does (its row's note)."""
+    notes = []
+    if model.features_frozen:
+        notes.append("frozen features: a run trains the head on cached features (see the frozen-feature table)")
+    if config.prunes and config.trains_dense:
+        notes.append(
+            "timed as built: the dense-stage model (a supernet where the method searches one), before the task's "
+            "pruning or search decision"
+        )
+    elif config.prunes:
+        notes.append(
+            "timed as built: the default selection of the decision's size, not a task's selection from the "
+            "pretrained model (same size)"
+        )
+    return "; ".join(notes) or None
+
+
 def method_candidate(
     config: MethodConfig,
     backbone: Backbone,
@@ -81,7 +144,9 @@ def method_candidate(
     *,
     compile: bool = False,
 ) -> Candidate:
-    """The suite's training step for `config` on `task`: its model, loss and optimiser, on one fixed batch."""
+    """The suite's training step for `config` on `task`: its model, loss and optimiser, on one fixed batch.
+    Raises whatever building or a first forward raises (the caller reports the method untimed)."""
+    config, fallback = timed_config(config, backbone, task)
     model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
     set_attention(model, variant.attention)
     module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe).to(device)
@@ -99,18 +164,23 @@ def method_candidate(
         return out
 
     report = model.param_report()
+    note = "; ".join(n for n in (fallback, stage_note(config, model)) if n) or None
+    params = {"tunable": report.tunable, "head": report.head}
     return Candidate(
-        config.name, "method", variant, tokens, step, evaluate, {"tunable": report.tunable, "head": report.head}
-    )
+        config.name, "method", variant, tokens, step, evaluate, params, config=config, model=None if compile else model,
+        features_frozen=model.features_frozen, note=note,
+    )  # fmt: skip
 
 
 def floor_candidate(
     backbone: Backbone, tokens: int, num_classes: int, batch: tuple[Tensor, Tensor], variant: Variant,
-    device: torch.device, *, compile: bool = False,
+    device: torch.device, *, compile: bool = False, shared: bool = False,
 ) -> Candidate:  # fmt: skip
     """Forward + backward of the frozen `backbone` with respect to its `tokens` input tokens (no weight grads); a
-    Swin's floor runs its stages, final norm and pooling on the patch map (its token count must be the patches')."""
-    vit = copy.deepcopy(backbone).to(device).requires_grad_(False)
+    Swin's floor runs its stages, final norm and pooling on the patch map (its token count must be the patches').
+    `shared`: `backbone` is a frozen copy the caller made for this variant's floors, used as it is (the floors
+    train nothing, so one copy serves all token counts); otherwise the floor makes its own."""
+    vit = (backbone if shared else copy.deepcopy(backbone)).to(device).requires_grad_(False)
     set_attention(vit, variant.attention)
     head = nn.Linear(vit.num_features, num_classes).to(device).requires_grad_(False)
     x, y = batch
@@ -184,22 +254,30 @@ def measure_models(
     configs = list(configs)
     for variant in spec.variants:
         for config in configs:
+            if isinstance(config, Unbuilt):
+                candidates.append(untimed(config.name, variant, config.reason))
+                continue
             say(f"building {config.name} ({variant.label})")
             sync(device)
             memory.settle()
             before = memory.current()
-            cfg = resolve_config(config, spec.task.id)
-            c = method_candidate(cfg, backbone, spec.task, batch, variant, device, compile=spec.compile)
-            for _ in range(max(1, spec.warmup)):
-                c.step()
-            c.warm = True
-            measure_memory(c, memory, before)
+            try:
+                c = method_candidate(config, backbone, spec.task, batch, variant, device, compile=spec.compile)
+                for _ in range(max(1, spec.warmup)):
+                    c.step()
+                c.warm = True
+                measure_memory(c, memory, before)
+            except Exception as e:  # any method's failure is its row's, never the whole report's
+                c = untimed(config.name, variant, e)
+                say(f"{config.name} cannot be timed: {c.error}")
             candidates.append(c)
-        tokens = sorted({c.tokens for c in candidates if c.variant == variant} | set(extra_floor_tokens))
-        for t in tokens:
+        timed = {c.tokens for c in candidates if c.variant == variant and c.kind == "method" and c.timed}
+        frozen = copy.deepcopy(backbone).requires_grad_(False)  # one copy for all of this variant's floors
+        for t in sorted(timed | set(extra_floor_tokens)):
             candidates.append(
-                floor_candidate(backbone, t, spec.task.num_classes, batch, variant, device, compile=spec.compile)
-            )
+                floor_candidate(frozen, t, spec.task.num_classes, batch, variant, device, compile=spec.compile,
+                                shared=True)
+            )  # fmt: skip
     say(f"timing {len(candidates)} candidates: {spec.warmup} warm-up steps, {spec.repeats} rounds")
     interleaved(candidates, warmup=spec.warmup, repeats=spec.repeats, device=device, progress=say)
     return candidates
@@ -224,18 +302,42 @@ def hot_spots(c: Candidate, top: int = 3) -> list[str]:
     return [f"{e.key} {100 * getattr(e, attr) / total:.0f}%" for e in ranked]
 
 
-def head_candidate(config: MethodConfig, backbone: Backbone, task: Task, batch_size: int,
+def head_candidate(config: MethodConfig, backbone: Backbone, task: Task, batch_size: int, image_size: int,
                    device: torch.device) -> Candidate:  # fmt: skip
-    """A frozen-feature method's step on cached features: the head alone (what the linear probe trains)."""
+    """A frozen-feature method's step on cached features: what a run of it trains (the linear probe's head, an MLP
+    head), on features of the width its `forward_features` gives."""
     model = config.build(copy.deepcopy(backbone), task.num_classes).to(device)
     module = ClassificationModule(model, num_classes=task.num_classes, recipe=config.recipe, inputs="features")
+    with torch.no_grad():
+        width = model.eval().forward_features(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-1]
     g = torch.Generator().manual_seed(0)
     batch = (
-        torch.randn(batch_size, model.backbone.num_features, generator=g).to(device),
+        torch.randn(batch_size, width, generator=g).to(device),
         torch.randint(0, task.num_classes, (batch_size,), generator=g).to(device),
     )
     step = training_step(module.to(device), batch, Variant(), device)
     return Candidate(f"{config.name} (head on features)", "head", Variant(), 0, step)
+
+
+def frozen_feature_task(c: Candidate, row: dict[str, Any], backbone: Backbone, task: Task, batch_size: int,
+                        image_size: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    """A frozen-feature method over one task: features of train800val200 and test once (at its evaluation
+    throughput), then its recipe's epochs of the head alone on cached features, against training end to end."""
+    head = head_candidate(c.config, backbone, task, batch_size, image_size, device)
+    for _ in range(3):
+        head.step()
+    head_ips = batch_size / statistics.median(time_call(head.step, device) for _ in range(20))
+    epochs = c.config.recipe.epochs
+    return {
+        "method": c.name,
+        "task": task.id,
+        "images": 1000 + task.test_size,
+        "features_s": round((1000 + task.test_size) / row["eval_images_per_s"], 2),
+        "head_images_per_s": round(head_ips, 1),
+        "epochs": epochs,
+        "head_training_s": round(epochs * 1000 / head_ips, 2),
+        "end_to_end_s": round(epochs * 1000 / row["images_per_s"] + task.test_size / row["eval_images_per_s"], 2),
+    }
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -244,7 +346,7 @@ def run(
     backbone_name: str,
     image_size: int,
     batch_size: int,
-    configs: list[MethodConfig],
+    configs: list[MethodConfig | Unbuilt],
     variants: tuple[Variant, ...],
     task: Task,
     warmup: int,
@@ -268,8 +370,13 @@ def run(
     sweep_tokens: dict[str, dict[str, int]] = {}
     if sweep:
         for cfg in configs:
+            if isinstance(cfg, Unbuilt):
+                continue
             say(f"token counts of {cfg.name} over the 19 tasks")
-            sweep_tokens[cfg.name] = tokens_per_task(cfg, backbone, TASKS, image_size, device)
+            try:
+                sweep_tokens[cfg.name] = tokens_per_task(cfg, backbone, TASKS, image_size, device)
+            except Exception as e:  # the method's sweep row says why; its training step is still tried
+                say(f"{cfg.name}: no token counts over the 19 tasks: {one_line(e)}")
     spec = PerfSpec(
         backbone_name,
         image_size,
@@ -283,21 +390,29 @@ def run(
     )
     extra = {t for counts in sweep_tokens.values() for t in counts.values()}
     candidates = measure_models(spec, configs, backbone, device, extra_floor_tokens=extra, progress=say)
-    rows = result_rows(candidates, batch_size)
     by_key = {(c.name, c.variant): c for c in candidates if c.kind == "method"}
 
     say(f"evaluation throughput at batch {eval_batch_size}")
     x_eval = synthetic_batch(eval_batch_size, image_size, task.num_classes, device)[0]
+    rows = result_rows(candidates, batch_size)
     for row in rows:
         c = by_key[(row["method"], _variant(variants, row["variant"]))]
-        row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
+        row["eval_images_per_s"] = None
+        if c.timed:
+            try:
+                row["eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=eval_repeats, device=device), 2)
+            except Exception as e:
+                row["note"] = "; ".join(n for n in (row["note"], f"evaluation failed: {one_line(e)}") if n)
 
-    frozen_eval = merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, eval_repeats, device, say)
+    frozen_eval = merged_eval_throughput(rows, by_key, backbone, task, variants, x_eval, eval_repeats, device, say)
     for row in rows:
         if row["meets_target"] is False:
             c = by_key[(row["method"], _variant(variants, row["variant"]))]
             say(f"profiling {row['method']} ({row['variant']}): {row['x_floor']}x the floor")
-            row["hot_spots"] = hot_spots(c)
+            try:
+                row["hot_spots"] = hot_spots(c)
+            except Exception as e:
+                row["hot_spots"] = [f"profiling failed: {one_line(e)}"]
 
     report: dict[str, Any] = {
         "device": device_name(device),
@@ -320,25 +435,21 @@ def run(
         "frozen_eval_images_per_s": frozen_eval,
     }
 
-    linear = next((cfg for cfg in configs if cfg.name == "linear"), None)
-    head_ips = None
-    if linear is not None:
-        head = head_candidate(resolve_config(linear, task.id), backbone, task, batch_size, device)
-        for _ in range(3):
-            head.step()
-        head_ips = batch_size / statistics.median(time_call(head.step, device) for _ in range(20))
-        row = next(r for r in rows if r["method"] == "linear")
-        epochs = linear.recipe.epochs
-        features_s = (1000 + task.test_size) / row["eval_images_per_s"]
-        report["linear_task"] = {
-            "task": task.id,
-            "images": 1000 + task.test_size,
-            "features_s": round(features_s, 2),
-            "head_images_per_s": round(head_ips, 1),
-            "epochs": epochs,
-            "head_training_s": round(epochs * 1000 / head_ips, 2),
-            "end_to_end_s": round(epochs * 1000 / row["images_per_s"] + task.test_size / row["eval_images_per_s"], 2),
-        }
+    # Every frozen-feature method (the linear probe, an MLP head, ...): its head alone on cached features.
+    report["frozen_feature_tasks"] = []
+    head_ips: dict[str, float] = {}
+    for row in rows:
+        c = by_key[(row["method"], _variant(variants, row["variant"]))]
+        if c.variant != variants[0] or not c.features_frozen or row["eval_images_per_s"] is None:
+            continue
+        say(f"{c.name}: its head on cached features")
+        try:
+            ft = frozen_feature_task(c, row, backbone, task, batch_size, image_size, device)
+        except Exception as e:
+            row["note"] = f"{row['note']}; head on features untimed: {one_line(e)}"
+            continue
+        report["frozen_feature_tasks"].append(ft)
+        head_ips[c.name] = ft["head_images_per_s"]
 
     if sweep:
         report["sweep"] = sweep_rows(
@@ -361,10 +472,11 @@ def plain_candidate(name: str, vit: Backbone, variant: Variant, device: torch.de
     return Candidate(name, "plain", variant, 0, lambda: None, evaluate)
 
 
-def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repeats, device, say) -> dict[str, float]:
+def merged_eval_throughput(rows, by_key, backbone, task, variants, x_eval, repeats, device, say) -> dict[str, float]:
     """Evaluation images/s of each re-parameterisable method's merged model (`PeftModel.merged_backbone` plus
-    its head: a plain timm ViT) into `merged_eval_images_per_s` of its rows (None for the others), and of the
-    frozen backbone with a head, per variant (returned): the two are the same network, so they should match."""
+    its head: a plain timm ViT) into `merged_eval_images_per_s` of its rows (None for the others, and for an
+    untimed method; a merge that fails says so in the row's note), and of the frozen backbone with a head, per
+    variant (returned): the two are the same network, so they should match."""
     say("evaluation throughput of the merged models and of the frozen backbone")
     frozen = {}
     for variant in variants:
@@ -372,17 +484,23 @@ def merged_eval_throughput(rows, configs, backbone, task, variants, x_eval, repe
         vit.reset_classifier(task.num_classes)
         c = plain_candidate("frozen backbone", vit, variant, device)
         frozen[variant.label] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
-    by_name = {cfg.name: cfg for cfg in configs}
     for row in rows:
-        model = resolve_config(by_name[row["method"]], task.id).build(copy.deepcopy(backbone), task.num_classes)
-        try:
+        row["merged_eval_images_per_s"] = None
+        variant = _variant(variants, row["variant"])
+        timed = by_key[(row["method"], variant)]
+        if row["step_ms"] is None:
+            continue
+        try:  # the timed model itself (its values do not change the merged network's cost), or a fresh one
+            model = timed.model or timed.config.build(copy.deepcopy(backbone), task.num_classes)
             merged = model.merged_backbone()
         except NotMergeableError:
-            row["merged_eval_images_per_s"] = None
+            continue
+        except Exception as e:
+            row["note"] = "; ".join(n for n in (row["note"], f"merge failed: {one_line(e)}") if n)
             continue
         merged.reset_classifier(task.num_classes)
         merged.get_classifier().load_state_dict(model.head.state_dict())
-        c = plain_candidate(f"{row['method']} merged", merged, _variant(variants, row["variant"]), device)
+        c = plain_candidate(f"{row['method']} merged", merged, variant, device)
         row["merged_eval_images_per_s"] = round(eval_throughput(c, x_eval, repeats=repeats, device=device), 2)
     return frozen
 

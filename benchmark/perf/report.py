@@ -60,7 +60,7 @@ def markdown(report: dict[str, Any]) -> str:
         {
             "method": x["method"],
             "variant": x["variant"],
-            "tokens": x["tokens"],
+            "tokens": _fmt(x["tokens"]),
             "step ms": _fmt(x["step_ms"], ".0f"),
             "img/s": _fmt(x["images_per_s"], ".2f"),
             "floor ms": _fmt(x["floor_ms"], ".0f"),
@@ -73,10 +73,14 @@ def markdown(report: dict[str, Any]) -> str:
             "eval img/s": _fmt(x.get("eval_images_per_s"), ".1f"),
             "merged eval img/s": _fmt(x.get("merged_eval_images_per_s"), ".1f"),
             "tunable": _fmt(x["tunable_params"], ","),
+            "note": x.get("note") or "",
         }
         for x in r["rows"]
     ]
     lines += [pd.DataFrame(table).to_markdown(index=False), ""]
+    untimed = [x for x in r["rows"] if x["step_ms"] is None]
+    if untimed:
+        lines += [f"Untimed: {len(untimed)} of {len(r['rows'])} rows (the note of each says why).", ""]
     misses = [x for x in r["rows"] if x["meets_target"] is False]
     if misses:
         lines += ["Targets missed (hot spots: the operators with the most self time in one profiled step):", ""]
@@ -88,18 +92,34 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += ["## Floor", "", pd.DataFrame(r["floors"]).to_markdown(index=False), ""]
-    if "linear_task" in r:
-        lt = r["linear_task"]
+    # Reports written before every frozen-feature method was timed hold the linear probe's alone (`linear_task`).
+    feature_tasks = r.get("frozen_feature_tasks") or (
+        [{"method": "linear", **r["linear_task"]}] if "linear_task" in r else []
+    )
+    if feature_tasks:
         lines += [
-            "## Linear probe over one task",
+            "## Frozen-feature methods over one task",
             "",
-            f"`{lt['task']}`: features of the {lt['images']:,} train800val200 and test images once "
-            f"({lt['features_s']} s at the evaluation throughput), then {lt['epochs']} epochs of the head on "
-            f"cached features ({lt['head_images_per_s']:,} images/s: {lt['head_training_s']} s): "
-            f"{lt['features_s'] + lt['head_training_s']:.1f} s in all, against {lt['end_to_end_s']} s training "
-            "end to end through the frozen backbone.",
+            "Methods that train nothing before the head (`features_frozen`: the linear probe, an MLP head) run as: "
+            "features of the train800val200 and test images once, at the evaluation throughput, then the recipe's "
+            "epochs of the head on cached features; against training end to end through the frozen backbone.",
             "",
         ]
+        table = [
+            {
+                "method": lt["method"],
+                "task": lt["task"],
+                "images": f"{lt['images']:,}",
+                "features s": lt["features_s"],
+                "head img/s": f"{lt['head_images_per_s']:,}",
+                "epochs": lt["epochs"],
+                "head training s": lt["head_training_s"],
+                "cached total s": round(lt["features_s"] + lt["head_training_s"], 1),
+                "end to end s": lt["end_to_end_s"],
+            }
+            for lt in feature_tasks
+        ]
+        lines += [pd.DataFrame(table).to_markdown(index=False), ""]
     if "sweep" in r:
         lines += [
             "## Predicted 19-task VTAB-1k run (one seed, final protocol)",
@@ -110,8 +130,10 @@ def markdown(report: dict[str, Any]) -> str:
             "**official pattern**: fp32, every image decoded every epoch and the whole test split evaluated "
             "after every epoch at the training batch, decoding overlapped with compute (the case most "
             "favourable to it). Per-task token counts (prompt lengths) scale both by the floor at that count. "
-            "A grid search multiplies a method's cost by its grid points; E²VPT's pruning search adds a "
-            "dense run and one rewind run per candidate.",
+            "A grid search multiplies a method's cost by its grid points; a pruning or selection stage adds its "
+            "own cost, not predicted here: a decision from a trained model (E²VPT's pruning, NOAH's supernet and "
+            "search) a dense run first and one run per candidate, one from the pretrained model (SCT, GPS, SPT) a "
+            "pass over train800 per task.",
             "",
         ]
         table = [
@@ -123,17 +145,20 @@ def markdown(report: dict[str, Any]) -> str:
                 "official h": f"{s['official_s'] / 3600:.2f}",
                 "train / eval s": f"{s['official_train_s']:.0f} / {s['official_eval_s']:.0f}",
                 "speed-up": f"{s['speedup']:.1f}×",
+                "note": s.get("note") or "",
             }
+            if s.get("ours_s") is not None
+            else {"method": s["method"], "note": s["note"]}
             for s in r["sweep"]
         ]
-        decode = r["sweep"][0]["decode_images_per_s"] if r["sweep"] else None
-        lines += [
-            pd.DataFrame(table).to_markdown(index=False),
-            "",
-            f"Decode and resize: {decode} images/s; ours uses {r['sweep'][0]['ours_variant']}, the official "
-            f"pattern {r['sweep'][0]['official_variant']}.",
-            "",
-        ]
+        predicted = [s for s in r["sweep"] if s.get("ours_s") is not None]
+        lines += [pd.DataFrame(table).fillna("-").to_markdown(index=False), ""]
+        if predicted:
+            lines += [
+                f"Decode and resize: {predicted[0]['decode_images_per_s']} images/s; ours uses "
+                f"{predicted[0]['ours_variant']}, the official pattern {predicted[0]['official_variant']}.",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -161,10 +186,13 @@ def result_rows(candidates: list[Candidate], batch_size: int) -> list[dict[str, 
     """One row per method and variant: step time, images/s, ratios to the floor and to full fine-tuning,
     peak memory and its ratio to full fine-tuning's."""
     floors = {(c.variant, c.tokens): c for c in candidates if c.kind == "floor"}
-    full = {c.variant: c for c in candidates if c.kind == "method" and c.name == "full"}
+    full = {c.variant: c for c in candidates if c.kind == "method" and c.name == "full" and c.timed}
     rows = []
     for c in candidates:
         if c.kind != "method":
+            continue
+        if not c.timed:
+            rows.append(untimed_row(c))
             continue
         ms = step_ms(c)
         floor = floors[(c.variant, c.tokens)]
@@ -189,9 +217,23 @@ def result_rows(candidates: list[Candidate], batch_size: int) -> list[dict[str, 
                 ),
                 "tunable_params": c.params["tunable"] if c.params else None,
                 "step_ms_all": [round(1000 * t, 2) for t in c.times],
+                "note": c.note,
             }
         )
     return rows
+
+
+def untimed_row(c: Candidate) -> dict[str, Any]:
+    """The row of a method that could not be timed: every measure empty, its note saying why in one line."""
+    return {
+        "method": c.name,
+        "variant": c.variant.label,
+        "tokens": None,
+        **dict.fromkeys(("step_ms", "images_per_s", "floor_ms", "x_floor", "target_x_floor", "meets_target")),
+        **dict.fromkeys(("x_full", "peak_memory_mb", "memory_x_full", "tunable_params")),
+        "step_ms_all": [],
+        "note": f"untimed: {c.error}",
+    }
 
 
 def floor_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:

@@ -141,10 +141,14 @@ class PeakMemory:
 # -- candidates -----------------------------------------------------------------------------------------
 @dataclass
 class Candidate:
-    """Something whose training step is timed: a method's model, or the floor at a token count."""
+    """Something whose training step is timed: a method's model, or the floor at a token count.
+
+    A method that cannot be built or stepped stays a candidate with `error` set (one line: why), so the report
+    says so in its row instead of leaving the method out; `note` says how a timed method was timed when that is
+    not simply its model for the task (e.g. before a pruning decision)."""
 
     name: str
-    kind: str  # "method" | "floor"
+    kind: str  # "method" | "floor" | "head" | "plain"
     variant: Variant
     tokens: int
     step: Callable[[], None]
@@ -153,6 +157,28 @@ class Candidate:
     memory_mb: float | None = None
     warm: bool = False  # warmed up already (methods are, when their memory is measured)
     times: list[float] = field(default_factory=list)
+    config: Any = None  # the method's config as timed (its task's settings)
+    model: Any = None  # the method's model, as built and stepped (for its merged model)
+    features_frozen: bool = False  # the model's `features_frozen`: a run may train the head on cached features
+    note: str | None = None
+    error: str | None = None
+
+    @property
+    def timed(self) -> bool:
+        return self.error is None
+
+
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """An exception as one line for a report cell: its type and the first line of its message, shortened."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def untimed(name: str, variant: Variant, error: BaseException | str) -> Candidate:
+    """The candidate of a method that cannot be timed: no step, `error` saying why in one line."""
+    reason = error if isinstance(error, str) else one_line(error)
+    return Candidate(name, "method", variant, 0, lambda: None, error=reason)
 
 
 def autocast(device: torch.device, variant: Variant):
@@ -173,16 +199,28 @@ def interleaved(candidates: list[Candidate], *, warmup: int, repeats: int, devic
                 progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
     """Warm up every candidate not yet warm, then time `repeats` rounds of one step each, in a rotated order
     per round."""
+    candidates = [c for c in candidates if c.timed]
     for c in candidates:
         for _ in range(0 if c.warm else warmup):
-            c.step()
+            _guarded(c, c.step)
         c.warm = True
     for r in range(repeats):
         order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
         for c in order:
-            c.times.append(time_call(c.step, device))
+            if c.timed:
+                _guarded(c, lambda c=c: c.times.append(time_call(c.step, device)))
         if progress:
             progress(f"round {r + 1}/{repeats}")
+
+
+def _guarded(c: Candidate, fn: Callable[[], Any]) -> None:
+    """Run `fn`; a method's step that raises makes it untimed (its error in one line) instead of ending the run."""
+    try:
+        fn()
+    except Exception as e:
+        if c.kind != "method":
+            raise
+        c.error, c.times = f"its training step failed: {one_line(e)}", []
 
 
 def measure_memory(candidate: Candidate, memory: PeakMemory, before_build: float) -> None:
