@@ -183,7 +183,7 @@ def test_compare_on_demo_like_results_lists_every_reported_row_with_its_protocol
     # The demo's tiny ViT stands in for the default backbone: only the ViT-B/16 IN-21k rows, never another backbone's.
     frame = REFERENCE.frame
     reference = frame[frame.method.isin(list_methods()) & (frame.backbone == "vit_b16_in21k")]
-    assert len(reference) == 30  # the rows of the sixteen methods that have some
+    assert len(reference) == 41  # the rows of the 27 methods that have some
     assert not set(table.source_full) & set(frame[frame.backbone != "vit_b16_in21k"].source)
     for _, ref in reference.iterrows():
         rows = table[(table.method == ref.method) & (table.source_full == ref.source)]
@@ -253,7 +253,7 @@ def test_leaderboard_reported_rows_and_overlay(tmp_path, capsys):
     board = pd.read_csv(results / "leaderboard.csv")
     ours, theirs = board[board.kind == "ours"], board[board.kind == "reported"]
     assert len(ours) == len(list_methods()) and set(ours.source.fillna("")) == {""}
-    assert len(theirs) == 30 and set(theirs.method) <= set(list_methods())
+    assert len(theirs) == 41 and set(theirs.method) <= set(list_methods())
     vpt = theirs[(theirs.method == "vpt_deep") & (theirs.source == "VPT paper via NOAH paper Table 1")].iloc[0]
     assert (vpt.protocol, vpt.avg_tasks_mean, vpt.avg_groups_mean, vpt.tunable) == (
         "val-tuned-last-epoch-5seeds", 69.43, 71.96, 640000.0)  # fmt: skip

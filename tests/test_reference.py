@@ -44,6 +44,9 @@ def test_shipped_reference_loads_with_canonical_columns_and_labels():
     assert (registered & set(table.methods())) >= SUITE_METHODS_WITH_NUMBERS
     unreported = {m for m in registered - set(table.methods()) if m != "peft" and not m.startswith("peft_")}
     assert unreported == {"lion", "pgn"}
+    # Every method with a published ViT-B/16 IN-21k row runs in the suite (27 of 27, NOAH's, GPS's and SPT's included).
+    vit_b = set(frame[frame.backbone == "vit_b16_in21k"].method)
+    assert vit_b <= registered and len(vit_b) == 27
     vpt = frame[(frame.method == "vpt_deep") & frame.source.str.contains("V-PETL")].iloc[0]
     assert (vpt.cifar100, vpt.avg_groups, vpt.avg_19, vpt.line) == (78.8, 71.96, 69.43, 7)
 
