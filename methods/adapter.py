@@ -72,7 +72,7 @@ DROP_PATHS = {"attn": "drop_path1", "mlp": "drop_path2"}
 class AdapterModel(PeftModel):
     """Adapters wrapped around the output of `attach` submodules of every block (`Wrapped(after=...)`)."""
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, config: _AdapterConfig) -> None:
+    def __init__(self, backbone: VisionTransformer, num_classes: int, config: AdapterConfigBase) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
         declared = "lora" if config.init == "lora" else "xavier"
         for prefix, block, d in family_blocks(backbone):
@@ -101,7 +101,7 @@ class AdapterModel(PeftModel):
 
 
 @dataclass
-class _AdapterConfig(MethodConfig):
+class AdapterConfigBase(MethodConfig):
     """Sequential bottleneck adapter settings.
 
     Attributes:
@@ -156,7 +156,7 @@ class _AdapterConfig(MethodConfig):
 
 @register_method("adapter")
 @dataclass
-class AdapterConfig(_AdapterConfig):
+class AdapterConfig(AdapterConfigBase):
     """NOAH's Adapter: after the MLP and its drop-path in every block (156,768 parameters on ViT-B/16)."""
 
     attach = ("drop_path2",)
@@ -165,7 +165,7 @@ class AdapterConfig(_AdapterConfig):
 
 @register_method("adapter_houlsby")
 @dataclass
-class AdapterHoulsbyConfig(_AdapterConfig):
+class AdapterHoulsbyConfig(AdapterConfigBase):
     """Houlsby placement: after attention and after the MLP, before each drop-path (24·(1537h + 768) on ViT-B/16).
 
     Attributes:

@@ -76,7 +76,7 @@ class _BaselineConfig(MethodConfig):
         return self.model_cls(backbone, num_classes, head_init=self.head_init)
 
 
-def _sgd_recipe(lr: float, weight_decay: float, base_lrs: tuple[float, ...]) -> Recipe:
+def sgd_recipe(lr: float, weight_decay: float, base_lrs: tuple[float, ...]) -> Recipe:
     return Recipe(
         optimizer="sgd",
         lr=lr,
@@ -95,7 +95,7 @@ class LinearConfig(_BaselineConfig):
     """Linear probe: a Linear(D, C) head on the frozen backbone's pooled feature."""
 
     model_cls = LinearProbe
-    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
+    recipe: Recipe = field(default_factory=lambda: sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         return backbone_report(backbone, num_classes, 0)
@@ -107,7 +107,7 @@ class FullConfig(_BaselineConfig):
     """Full fine-tuning: every backbone weight plus a Linear(D, C) head."""
 
     model_cls = FullFinetune
-    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
+    recipe: Recipe = field(default_factory=lambda: sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def expected_params(self, backbone: VisionTransformer, num_classes: int) -> ParamReport:
         return backbone_report(backbone, num_classes, backbone_param_count(backbone))

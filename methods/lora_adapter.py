@@ -49,7 +49,7 @@ from torch import nn
 from methods._base import PeftModel
 from methods._bottleneck import ResidualBottleneck
 from methods._registry import register_method
-from methods.adapter import AdapterModel, _AdapterConfig
+from methods.adapter import AdapterConfigBase, AdapterModel
 
 LORA_INITS = ("lora_xavier", "lora_kaiming")
 
@@ -75,7 +75,7 @@ class LoraAdapterModel(AdapterModel):
 
 @register_method("lora_adapter")
 @dataclass
-class LoraAdapterConfig(_AdapterConfig):
+class LoraAdapterConfig(AdapterConfigBase):
     """Pfeiffer adapter after each MLP, LoRA-style init (12·(1537h + 768) parameters on ViT-B/16: 156,768 at h = 8).
 
     Attributes:

@@ -34,7 +34,7 @@ from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._family import Backbone, backbone_report
 from methods._registry import register_method
-from methods.baselines import LINEAR_BASE_LRS, _sgd_recipe
+from methods.baselines import LINEAR_BASE_LRS, sgd_recipe
 
 NORMS = ("batch", "layer", "none")
 
@@ -93,7 +93,7 @@ class MLP3Config(MethodConfig):
     dropout: float = 0.1
     norm: str = "batch"
     head_init: str = "vpt"
-    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
+    recipe: Recipe = field(default_factory=lambda: sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,9 +1,7 @@
 """NOAH: a supernet of VPT-deep prompts, LoRA and an adapter in every block, an evolutionary search, a retrained subnet.
 
-Zhang, Zhou, Liu, "Neural Prompt Search", arXiv 2022 (TPAMI 2024), https://arxiv.org/abs/2206.04673. Official code
-read: ZhangYuanhan-AI/NOAH e9c55f3 (`model/supernet_vision_transformer_timm.py`, `model/module/adapter_super.py`,
-`supernet_engine_prompt.py`, `supernet_train_prompt.py`, `evolution.py`, `lib/datasets.py`,
-`experiments/NOAH/supernet/*.yaml`, `experiments/NOAH/subnet/VTAB/*.yaml`, `configs/NOAH/VTAB/*/slurm_*.sh`).
+Zhang, Zhou, Liu, "Neural Prompt Search", arXiv 2022 (TPAMI 2024), https://arxiv.org/abs/2206.04673. Code read:
+ZhangYuanhan-AI/NOAH e9c55f3 (`model/`, `supernet_*_prompt.py`, `evolution.py`, `experiments/NOAH/`, `configs/NOAH/`).
 
 Modules, in every block i (each of width D, "dim" below is its own width in block i, 0 = absent):
 - prompts (VPT-deep, the code's): p_i tokens appended at the END of the sequence before block i, replacing the
@@ -12,8 +10,8 @@ Modules, in every block i (each of width D, "dim" below is its own width in bloc
 - LoRA (the code's, as `methods/lora.py`): qkv(x) + B A dropout₀.₁(x), A: D → l_i, B: l_i → 3D;
 - adapter (the code's, as `methods/adapter.py`): after the MLP and its drop-path,
   h + up(dropout₀.₁(QuickGELU(down h)));
-- LoRA's A, B and the adapter's Linears re-initialised truncated-normal std 0.02, biases 0 (`methods/_timm_init.py`:
-  the code's `apply(_init_weights)`); head truncated-normal std 0.02; drop-path 0.1.
+- LoRA's and the adapter's Linears, and the head, re-initialised truncated-normal std 0.02, biases 0 (the code's
+  `apply(_init_weights)`, `methods/_timm_init.py`); drop-path 0.1.
 Weight sharing (`AutoFormer`-style slicing): a width w uses the first w rows of A, the first w columns of B, the first
 w hidden units of the adapter and the first w prompt tokens of the supernet's largest module.
 
@@ -24,23 +22,20 @@ Stages (the suite's pruning stage, `decides_from = "trained"`):
    gradients of unused modules, so AdamW still decayed and moved them). In evaluation: the largest subnet (every
    module at max(dims) in every block; the code evaluates a random one). Recipe (`slurm_train_vtab.sh`): 500
    epochs (`supernet_epochs`; `tiny()`: 2), AdamW lr 5e-4 (`supernet_lr`), wd 1e-4, batch 64, timm cosine, warm-up
-   10 epochs, on train800. The supernet holds max(dims) rows per module (the code allocates 100 and slices: rows past
-   the largest width in its space are never used);
+   10 epochs, on train800. The supernet holds max(dims) rows per module (the code allocates 100 and slices);
 2. search (`prune_candidates`, `methods/_noah_search.py`): NOAH's evolution (`slurm_search_vtab.sh`: 15 generations;
    `evolution.py`: population 50, top 10, 25 mutants, 25 children, m_prob 0.2, s_prob 0.4, seed 0) under
    `param_limit` (millions; the script passes its first argument, `evolution.py`'s default is 0.64). A subnet's
    fitness is its top-1 accuracy with the supernet's weights on the tune mode's validation split (val200, as the code:
-   `general_dataset` in `search` mode; `decides_on = "eval"`). The count compared with the limit
-   is the code's `get_sampled_params_numel`: the modules' parameters (head excluded), plus, with `count_input_prompt`,
-   the code's input prompt p₀·D and its whole position embedding 100·D, which block 0 replaces before any use (built
-   here never: they are recorded, not trained). One candidate comes back; `info` records its widths per module;
-3. retrain (`apply_pruning` on a fresh model, `slurm_retrain_vtab.sh`): the chosen subnet, each module sized to its
-   width, from the pretrained backbone; 100 epochs, AdamW lr 1e-3, wd 1e-4, batch 64 (`recipe`,
-   `methods/_petl_recipe.py`; the grid protocol's lr × wd grid is PETL_Vision's, NOAH searched none).
+   `general_dataset` in `search` mode; `decides_on = "eval"`). The count compared with the limit is the code's
+   `get_sampled_params_numel`: the modules' parameters (head excluded), plus, with `count_input_prompt`, the code's
+   input prompt p₀·D and position embedding 100·D, which block 0 replaces before any use (counted, never built).
+   One candidate comes back; `info` records its widths per module;
+3. retrain (`apply_pruning` on a fresh model, `slurm_retrain_vtab.sh`): the chosen subnet from the pretrained backbone;
+   100 epochs, AdamW lr 1e-3, wd 1e-4, batch 64 (`recipe`; the grid protocol's is PETL_Vision's, NOAH searched none).
 
-Search space: the published VTAB subnets (`experiments/NOAH/subnet/VTAB/*.yaml`, `RETRAIN`) use widths {1, 5, 10} at
-depth 12 in all three modules, the space of `supernet-B_prompt_VTAB.yaml`; the scripts name `supernet-B_prompt.yaml`
-(and the paper) {5, 10, 50, 100}. Default `dims=1,5,10`, `depths=3,6,9,12` (either is a `--set`). NOAH's tables
+Search space: the published VTAB subnets (`experiments/NOAH/subnet/VTAB/*.yaml`) use widths {1, 5, 10} at depth 12
+(`supernet-B_prompt_VTAB.yaml`'s space); the scripts name `supernet-B_prompt.yaml` (and the paper) {5, 10, 50, 100}. Default `dims=1,5,10`, `depths=3,6,9,12` (either is a `--set`). NOAH's tables
 selected the retrained epoch on the test set (NOAH#6); the suite reports the last epoch.
 
 Parameters (ViT-B/16, D = 768, L = 12, R = max(dims)): the supernet, as `create` builds it, L·(7DR + R + D):

@@ -38,7 +38,7 @@ from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Reci
 from methods._family import backbone_report
 from methods._registry import register_method
 from methods._vit import norm_param_count
-from methods.baselines import FULL_BASE_LRS, _sgd_recipe
+from methods.baselines import FULL_BASE_LRS, sgd_recipe
 
 
 def block_param_count(block: Block, d: int) -> int:
@@ -86,7 +86,7 @@ class PartialConfig(MethodConfig):
 
     blocks: int = 1
     head_init: str = "vpt"
-    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
+    recipe: Recipe = field(default_factory=lambda: sgd_recipe(0.0025, 1e-4, FULL_BASE_LRS))
 
     def __post_init__(self) -> None:
         super().__post_init__()

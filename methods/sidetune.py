@@ -45,7 +45,7 @@ from methods import _checks
 from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
 from methods._family import Backbone, backbone_report
 from methods._registry import register_method
-from methods.baselines import LINEAR_BASE_LRS, _sgd_recipe
+from methods.baselines import LINEAR_BASE_LRS, sgd_recipe
 
 SIDE_WEIGHTS = ("imagenet", "none")
 ALEXNET_URL = (
@@ -141,7 +141,7 @@ class SidetuneConfig(MethodConfig):
     side_weights: str = "imagenet"
     side_image_size: int = 0
     head_init: str = "vpt"
-    recipe: Recipe = field(default_factory=lambda: _sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
+    recipe: Recipe = field(default_factory=lambda: sgd_recipe(0.25, 0.0, LINEAR_BASE_LRS))
 
     def __post_init__(self) -> None:
         super().__post_init__()

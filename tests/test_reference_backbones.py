@@ -52,7 +52,7 @@ def test_every_row_names_a_known_backbone_and_the_old_rows_are_vit_b16_in21k():
         for backbone, (_, weights) in REFERENCE_BACKBONES.items():
             assert set(frame[frame.backbone == backbone].backbone_weights) <= set(weights)
     counts = REFERENCE.frame.backbone.value_counts().to_dict()
-    assert counts == {"vit_b16_in21k": 36, "swin_b_in22k": 13, "vit_b16_mae": 11, "vit_b16_mocov3": 10}
+    assert counts == {"vit_b16_in21k": 41, "swin_b_in22k": 13, "vit_b16_mae": 11, "vit_b16_mocov3": 10}
 
 
 def test_the_published_rows_are_there_as_the_spec_prints_them():
@@ -262,9 +262,9 @@ def test_the_leaderboard_lists_only_the_rows_of_the_runs_backbones(tmp_path):
 @pytest.mark.parametrize(
     ("key", "run", "method", "rows"),
     [
-        ("vpt-swin", SWIN, "vpt_deep", ["Full", "Linear", "VPT-Shallow", "VPT-Deep", "Adapter-8 (SNELL T3)",
+        ("vpt-swin", SWIN, "vpt_deep", ["Full", "Linear", "Mlp-3 (SNELL T3)", "VPT-Shallow", "VPT-Deep", "Adapter-8 (SNELL T3)",
                                         "LoRA-8 (SNELL T3)", "RepAdapter (HyperAdapter T3)"]),
-        ("vpt-mae", MAE, "vpt_deep", ["Full", "Linear", "Bias", "VPT-Shallow", "VPT-Deep"]),
+        ("vpt-mae", MAE, "vpt_deep", ["Full", "Linear", "Partial-1", "Bias", "VPT-Shallow", "VPT-Deep"]),
         ("vpt-mocov3", MOCO, "vpt_shallow", ["Full", "Linear", "Bias", "VPT-Shallow", "VPT-Deep"]),
         ("e2vpt-mae", MAE, "e2vpt", ["Full", "VPT-Shallow", "VPT-Deep", "E2VPT", "Adapter-8 (SNELL T2)",
                                      "LoRA-8 (SNELL T2)"]),

@@ -101,7 +101,7 @@ def _slurm(args: argparse.Namespace) -> int:
 def default_config(cls: Any) -> Any:
     """A method's default config, or `Unbuilt` (its row then says why, in one line) when its defaults are refused:
     one broken method never ends a report of all of them."""
-    from benchmark.perf.model import Unbuilt
+    from benchmark.perf.build import Unbuilt
     from benchmark.perf.timing import one_line
 
     try:

@@ -23,7 +23,7 @@ def tokens_per_task(config: MethodConfig, backbone: Backbone, tasks: Iterable[Ta
     one model per distinct setting (the settings `perf` times: `timed_config`)."""
     import json
 
-    from benchmark.perf.model import timed_config
+    from benchmark.perf.build import timed_config
 
     seen: dict[str, int] = {}
     out = {}
