@@ -32,22 +32,19 @@ as BitFit's (timm's: no vector decayed); PETL_Vision decays every trainable tens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from methods import _checks
-from methods._base import HEAD_INITS, MethodConfig, ParamReport, PeftModel, Recipe, TunableModule
+from methods._base import ParamReport, PeftModel, TunableModule
 from methods._family import Backbone, backbone_report
 from methods._inject import Wrapped, replace_module
 from methods._inject_swin import block_widths, family_blocks
 from methods._merge import merge_backbone
-from methods._petl_recipe import petl_recipe, timm_no_weight_decay
 from methods._registry import register_method
 from methods.bitfit import Biases, BitFitConfig
-from methods.ln_tune import LayerNormAffine, layer_norm_count
+from methods.ln_tune import LayerNormAffine, VectorTuningConfig, VectorTuningModel, layer_norm_count
 
 # The last Linear of each residual branch, whose output γ₁ and γ₂ scale.
 BRANCH_OUTPUTS = ("attn.proj", "mlp.fc2")
@@ -68,10 +65,9 @@ class BranchScale(TunableModule):
         return self.gamma, torch.zeros_like(self.gamma)
 
 
-class DiffFitModel(PeftModel):
+class DiffFitModel(VectorTuningModel):
     def __init__(self, backbone: Backbone, num_classes: int, config: DiffFitConfig) -> None:
-        super().__init__(backbone, num_classes, head_init=config.head_init)
-        self.decay_all = config.decay_all
+        super().__init__(backbone, num_classes, config)
         # Selected before the projections are wrapped, so that the keys are the backbone's module paths.
         self.biases = Biases(backbone)
         self.norm_weights = LayerNormAffine(backbone, biases=False)
@@ -80,16 +76,13 @@ class DiffFitModel(PeftModel):
                 path = f"{prefix}.{target}"
                 replace_module(backbone, path, Wrapped(backbone.get_submodule(path), after=BranchScale(d)))
 
-    def no_weight_decay_parameters(self) -> list[nn.Parameter]:
-        return [] if self.decay_all else timm_no_weight_decay(self)
-
     def merged_backbone(self) -> Backbone:
         return merge_backbone(self.backbone)
 
 
 @register_method("difffit")
 @dataclass
-class DiffFitConfig(MethodConfig):
+class DiffFitConfig(VectorTuningConfig):
     """DiffFit: biases, LayerNorm weights and a scale per residual branch (140,544 parameters on ViT-B/16).
 
     Attributes:
@@ -98,19 +91,6 @@ class DiffFitConfig(MethodConfig):
             `make_optimizer`); false: timm's rule (vectors undecayed), as BitFit.
         head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
     """
-
-    identity_at_init: ClassVar[bool] = True
-    families: ClassVar[tuple[str, ...]] = ("vit", "swin")
-
-    recipe: Recipe = field(default_factory=petl_recipe)
-    drop_path_rate: float = 0.1
-    decay_all: bool = False
-    head_init: str = "torch"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_choices({"head_init": HEAD_INITS})
-        _checks.rates(self, "drop_path_rate")
 
     def check_backbone(self, backbone: Backbone) -> None:
         for prefix, block, _ in family_blocks(backbone):
@@ -121,9 +101,6 @@ class DiffFitConfig(MethodConfig):
                         f"difffit scales the output of {prefix}.{target}, which is not a Linear with a bias "
                         f"({type(module).__name__}) in this backbone; pick a timm ViT or Swin"
                     )
-
-    def backbone_kwargs(self) -> dict[str, float]:
-        return {"drop_path_rate": self.drop_path_rate}
 
     def create(self, backbone: Backbone, num_classes: int) -> PeftModel:
         return DiffFitModel(backbone, num_classes, self)

@@ -83,30 +83,29 @@ def layer_norm_count(backbone: Backbone) -> int:
     return total + norm_param_count(backbone.norm, d) + norm_param_count(backbone.fc_norm, d)
 
 
-class LNTuneModel(PeftModel):
-    def __init__(self, backbone: Backbone, num_classes: int, config: LNTuneConfig) -> None:
+class VectorTuningModel(PeftModel):
+    """A model that tunes backbone vectors (LN-tune's, DiffFit's) under the weight-decay rule its config chooses."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: VectorTuningConfig) -> None:
         super().__init__(backbone, num_classes, head_init=config.head_init)
         self.decay_all = config.decay_all
-        self.ln_tune = LayerNormAffine(backbone)
 
     def no_weight_decay_parameters(self) -> list[nn.Parameter]:
         return [] if self.decay_all else timm_no_weight_decay(self)
+
+
+class LNTuneModel(VectorTuningModel):
+    def __init__(self, backbone: Backbone, num_classes: int, config: LNTuneConfig) -> None:
+        super().__init__(backbone, num_classes, config)
+        self.ln_tune = LayerNormAffine(backbone)
 
     def merged_backbone(self) -> Backbone:
         return copy.deepcopy(self.backbone)
 
 
-@register_method("ln_tune")
 @dataclass
-class LNTuneConfig(MethodConfig):
-    """LN-tune: every LayerNorm's γ and β (38,400 parameters on ViT-B/16).
-
-    Attributes:
-        drop_path_rate: the backbone's stochastic depth.
-        decay_all: apply weight decay to every trainable tensor, LayerNorm weights and biases included
-            (PETL_Vision's `make_optimizer`); false: timm's rule (vectors undecayed), as BitFit.
-        head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
-    """
+class VectorTuningConfig(MethodConfig):
+    """The fields, checks and backbone options LN-tune and DiffFit share (PETL_Vision's recipe and grid)."""
 
     identity_at_init: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
@@ -123,6 +122,19 @@ class LNTuneConfig(MethodConfig):
 
     def backbone_kwargs(self) -> dict[str, float]:
         return {"drop_path_rate": self.drop_path_rate}
+
+
+@register_method("ln_tune")
+@dataclass
+class LNTuneConfig(VectorTuningConfig):
+    """LN-tune: every LayerNorm's γ and β (38,400 parameters on ViT-B/16).
+
+    Attributes:
+        drop_path_rate: the backbone's stochastic depth.
+        decay_all: apply weight decay to every trainable tensor, LayerNorm weights and biases included
+            (PETL_Vision's `make_optimizer`); false: timm's rule (vectors undecayed), as BitFit.
+        head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
+    """
 
     def create(self, backbone: Backbone, num_classes: int) -> PeftModel:
         return LNTuneModel(backbone, num_classes, self)
