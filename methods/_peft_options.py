@@ -2,7 +2,7 @@
 tuner's peft config field (for `methods.peft_tuners`, the method that applies them).
 
 The table (`TUNERS`) names each tuner's peft config class, how the suite's common options (`r`, `alpha`,
-`dropout`, `target_modules`) map onto its fields, the spec's configuration (`specs/baselines_peft.md` §9) and
+`dropout`, `target_modules`) map onto its fields, the documented configuration (`docs/methods/peft_tuners.md`) and
 the tuner's own fields offered through `--set`.
 """
 
@@ -33,7 +33,7 @@ class Tuner:
     Attributes:
         config_class: the name of peft's config class.
         common: the suite's common field -> the config class's field (`r`, `alpha`, `dropout`).
-        defaults: the spec's §9 configuration: common fields by the suite's name, own fields by peft's.
+        defaults: the documented configuration: common fields by the suite's name, own fields by peft's.
         own: the config class's fields offered through `options`.
         fixed: config fields the tuner always sets (DoRA is LoRA with `use_dora`).
         paper: the paper, for the methods table.

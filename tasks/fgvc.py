@@ -1,6 +1,6 @@
 """The five FGVC datasets of VPT's table: ids, class counts, split sizes and the layout of VPT's JSON splits.
 
-Facts from `specs/fgvc.md` §1.1: split sizes as VPT's appendix prints them (train + val is the official
+Facts from `docs/data.md` (FGVC): split sizes as VPT's appendix prints them (train + val is the official
 train set, test the official test set); folder names as V-PETL Bench lays VPT's loader out; the image root
 each split file's keys are relative to, as VPT's `json_dataset.py` joins them.
 """

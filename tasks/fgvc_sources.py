@@ -1,6 +1,6 @@
 """Where each FGVC dataset's files come from, and on what terms: one table, and the advice built from it.
 
-Facts from `specs/fgvc.md` §1.2 and §1.6. VPT's own links to its split files are dead (KMnP/vpt#52, #67,
+Facts from `docs/data.md` (FGVC: split files, images). VPT's own links to its split files are dead (KMnP/vpt#52, #67,
 #72); the live copy is the Hugging Face dataset `XiN0919/FGVC` that V-PETL Bench links, which also holds
 an archive of each dataset's images. Images are never re-hosted by this project: every dataset is for
 non-commercial research only, under its owners' terms, and each user fetches it from its source.

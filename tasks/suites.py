@@ -62,7 +62,7 @@ VTAB1K = Suite(
     layout="txt",
     augment="none",
     interpolation="bicubic",
-    spec="specs/vtab1k.md",
+    spec="docs/data.md",
 )
 FGVC = Suite(
     id="fgvc",
@@ -77,7 +77,7 @@ FGVC = Suite(
     augment="crop_flip",
     # VPT's transforms.py calls torchvision's Resize without an interpolation: bilinear.
     interpolation="bilinear",
-    spec="specs/fgvc.md",
+    spec="docs/data.md",
 )
 SUITES: dict[str, Suite] = {s.id: s for s in (VTAB1K, FGVC)}
 DEFAULT_SUITE = VTAB1K.id

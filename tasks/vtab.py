@@ -1,7 +1,7 @@
 """The 19 VTAB-1k tasks: the one place that knows their ids, groups, class counts and split sizes.
 
-Facts from the task_adaptation data classes as used by the PEFT literature (see the suite's
-`specs/vtab1k.md`). Test sizes follow from the TFDS split sizes and the VTAB split rule.
+Facts from the task_adaptation data classes as used by the PEFT literature (see
+`docs/data.md`). Test sizes follow from the TFDS split sizes and the VTAB split rule.
 """
 
 from __future__ import annotations

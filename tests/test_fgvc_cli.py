@@ -10,7 +10,7 @@ import pytest
 from benchmark.cli import main
 from tasks import ALL_TASKS, SUITES, find_task_dir, get_task, list_tasks, read_split
 
-# VPT's appendix table (specs/fgvc.md §1.1): classes and train / val / test sizes.
+# VPT's appendix table (docs/data.md, FGVC): classes and train / val / test sizes.
 FGVC_TABLE = {
     "cub": (200, 5_394, 600, 5_794),
     "nabirds": (555, 21_536, 2_393, 24_633),

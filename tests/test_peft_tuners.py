@@ -18,7 +18,7 @@ from methods._peft_options import peft_config_class
 from methods.peft_tuners import TUNERS, PeftTunerConfig, lokr_factorization
 from tests.conftest import argv, tiny_vit
 
-# specs/baselines_peft.md §9 on ViT-B/16 (LoRA, DoRA, VeRA, IA³, LoHa), and for BOFT, OFT and LoKr the count
+# docs/methods/peft_tuners.md on ViT-B/16 (LoRA, DoRA, VeRA, IA³, LoHa), and for BOFT, OFT and LoKr the count
 # of the formula derived from peft's parameter shapes (`PeftTunerConfig.tunable_count`).
 VIT_B16 = {
     "peft_lora": 294_912,  # 12 · 3072 · 8

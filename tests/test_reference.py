@@ -39,7 +39,7 @@ def test_shipped_reference_loads_with_canonical_columns_and_labels():
     numbers = frame[[*TASK_COLUMNS, *GROUPS, "avg_groups", "avg_19"]]
     assert ((numbers >= 0) & (numbers <= 100) | numbers.isna()).all().all()
     # Every registered method has reported numbers except the two the papers never ran on VTAB-1k and the peft
-    # tuners, which no VTAB-1k table prints (specs/baselines_peft.md §9).
+    # tuners, which no VTAB-1k table prints (docs/methods/peft_tuners.md).
     registered = set(methods.list_methods())
     assert (registered & set(table.methods())) >= SUITE_METHODS_WITH_NUMBERS
     unreported = {m for m in registered - set(table.methods()) if m != "peft" and not m.startswith("peft_")}

@@ -56,7 +56,7 @@ def test_every_row_names_a_known_backbone_and_the_old_rows_are_vit_b16_in21k():
 
 
 def test_the_published_rows_are_there_as_the_spec_prints_them():
-    """specs/backbones.md §2.3 and §2.5: group means, mean of groups, params; never a per-task cell."""
+    """docs/backbones.md: group means, mean of groups, params; never a per-task cell."""
     expected = {
         ("vpt_deep", "swin_b_in22k", "Korean"): (76.78, 84.53, 53.35, 71.6, 0.22, "partial"),
         ("full", "swin_b_in22k", "Korean"): (79.10, 86.21, 59.65, 75.0, 86.9, "partial"),

@@ -1,4 +1,4 @@
-"""VPT and E²VPT on timm's Swin against the official semantics (specs/backbones.md §2.1, §2.2, §2.4).
+"""VPT and E²VPT on timm's Swin against the official semantics (docs/backbones.md, Swin-B).
 
 The reference below is written from the spec alone, in float64, with explicit loops: windows are visited one by
 one, the shift is an index map, patch merging concatenates the four neighbours by hand, the relative-position bias

@@ -1,8 +1,8 @@
 """`reproduce`: one method's published protocol on a suite (VTAB-1k, FGVC), run through the runner, then `compare`.
 
 `PAPER_PROTOCOLS` writes down, per method with reported numbers, the protocol of the paper (or code)
-that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md` §4,
-`specs/convpass.md` §6, `specs/baselines_and_protocols.md` §6–7):
+that produced them, from the project's notes (`docs/methods/prompts.md`, `docs/methods/adapters.md`,
+`docs/methods/baselines.md`, `docs/protocols.md`):
 
 - `vpt_shallow`, `vpt_deep`, `e2vpt`, `linear`, `full`: the `grid` protocol. Every (lr, weight decay)
   of the spec's grid trains on train800 and is scored on val200 at its last epoch (tuning seed 42; ties
@@ -16,7 +16,8 @@ that produced them, from the suite's specs (`specs/vpt.md` §6, `specs/e2vpt.md`
   the official configs), so the `final` protocol with that recipe and the same five seeds. The
   published numbers were selected on the test set (best of ten test evaluations, one seed); the suite
   never does that, so `compare` marks the protocols as different and last-epoch numbers run lower.
-- The table baselines (`specs/baselines_peft.md`), keyed by name: `lora`, `adapter` (NOAH's fixed recipe,
+- The table baselines (`docs/methods/adapters.md`, `docs/methods/reparameterisation.md`), keyed by
+  name: `lora`, `adapter` (NOAH's fixed recipe,
   §1.3), `fact_tt`, `fact_tk` (per-task rank and scale, fixed lr, §6) and `repadapter` (per-task scale, fixed
   lr, §7) the `final` protocol with their recipes (published numbers test-selected, as Convpass's);
   `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf`, `ln_tune`, `difffit`, `lora_adapter` PETL_Vision's val-tuned grid (§10: AdamW lr {1e-2, 1e-3}
@@ -34,7 +35,7 @@ result records the budget, so the leaderboard and `compare` label it. Known gap:
 length is not searched (the spec's suite choice is {1, 5, 10, 50, 100, 200} on val200); the runner's grid
 covers lr × weight decay only, so VPT-shallow uses the per-task lengths of its config.
 
-FGVC (`specs/fgvc.md` §1.4, VPT's `tune_fgvc.py`; `FGVC_PROTOCOLS`): the prompt methods (`vpt_shallow`,
+FGVC (`docs/data.md`, VPT's `tune_fgvc.py`; `FGVC_PROTOCOLS`): the prompt methods (`vpt_shallow`,
 `vpt_deep`, `e2vpt`) search base lrs {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1} × weight decay {0.01, 0.001,
 0.0001, 0}, `linear` its own lr grid (VTAB's, with 0.05), `full` {5e-3, 1e-3, 5e-4, 1e-4} (all per 256 images);
 the other methods keep their VTAB-1k protocol. Tuning trains on `train` and selects on `val`, final runs train

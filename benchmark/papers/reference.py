@@ -78,7 +78,7 @@ SELECTION_PROTOCOLS: dict[str, str] = {
     "unknown": "not documented by the source",
 }
 # FGVC's labels (`results/reference/README.md`): VPT's and E2VPT's tuning scripts select on val, but neither paper
-# says whether its test number is of the last epoch or how many seeds it averages (specs/fgvc.md §1.4).
+# says whether its test number is of the last epoch or how many seeds it averages (docs/data.md, FGVC).
 FGVC_PROTOCOLS: dict[str, str] = {
     "val-tuned-unknown-aggregation": "hyper-parameters tuned on val; last or best epoch and number of seeds not "
     "documented",
@@ -146,7 +146,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         ("ssf",), "V-PETL Bench", "note", (),
         "SSF ran on AugReg IN-21k weights with 0.5/0.5 normalisation",
     ),
-    # The other backbones' rows (specs/backbones.md §2.3, §2.5): group means and the mean of groups only.
+    # The other backbones' rows (docs/backbones.md): group means and the mean of groups only.
     KnownIssue(
         ("full", "linear", "vpt_deep"), "a Korean VPT summary", "unconfirmed", GROUPS,
         "the two-decimal group means come from a secondary summary of the VPT paper; SNELL's and HyperAdapter's "
@@ -204,11 +204,11 @@ FGVC_KNOWN_ISSUES: tuple[KnownIssue, ...] = (
                "and says to pick the best of them by hand: the number may not be a seed mean"),
     KnownIssue(("ssf",), "SSF paper", "note", (), "SSF ran on AugReg IN-21k weights with 0.5/0.5 normalisation"),
     KnownIssue(("gps",), "V-PETL Bench", "note", (),
-               "GPS's scripts load timm's `vit_base_patch16_224_in21k` (specs/fgvc.md §1.3); which checkpoint that "
+               "GPS's scripts load timm's `vit_base_patch16_224_in21k` (docs/backbones.md); which checkpoint that "
                "name meant for its runs is not recorded"),
     KnownIssue(("full", "vpt_shallow", "vpt_deep", "gatevpt"), "DA-VPT Table 1", "note", ("mean",),
                "DA-VPT prints only the FGVC mean next to GateVPT's; whether it originates in the VPT paper is not "
-               "documented (specs/backbones.md §2.5)", (MAE, MOCO)),
+               "documented (docs/backbones.md)", (MAE, MOCO)),
 )  # fmt: skip
 SUITE_ISSUES: dict[str, tuple[KnownIssue, ...]] = {"vtab1k": KNOWN_ISSUES, "fgvc": FGVC_KNOWN_ISSUES}
 
