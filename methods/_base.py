@@ -34,6 +34,9 @@ from methods._recipe import OPTIMIZERS, SCHEDULES, Recipe  # noqa: F401 (Recipe'
 from methods._report import ParamReport
 
 HEAD_INITS = ("vpt", "torch", "trunc_normal")
+# Method families (`MethodConfig.category`): prompt (tokens or input prompts), adapter (modules kept at inference),
+# reparam (folds into the weights), selection (what to tune is searched per task), peft (HF peft tuners), baseline.
+CATEGORIES = ("prompt", "adapter", "reparam", "selection", "peft", "baseline", "other")
 # VPT's head bias: -log((1 - p) / p) with prior probability p = 0.01.
 VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
 
@@ -255,6 +258,9 @@ class MethodConfig:
     # (an initialisation, a loss term, a drop-path). Part of a run's identity (`method_version` in its config),
     # so results trained under another version are never resumed as if they were this one's.
     version: ClassVar[int] = 1
+    # The method's family on the leaderboard's plots (one colour per family, `CATEGORIES`): a plugin method that
+    # sets none still plots, as `other`.
+    category: ClassVar[str] = "other"
 
     recipe: Recipe = field(default_factory=Recipe)
 

@@ -115,6 +115,7 @@ class AdapterConfigBase(MethodConfig):
         head_init: `trunc_normal` (NOAH), `torch` or `vpt`.
     """
 
+    category: ClassVar[str] = "adapter"
     version: ClassVar[int] = 2  # 2: the official runs' re-initialisation by default (and Houlsby's second drop-path)
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     attach: ClassVar[tuple[str, ...]]

@@ -62,6 +62,7 @@ class AdaptFormerConfig(MethodConfig):
         head_init: `torch`, `trunc_normal` or `vpt`.
     """
 
+    category: ClassVar[str] = "adapter"
     identity_at_init: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 

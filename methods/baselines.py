@@ -64,6 +64,7 @@ class _BaselineConfig(MethodConfig):
         head_init: `vpt` (kaiming-normal fan_out, bias -4.5951) or `torch` (PyTorch default).
     """
 
+    category: ClassVar[str] = "baseline"
     model_cls: ClassVar[type[PeftModel]]
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     head_init: str = "vpt"

@@ -76,6 +76,7 @@ class BitFitConfig(MethodConfig):
         head_init: `torch`, `trunc_normal` or `vpt`.
     """
 
+    category: ClassVar[str] = "reparam"
     identity_at_init: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 

@@ -150,6 +150,7 @@ class _ConvpassConfig(PerTaskSettings, MethodConfig):
         per_task: apply the per-task s and conv init in `for_task`.
     """
 
+    category: ClassVar[str] = "adapter"
     identity_at_init: ClassVar[bool] = True
     needs: ClassVar[str] = (
         "a ViT's CLS token and one square patch grid of one width (its bypass reshapes the patch tokens to that "

@@ -187,6 +187,7 @@ class E2VPTConfig(PerTaskSettings, MethodConfig):
         window_order: Swin only: `official` or `per_sample` (as VPT's, `methods/_swin_prompts.py`).
     """
 
+    category: ClassVar[str] = "prompt"
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(default_factory=lambda: vpt_recipe(*VPT_DEFAULT_RECIPE))

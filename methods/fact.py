@@ -185,6 +185,7 @@ class _FacTConfig(PerTaskSettings, MethodConfig):
         per_task: apply the per-task rank and s in `for_task`.
     """
 
+    category: ClassVar[str] = "reparam"
     identity_at_init: ClassVar[bool] = True
     needs: ClassVar[str] = (
         "one width for every block: its factors U (D -> r) and V (r -> D) are shared by all blocks, "

@@ -289,6 +289,7 @@ class GPSConfig(PerTaskSettings, MethodConfig):
         per_task: apply the scripts' per-task batch, lr, drop-path and K in `for_task`.
     """
 
+    category: ClassVar[str] = "selection"
     identity_at_init: ClassVar[bool] = True
     decides_from: ClassVar[str] = "pretrained"
     needs: ClassVar[str] = "a ViT's patch-embedding conv and block Linears (timm's VisionTransformer)"

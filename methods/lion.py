@@ -293,6 +293,7 @@ class LIONConfig(MethodConfig):
         head_init: `torch` (project choice) or `vpt`.
     """
 
+    category: ClassVar[str] = "prompt"
     identity_at_init: ClassVar[bool] = True
     # Its layers act on the image and on the pooled feature only, so any family serves (the paper has Swin rows).
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")

@@ -107,6 +107,7 @@ class LNTuneModel(VectorTuningModel):
 class VectorTuningConfig(MethodConfig):
     """The fields, checks and backbone options LN-tune and DiffFit share (PETL_Vision's recipe and grid)."""
 
+    category: ClassVar[str] = "reparam"
     identity_at_init: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 

@@ -149,6 +149,7 @@ class LoRAConfig(MethodConfig):
         head_init: `trunc_normal` (NOAH), `torch` or `vpt`.
     """
 
+    category: ClassVar[str] = "reparam"
     version: ClassVar[int] = 2  # 2: init=noah (NOAH's re-initialised A and B) by default
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 

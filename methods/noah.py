@@ -258,6 +258,7 @@ class NOAHConfig(MethodConfig):
         head_init: `trunc_normal` (NOAH), `torch` or `vpt`.
     """
 
+    category: ClassVar[str] = "selection"
     needs: ClassVar[str] = (
         "a ViT's blocks with a fused qkv Linear and a token sequence to append prompts to (timm's VisionTransformer)"
     )
@@ -350,9 +351,8 @@ class NOAHConfig(MethodConfig):
     def search_params(self, d: int, widths: dict[str, list[int]]) -> int:
         """What the limit is compared with: the subnet's modules plus, with `count_input_prompt`, the code's input
         prompt and its position embedding."""
-        extra = (
-            (widths["prompt"][0] + self.supernet_rows) * d if self.count_input_prompt and widths["prompt"][0] else 0
-        )
+        prompt = widths["prompt"][0]
+        extra = (prompt + self.supernet_rows) * d if self.count_input_prompt and prompt else 0
         return subnet_params(d, widths) + extra
 
     def prune_candidates(

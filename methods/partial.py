@@ -80,6 +80,7 @@ class PartialConfig(MethodConfig):
         head_init: `vpt` (kaiming-normal fan_out, bias -4.5951), `torch` or `trunc_normal`.
     """
 
+    category: ClassVar[str] = "baseline"
     identity_at_init: ClassVar[bool] = True
     needs: ClassVar[str] = "a ViT's blocks and final norm (timm's VisionTransformer)"
     model_cls: ClassVar[type[PeftModel]] = PartialFinetune

@@ -3,9 +3,9 @@
 `peft` is the library people use for the LoRA family; nothing here re-implements a tuner. One generic method
 (`peft`, `--set tuner=lora|dora|vera|ia3|boft|oft|loha|lokr`) builds the tuner's peft config from the method's
 fields and hands the headless backbone to peft's tuner class, which swaps each targeted `nn.Linear` for its
-tuner layer in place (`specs/baselines_peft.md` §9). The suite's `PeftModel` keeps its own head, so peft's
+tuner layer in place (`docs/methods/peft_tuners.md`). The suite's `PeftModel` keeps its own head, so peft's
 `modules_to_save` is not needed; the registered names `peft_lora`, `peft_dora`, ... are the same method with
-the spec's §9 configuration as defaults.
+the configuration of `docs/methods/peft_tuners.md` as defaults.
 
 Options (`--set`):
 - common: `r`, `alpha`, `dropout`, `target_modules` (a comma list of module-name suffixes: `qkv`, `proj`,
@@ -83,7 +83,7 @@ class PeftTunerConfig(MethodConfig):
 
     Attributes:
         tuner: lora, dora, vera, ia3, boft, oft, loha or lokr.
-        r: rank (LoRA, DoRA, VeRA, LoHa, LoKr) or OFT's number of blocks; None: the tuner's §9 default.
+        r: rank (LoRA, DoRA, VeRA, LoHa, LoKr) or OFT's number of blocks; None: the tuner's documented default.
         alpha: scaling numerator (LoRA's lora_alpha, LoHa's and LoKr's alpha); None: the tuner's default.
         dropout: the tuner's dropout (input dropout for LoRA/DoRA/VeRA, multiplicative for BOFT/OFT); None: default.
         target_modules: comma list of module-name suffixes of the Linears to adapt (qkv, proj, fc1, fc2); None:
@@ -93,6 +93,7 @@ class PeftTunerConfig(MethodConfig):
         head_init: `torch` (PyTorch default) or `vpt`.
     """
 
+    category: ClassVar[str] = "peft"
     identity_at_init: ClassVar[bool] = True
     # The tuner a registered `peft_<tuner>` name stands for (None: any, chosen by `tuner`).
     fixed_tuner: ClassVar[str | None] = None
@@ -328,7 +329,7 @@ class PeftTunerModel(PeftModel):
 
 
 def _registered(tuner: str, doc: str) -> type[PeftTunerConfig]:
-    """`peft_<tuner>`: the generic method with `tuner` fixed and the spec's §9 configuration as defaults."""
+    """`peft_<tuner>`: the generic method with `tuner` fixed and its documented configuration as defaults."""
 
     cls = dataclasses.make_dataclass(
         f"Peft{tuner.capitalize()}Config",

@@ -182,6 +182,7 @@ class PGNConfig(MethodConfig):
         head_init: `torch` (PyTorch default; project choice) or `vpt`.
     """
 
+    category: ClassVar[str] = "prompt"
     identity_at_init: ClassVar[bool] = False
     needs: ClassVar[str] = (
         "a ViT's token sequence with a position embedding and a CLS token to append its generated prompts to "

@@ -126,6 +126,7 @@ class RepAdapterConfig(PerTaskSettings, MethodConfig):
         per_task: apply the per-task s in `for_task`.
     """
 
+    category: ClassVar[str] = "reparam"
     identity_at_init: ClassVar[bool] = True
     version: ClassVar[int] = 2  # 2: sparse_lambda 0 by default (cross-entropy alone, as the official main branch)
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")

@@ -277,6 +277,7 @@ class SCTConfig(PerTaskSettings, MethodConfig):
         per_task: apply the per-task lr and weight decay of the official script in `for_task`.
     """
 
+    category: ClassVar[str] = "selection"
     decides_from: ClassVar[str] = "pretrained"
     needs: ClassVar[str] = "a ViT's blocks with norm2, MLP and a fused qkv Linear (timm's VisionTransformer)"
 

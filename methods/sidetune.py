@@ -135,6 +135,7 @@ class SidetuneConfig(MethodConfig):
         head_init: `vpt` (kaiming-normal fan_out, bias -4.5951), `torch` or `trunc_normal`.
     """
 
+    category: ClassVar[str] = "baseline"
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     model_cls: ClassVar[type[PeftModel]] = SideTuned
 

@@ -259,6 +259,7 @@ class SPTConfigBase(MethodConfig):
         head_init: `trunc_normal` (the code's timm init), `torch` or `vpt`.
     """
 
+    category: ClassVar[str] = "selection"
     decides_from: ClassVar[str] = "pretrained"
     needs: ClassVar[str] = (
         "ViT blocks with fused qkv, proj, fc1 and fc2 Linears (timm's VisionTransformer; the official code's Swin "

@@ -122,6 +122,7 @@ class SSFConfig(MethodConfig):
         head_init: `torch` (timm's `reset_classifier`), `trunc_normal` or `vpt`.
     """
 
+    category: ClassVar[str] = "reparam"
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
 
     recipe: Recipe = field(

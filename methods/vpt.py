@@ -56,7 +56,7 @@ VPT_CONFIRMED_RECIPES = {
     "dmlab": (64, 1.0, 1e-3), "sun397": (128, 25.0, 1e-4), "eurosat": (64, 1.0, 1e-3), "svhn": (128, 2.5, 0.0),
 }  # fmt: skip
 VPT_DEFAULT_RECIPE = (64, 1.0, 1e-3)
-# FGVC (`specs/fgvc.md` §1.3–1.4): the prompt configs' batch of 128 and `tune_fgvc.py`'s prompt grid (VTAB's
+# FGVC (`docs/data.md`, FGVC grids): the prompt configs' batch of 128 and `tune_fgvc.py`'s prompt grid (VTAB's
 # without 0.05), the same weight decays. Per-dataset prompt lengths are not in the specs: the config's
 # `num_tokens` applies (an option, `--set num_tokens=`).
 VPT_FGVC_BASE_LRS = (50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1)
@@ -163,6 +163,7 @@ class _VPTConfig(PerTaskSettings, MethodConfig):
             images of a batch; see `methods/_swin_prompts.py`) or `per_sample`.
     """
 
+    category: ClassVar[str] = "prompt"
     families: ClassVar[tuple[str, ...]] = ("vit", "swin")
     deep: ClassVar[bool]
     recipe: Recipe = field(default_factory=lambda: vpt_recipe(*VPT_DEFAULT_RECIPE))

@@ -15,6 +15,8 @@ from benchmark.papers.reference import load_reference
 from benchmark.report.format import format_mean_std
 from benchmark.report.html import explain_protocol
 from benchmark.report.leaderboard import write_leaderboard
+from benchmark.report.plot_style import CATEGORY_STYLE, category
+from methods import list_methods
 from tasks import get_task
 
 # (method, protocol, per-task mean accuracy, tunable parameters): four methods, two protocols.
@@ -24,11 +26,11 @@ TASKS = ("cifar100", "dtd", "svhn", "eurosat", "clevr_count")
 SEEDS = (42, 44)
 
 
-def write_records(results: Path) -> None:
+def write_records(results: Path, rows=ROWS, seeds=SEEDS) -> None:
     """Result files as `benchmark.run.runner.execute` writes them, with provenance, speed and memory."""
-    for method, protocol, mean, tunable in ROWS:
+    for method, protocol, mean, tunable in rows:
         for t, task in enumerate(TASKS):
-            for s, seed in enumerate(SEEDS):
+            for s, seed in enumerate(seeds):
                 failed = method == "full" and task == "svhn" and seed == 44
                 record = {
                     "schema": 1, "method": method, "task": task, "group": get_task(task).group, "seed": seed,
@@ -252,3 +254,62 @@ def test_page_in_chromium(browser):
     events = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
     requests = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
     assert requests == [uri]
+
+
+# -- a crowded plot, in headless Chromium ---------------------------------------------------------------------------
+def crowd() -> tuple[tuple[str, str, float, int], ...]:
+    """Every registered method and two unregistered names (`other`), near one another: 68 to 72 % at 50k to 500k."""
+    names = [*list_methods(), "arc", "snell"]
+    return tuple(
+        (name, "grid", 68 + 4 * ((i * 7) % 11) / 10, int(50_000 * 10 ** (((i * 5) % 13) / 12)))
+        for i, name in enumerate(names)
+    )
+
+
+def test_crowded_plot_in_chromium(tmp_path):
+    """40 methods crowded together: no two labels intersect, all stay in the plot, the Pareto front is labelled; one
+    colour per family, distinct (colour, marker) pairs inside one, and a reported point drawn as our point of its
+    method (hollow)."""
+    from benchmark.report import screenshot as browser
+
+    reason = browser.missing()
+    if reason:
+        pytest.skip(f"browser test skipped: {reason}")
+    write_records(tmp_path, rows=crowd(), seeds=SEEDS[:1])
+    write_leaderboard(tmp_path, reference=load_reference())
+    driver = browser.chromium()
+    try:
+        driver.get((tmp_path / "leaderboard.html").as_uri())
+        labels, area, points = driver.execute_script(
+            """const plot = document.getElementById("plot");
+            const box = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+            const grid = Array.from(plot.querySelectorAll("line.grid")).map(box);
+            const area = [Math.min(...grid.map((b) => b[0])), Math.min(...grid.map((b) => b[1])),
+                          Math.max(...grid.map((b) => b[2])), Math.max(...grid.map((b) => b[3]))];
+            const labels = Array.from(plot.querySelectorAll(".label")).map((e) => [e.textContent, box(e)]);
+            const points = Array.from(plot.querySelectorAll(".pt")).map((e) => [e.dataset.tip.split("\\n")[0],
+                e.classList.contains("ours"), e.getAttribute(e.classList.contains("ours") ? "fill" : "stroke"),
+                e.getAttribute("d")]);
+            return [labels, area, points];""",
+        )
+    finally:
+        driver.quit()
+    assert len([p for p in points if p[1]]) == len(crowd()) and any(not p[1] for p in points)
+    boxes = [b for _, b in labels]
+    assert len(boxes) >= 3 and all(b[2] > b[0] and b[3] > b[1] for b in boxes)
+    crossing = [(labels[i][0], labels[j][0]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                if boxes[i][0] < boxes[j][2] and boxes[j][0] < boxes[i][2]
+                and boxes[i][1] < boxes[j][3] and boxes[j][1] < boxes[i][3]]  # fmt: skip
+    assert crossing == []
+    assert all(area[0] - 0.5 <= b[0] and b[2] <= area[2] + 0.5 and area[1] - 0.5 <= b[1] and b[3] <= area[3] + 0.5
+               for b in boxes)  # fmt: skip
+    colours: dict[str, set[str]] = {}
+    look: dict[str, set[tuple[str, str]]] = {}
+    for method, _, colour, shape in points:
+        colours.setdefault(category(method), set()).add(colour)
+        look.setdefault(method, set()).add((colour, shape))
+    assert all(len(c) == 1 for c in colours.values()) and len(colours) == len(CATEGORY_STYLE)
+    assert all(len(v) == 1 for v in look.values())  # ours and the papers' points of a method alike
+    for family in CATEGORY_STYLE:
+        pairs = [next(iter(v)) for m, v in look.items() if category(m) == family]
+        assert len(set(pairs)) == len(pairs), family

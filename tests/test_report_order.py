@@ -89,7 +89,7 @@ def test_incomplete_rows_come_after_complete_ones_in_every_file(tmp_path):
     assert page.count('class="pt ours"') == 2 and page.count('class="pt ours incomplete"') == 1
     front = re.search(r'<polyline id="pareto" points="([^"]+)"', page)[1].split()
     assert len(front) == 2  # lora, full: vpt_deep is smaller and ahead, but over 2 of the 3 tasks
-    tip = re.search(r'<circle class="pt ours incomplete"[^>]*data-tip="([^"]*)"', page)[1]
+    tip = re.search(r'<path class="pt ours incomplete"[^>]*data-tip="([^"]*)"', page)[1]
     assert "incomplete: 2 of the board&#x27;s 3 tasks" in tip
 
 

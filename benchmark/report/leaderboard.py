@@ -14,8 +14,8 @@ present only, so they are not comparable with a complete row's: the tables print
 is covered.
 
 With `reported` the table also holds the papers' rows from the reference CSV (`benchmark/papers/reference.py`),
-marked `kind` = `reported` with their source, and the plot overlays them as hollow markers labelled by
-source. Only the rows of the backbones our runs are compared with (`benchmark.papers.backbones.run_backbone`:
+marked `kind` = `reported` with their source, and the plot overlays them as hollow markers (the page's tooltips
+name the source). Only the rows of the backbones our runs are compared with (`benchmark.papers.backbones.run_backbone`:
 a Swin-B run's method brings the Swin-B rows, never the ViT-B/16 ones) are listed; a row of a backbone other than
 the default ViT-B/16 IN-21k has the backbone after its source. A run on a stand-in backbone or on synthetic tasks
 (the demo) only shows where it lands against them, not whether it reproduces them (`compare` says that).

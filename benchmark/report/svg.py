@@ -14,11 +14,25 @@ import numpy as np
 import pandas as pd
 
 from benchmark.report.format import SUITE_TASKS, format_count, format_mean_std, incomplete, printed, trained_params
+from benchmark.report.plot_style import (
+    CATEGORY_STYLE,
+    MARKERS,
+    Box,
+    Label,
+    pareto_front,
+    place_labels,
+    styles,
+    text_width,
+)
 from tasks import SUITES
 
-# matplotlib's default colour cycle, so a method has the same colour here and in accuracy_vs_params.png.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")  # fmt: skip
+# The labels' font size (page.css's `.plot .label`) and the markers' radius, in the SVG's pixels.
+LABEL_PX, RADIUS = 11, 6
+
+
+def _marker_path(marker: str) -> str:
+    """A marker's outline as path data, centred on the origin, of radius `RADIUS` (y down, as SVG's)."""
+    return "M" + " L".join(f"{x * RADIUS:.2f},{-y * RADIUS:.2f}" for x, y in MARKERS[marker]) + " Z"
 
 
 def _esc(value: Any) -> str:
@@ -61,14 +75,7 @@ def plot_svg(board: pd.DataFrame, suite: str = "vtab1k") -> str:
     if not points:
         return '<p class="empty">No row has both an accuracy and a parameter count to plot.</p>'
     ours = [p for p in points if p[3].get("kind", "ours") == "ours" and not incomplete(p[3])]
-    ours.sort(key=lambda p: (p[1], -p[2]))
-    front, best = [], -math.inf
-    for p in ours:
-        if p[2] > best:
-            front.append(p)
-            best = p[2]
-    if len(front) < 2:
-        front = []  # a front of one point is no line
+    front = [ours[i] for i in pareto_front([(p[1], p[2]) for p in ours])]
     legend = [("ours: mean over the board's tasks", '<circle cx="8" cy="0" r="5" fill="#555"/>')]
     if any(p[3].get("kind", "ours") == "ours" and incomplete(p[3]) for p in points):
         faint = '<circle class="incomplete" cx="8" cy="0" r="5" fill="#555" fill-opacity="0.35" stroke="#555"/>'
@@ -78,6 +85,9 @@ def plot_svg(board: pd.DataFrame, suite: str = "vtab1k") -> str:
                        '<circle cx="8" cy="0" r="5" fill="none" stroke="#555"/>'))  # fmt: skip
     if front:
         legend.append(("Pareto front of our complete rows", '<line class="front" x1="0" x2="16" y1="0" y2="0"/>'))
+    for family in sorted({s.family for s in styles(shown.method).values()}, key=list(CATEGORY_STYLE).index):
+        title, colour = CATEGORY_STYLE[family]
+        legend.append((title, f'<rect class="swatch" x="3" y="-5" width="10" height="10" fill="{colour}"/>'))
     width, left, right, bottom = 860, 64, 24, 52
     # The legend above the plotting area, in as many rows of 16 px as its entries need.
     places, x, y = [], left, 16
@@ -121,10 +131,10 @@ def plot_svg(board: pd.DataFrame, suite: str = "vtab1k") -> str:
         out.append(
             f'<polyline id="pareto{suffix}" points="{line}"><title>Pareto front of our complete rows</title></polyline>'
         )
-    colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(sorted(board.method.unique()))}
-    placed: list[tuple[float, float]] = []
+    style, on_front_keys = styles(board.method), {p[0] for p in front}
+    labels: list[tuple[str, str, Label, tuple[bool, float]]] = []
     for key, x, y, r in points:
-        kind = r.get("kind", "ours")
+        kind, s = r.get("kind", "ours"), style[r.method]
         if kind == "ours":
             seeds = f"{int(r.seeds)} seed{'s' * (int(r.seeds) != 1)}, {r.tasks}/{n_tasks} tasks"
             acc = f"accuracy {format_mean_std(y, r.get('avg_tasks_std'))} (mean over tasks)"
@@ -135,17 +145,27 @@ def plot_svg(board: pd.DataFrame, suite: str = "vtab1k") -> str:
             acc = f"accuracy {printed(y)} ({headline}, as printed)"
         head = _num(r.get("head"))
         params = f"params {format_count(r.tunable)}" + (f" + head {format_count(head)}" if head else "")
-        tip = "\n".join([r.method, r.protocol, seeds, acc, params])
-        style = f'fill="{colour[r.method]}"' if kind == "ours" else f'fill="none" stroke="{colour[r.method]}"'
+        tip = "\n".join([r.method, r.protocol, seeds, acc, params, f"family: {CATEGORY_STYLE[s.family][0]}"])
+        paint = f'fill="{s.colour}"' if kind == "ours" else f'fill="none" stroke="{s.colour}"'
         if kind == "ours" and incomplete(r):
-            kind, style = "ours incomplete", f'{style} fill-opacity="0.35" stroke="{colour[r.method]}"'
-        out.append(f'<circle class="pt {kind}" data-key="{key}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="6" {style} '
-                   f'data-tip="{_esc(tip)}"><title>{_esc(tip)}</title></circle>')  # fmt: skip
+            kind, paint = "ours incomplete", f'{paint} fill-opacity="0.35" stroke="{s.colour}"'
+        out.append(f'<path class="pt {kind}" data-key="{key}" data-family="{s.family}" data-marker="{s.marker}" '
+                   f'transform="translate({px(x):.1f} {py(y):.1f})" d="{_marker_path(s.marker)}" {paint} '
+                   f'data-tip="{_esc(tip)}"><title>{_esc(tip)}</title></path>')  # fmt: skip
         if kind.startswith("ours"):
-            near = sum(abs(px(x) - a) < 70 and abs(py(y) - b) < 12 for a, b in placed)
-            placed.append((px(x), py(y)))
-            out.append(f'<text class="label" data-key="{key}" x="{px(x) + 9:.1f}" y="{py(y) - 6 - 12 * near:.1f}">'
-                       f"{_esc(r.method)}</text>")  # fmt: skip
+            size = (text_width(r.method, LABEL_PX), LABEL_PX * 1.3)
+            on_front = key in on_front_keys
+            labels.append((key, r.method, Label(px(x), py(y), *size, front=on_front), (incomplete(r), -y)))
+    # Our other complete rows' labels by accuracy, then the incomplete ones' (the front's go first anyway).
+    labels.sort(key=lambda k: k[3])
+    area = Box(left, top, width - right, height - bottom)
+    marks = [(px(x), py(y)) for _, x, y, _ in points]
+    line = [(px(p[1]), py(p[2])) for p in front]
+    boxes = place_labels([k[2] for k in labels], area, RADIUS + 1, marks, line)
+    for (key, text, *_), box in zip(labels, boxes, strict=True):
+        if box is not None:  # the baseline sits one em below the box's top, so the descenders stay inside it
+            out.append(f'<text class="label" data-key="{key}" x="{box.x0:.1f}" y="{box.y0 + LABEL_PX * 1.02:.1f}">'
+                       f"{_esc(text)}</text>")  # fmt: skip
     for (x, y), (text, mark) in zip(places, legend, strict=True):
         out.append(
             f'<g class="legend" transform="translate({x} {y})">{mark}<text x="22" y="4">{_esc(text)}</text></g>'
