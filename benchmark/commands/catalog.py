@@ -21,7 +21,9 @@ from benchmark.core.errors import UserError
 def cmd_methods(args: argparse.Namespace) -> int:
     import methods
 
-    print("\n".join(methods.list_methods()))
+    for name in methods.list_methods():
+        origin = methods.method_origin(name)
+        print(name if origin is None else f"{name}  (plugin: {origin})")
     return 0
 
 
@@ -98,7 +100,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add this module's commands to the `python -m benchmark` subparsers."""
-    sub.add_parser("methods", help="list the registered methods, one per line").set_defaults(func=cmd_methods)
+    sub.add_parser(
+        "methods", help="list the registered methods, one per line (a plugin's with its distribution)"
+    ).set_defaults(func=cmd_methods)
     p = sub.add_parser(
         "tasks",
         help="a suite's tasks as a table (classes, split sizes, folders)",
