@@ -1,5 +1,3 @@
-import sys
+from benchmark.cli import entry_point
 
-from benchmark.cli import main
-
-sys.exit(main())
+entry_point()

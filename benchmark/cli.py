@@ -1,4 +1,5 @@
-"""`python -m benchmark <command>`: parses the command line and dispatches to `benchmark.commands`."""
+"""`peft-bench <command>` (= `python -m benchmark <command>`): parses the command line and dispatches to
+`benchmark.commands`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from benchmark.commands import COMMAND_MODULES
 from benchmark.commands.options import Parser
@@ -16,14 +18,28 @@ from benchmark.core.errors import Interrupted, UserError
 from benchmark.core.signals import interruptible
 from tasks.atomic import DISK_FULL
 
+# The console script's name; usage lines and `--help` show it however the program was started.
+PROG = "peft-bench"
+
 
 def build_parser() -> Parser:
-    parser = Parser(prog="python -m benchmark", description="peft-bench: PEFT methods for ViTs on VTAB-1k and FGVC.")
+    return build_parsers()[0]
+
+
+def build_parsers() -> tuple[Parser, dict[str, Parser]]:
+    """The program's parser, and each command's own parser by name (the Python API, `benchmark.api`, reads their
+    options)."""
+    parser = Parser(prog=PROG, description="peft-bench: PEFT methods for ViTs on VTAB-1k and FGVC.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
     parser.set_defaults(main=main)  # `batch` runs other commands through it, in its worker processes
-    return parser
+    return parser, dict(sub.choices)
+
+
+def entry_point() -> NoReturn:
+    """The `peft-bench` console script and `python -m benchmark`: exit with `main`'s status."""
+    sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

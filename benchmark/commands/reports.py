@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmark.commands.options import (
     method_names,
@@ -13,21 +13,37 @@ from benchmark.commands.options import (
 )
 from benchmark.core.errors import UserError
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.papers.reference import load_references
-    from benchmark.report.leaderboard import markdown, write_leaderboards
-    from benchmark.report.suite_board import suite_markdown
-    from benchmark.run.results import REPORT_FILES, check_outputs
 
-    results = Path(args.results).expanduser()
+def results_dir(text: str | Path) -> Path:
+    """The results directory `text` names, which must hold runs (`<results>/runs`)."""
+    results = Path(text).expanduser()
     if not (results / "runs").is_dir():
         raise UserError(
             f"no results in {results} (expected {results / 'runs'}); run `python -m benchmark bench` first"
         )
+    return results
+
+
+def leaderboard(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
+    """`leaderboard` of its parsed arguments: writes the files, returns each suite's board."""
+    from benchmark.papers.reference import load_references
+    from benchmark.report.leaderboard import write_leaderboards
+    from benchmark.run.results import REPORT_FILES, check_outputs
+
+    results = results_dir(args.results)
     check_outputs(results, REPORT_FILES)
     reference = load_references(args.reference) if args.reported or args.reference else None
-    boards = write_leaderboards(results, reference=reference, reported=args.reported or "methods", suite=args.suite)
+    return write_leaderboards(results, reference=reference, reported=args.reported or "methods", suite=args.suite)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.report.leaderboard import markdown
+    from benchmark.report.suite_board import suite_markdown
+
+    boards = leaderboard(args)
     print("\n".join(markdown(b) if s == "vtab1k" else suite_markdown(b, s) for s, b in boards.items()))
     return 0
 

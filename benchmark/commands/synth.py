@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmark.commands.options import (
     positive_int,
@@ -15,11 +15,15 @@ from benchmark.commands.options import (
 )
 from benchmark.core.errors import UserError
 
+if TYPE_CHECKING:
+    from tasks import Task
+
 # Training images per class when --per-class is not given: FGVC's 1,173 classes keep theirs few.
 DEFAULT_PER_CLASS = {"vtab1k": 8, "fgvc": 2}
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def synth(args: argparse.Namespace) -> tuple[Path, list[Task]]:
+    """`synth` of its parsed arguments: writes the tasks, returns the output folder and the tasks written."""
     from tasks.synth import SynthConfig, write_task
     from tasks.synth_fgvc import write_fgvc_task
 
@@ -37,6 +41,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for task in tasks:
         path = write(out, task, config)
         logging.getLogger("peft_bench").info("wrote %s", path)
+    return out, tasks
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    out, tasks = synth(args)
     print(f"{len(tasks)} synthetic task(s) in {out}")
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmark.commands.options import (
     backbone_options,
@@ -27,12 +27,17 @@ from benchmark.commands.options import (
 from benchmark.core.errors import UserError
 from benchmark.core.paths import check_cache_dir, check_dir
 
+if TYPE_CHECKING:
+    from benchmark.run.runner import Settings
+    from methods import MethodConfig
+    from tasks import Task
+
 
 def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, seeds: list[int], *,
-                     results: Path, **kwargs: Any) -> None:  # fmt: skip
+                     results: Path, **kwargs: Any) -> list[dict[str, Any]]:  # fmt: skip
     """`sweep.sweep` (or, with `--launcher local|slurm`, its driver) of each config in turn, with the command
     line's data, cache and progress options, then the leaderboard. Every config is checked against every task
-    before the first run (`sweep.task_configs`)."""
+    before the first run (`sweep.task_configs`). Returns the records of the runs executed."""
     from benchmark.report.leaderboard import write_leaderboard
     from benchmark.sweep.inline import sweep, task_configs
     from benchmark.sweep.launch import launch_options
@@ -80,6 +85,7 @@ def sweep_and_report(args: argparse.Namespace, configs: list[Any], tasks: list, 
         f"{len(executed)} run(s) executed, {failed} failed; leaderboard in {results / 'leaderboard.md'} "
         f"(in a browser: {results / 'leaderboard.html'})"
     )
+    return executed
 
 
 def check_output_paths(results: Path, configs: list[Any], launcher: str, cache_dir: str | None) -> None:
@@ -95,24 +101,29 @@ def check_output_paths(results: Path, configs: list[Any], launcher: str, cache_d
     check_outputs(results, REPORT_FILES)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`bench`'s sweep of its parsed arguments, then the leaderboard; returns the records of the runs executed."""
     check_cache_dir(args.cache_dir)  # before the libraries of the sweep, which complain about a bad $HOME too
     names = method_names(args.method)
     if not names:
         raise UserError("--method needs at least one method name (`python -m benchmark methods` lists them)")
-    sweep_and_report(
+    return sweep_and_report(
         args, [method_class(n)() for n in names], task_list(args.tasks, args.suite), args.seeds, results=Path(args.results).expanduser(),
         protocol=args.protocol, settings=run_settings(args), options=method_options(args), recipe_overrides=recipe_overrides(args),
     )  # fmt: skip
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench(args)
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def resolve_run(args: argparse.Namespace) -> tuple[Task, Settings, MethodConfig]:
+    """`run`'s task, settings and method config (resolved for the task, checked against the backbone's structure)
+    from its parsed arguments."""
     check_cache_dir(args.cache_dir)  # before the imports below, whose libraries complain about a bad $HOME too
-    from benchmark.run.resolve import build_backbone, resolve_config
-    from benchmark.run.results import check_writable, run_path, write_result
-    from benchmark.run.runner import RunSpec, check_config, execute, prepare_data
-    from benchmark.sweep.claims import claim_path, owner_label, read_owner, try_claim
+    from benchmark.run.resolve import resolve_config
+    from benchmark.run.runner import check_config
 
     cls = method_class(args.method)
     task = one_task(args.task, several="use `bench` for several", suite=args.suite)
@@ -121,10 +132,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = run_settings(args)
     config = resolve_config(cls, task.id, method_options(args), recipe_overrides(args))
     check_config(config, settings, f" on {task.id}")
+    return task, settings, config
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """`run` of its parsed arguments: the result record (also when the run failed: `status`) and its file."""
+    task, settings, config = resolve_run(args)
+    from benchmark.run.resolve import build_backbone
+    from benchmark.run.results import check_writable, run_path, write_result
+    from benchmark.run.runner import RunSpec, execute, prepare_data
+    from benchmark.sweep.claims import claim_path, owner_label, read_owner, try_claim
+
     out = (
         Path(args.out).expanduser()
         if args.out
-        else run_path(Path(args.results), cls.name, task.id, args.protocol, args.seed)
+        else run_path(Path(args.results), config.name, task.id, args.protocol, args.seed)
     )
     if out.is_dir():
         raise UserError(f"{out} is a directory where the result file belongs; pass another --out or --results")
@@ -142,18 +164,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         owner = read_owner(claim_path(out)) or {}
         raise UserError(f"{out} is being run by {owner_label(owner)}; wait for it, or pass another --out")
     try:
-        record = execute(spec, backbone, data, progress=not args.quiet)
+        record = execute(spec, backbone, data, progress=not args.quiet, result=out)
         write_result(out, record)
     finally:
         claim.release()
+    return record, out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    record, out = run(args)
     acc = record["test_acc"] if args.protocol == "final" else record["val_acc"]
     if record["status"] != "ok":
         print(f"run failed: {record['error']} (recorded in {out})", file=sys.stderr)
         return 1
-    print(
-        f"{cls.name} on {task.id} seed {args.seed}: {'test' if args.protocol == 'final' else task.suite_info.tune[1]} "
-        f"accuracy {acc:.2f}% -> {out}"
-    )
+    split = "test" if args.protocol == "final" else record["data"]["eval_split"]["name"]  # the suite's tuning split
+    print(f"{record['method']} on {record['task']} seed {args.seed}: {split} accuracy {acc:.2f}% -> {out}")
     return 0
 
 
