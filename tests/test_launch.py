@@ -32,10 +32,11 @@ PIPELINES = {
     "lion": ("camelyon", ["--seeds", "42", "--lr", "0.01"]),
     # FGVC: VPT's splits and random crops and flips drawn in the worker, as inline.
     "vpt_deep_fgvc": ("oxfordflowers", ["--suite", "fgvc", "--seeds", "42", "--set", "num_tokens=2"]),
-    # Swin: E2VPT's pruning pipeline with prompts beside the feature map, and the Swin prompt options, in the worker.
+    # Swin: E2VPT's pruning pipeline with prompts beside the feature map, and the Swin prompt options, in the worker;
+    # its curves through TensorBoard.
     "e2vpt_swin": ("camelyon", ["--backbone", "peft_bench_tiny_swin", "--seeds", "42", "--set", "max_token_levels=2",
                                 "--set", "max_segment_levels=2", "--set", "num_tokens=4", "--set", "pool=image",
-                                "--set", "window_order=per_sample"]),
+                                "--set", "window_order=per_sample", "--logger", "tensorboard"]),
 }  # fmt: skip
 
 
@@ -126,6 +127,12 @@ def test_local_workers_give_the_inline_results(pipeline, synth_root, fgvc_synth_
         assert record["config"]["backbone"] == "peft_bench_tiny_swin" and record["status"] == "ok"
         trained = record["config"]["method_config"]
         assert (trained["pool"], trained["window_order"], trained["num_tokens"]) == ("image", "per_sample", 4)
+        assert record["config"]["logger"] == "tensorboard"  # and the workers logged through it, beside each result
+        assert list((local / "runs/e2vpt/camelyon/final-s42.logs").glob("events.out.tfevents.*"))
+    if pipeline == "linear":  # the default logger's metrics, written by the workers beside each result
+        for path in (local / "runs").rglob("final-s*.json"):
+            assert json.loads(path.read_text())["config"]["logger"] == "csv"
+            assert (path.parent / f"{path.stem}.logs" / "metrics.csv").is_file()
     if method == "e2vpt":
         assert any("final-prune" in p for p in outcomes(local))
         stored = read_candidates(local / "runs/e2vpt/camelyon/decisions/final-prune-candidates.safetensors")
@@ -222,6 +229,8 @@ def test_slurm_launcher_gives_the_inline_results(synth_root, tmp_path, one_threa
              "--threads", "1"]  # fmt: skip
     assert main(bench_args("vpt_deep", tasks, synth_root, results, *extra, *slurm)) == 0
     assert outcomes(results) == outcomes(tmp_path / "inline")
+    finals = list((results / "runs").rglob("grid-s*.json"))
+    assert finals and all((p.parent / f"{p.stem}.logs" / "metrics.csv").is_file() for p in finals)  # from the jobs
     assert list((results / "logs").rglob("*_log.err"))
     assert not leftovers(results)
 

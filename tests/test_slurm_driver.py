@@ -202,12 +202,16 @@ def test_node_mode_packs_runs_into_one_job_with_a_worker_per_gpu(synth_root, tmp
     executor, params = fake_slurm(monkeypatch)
     results = tmp_path / "r"
     args = bench_args("linear", "camelyon", synth_root, results, "--seeds", "1,2,3,4,5,6,7,8,9", "--launcher",
-                      "slurm", "--slurm-gpus-per-job", "8", "--runs-per-job", "16")  # fmt: skip
+                      "slurm", "--slurm-gpus-per-job", "8", "--runs-per-job", "16", "--logger", "none")  # fmt: skip
     assert main(args) == 0
     assert executor.arrays == [1]  # 9 runs, up to 16 per job: one job
     assert params["ntasks_per_node"] == 8 and params["gpus_per_task"] == 1 and "gpus_per_node" not in params
     assert params["cpus_per_task"] == 8 and params["time"] == 240 * 2  # 8 per GPU; 2 runs per worker
-    assert len(list((results / "runs").rglob("final-s*.json"))) == 9
+    finals = list((results / "runs").rglob("final-s*.json"))
+    assert len(finals) == 9
+    # The job's workers trained under the sweep's logger, as recorded: none, so no log folder beside any result.
+    assert all(json.loads(p.read_text())["config"]["logger"] == "none" for p in finals)
+    assert not list((results / "runs").rglob("*.logs"))
 
 
 def test_each_task_of_a_node_mode_job_starts_at_its_own_share(monkeypatch):
@@ -319,7 +323,7 @@ def test_the_tasks_of_one_job_share_its_runs(slurm, watchdog, synth_root, tmp_pa
 
     monkeypatch.setattr(launch_module, "launch_options", two_tasks)
     results = tmp_path / "r"
-    seeds = ["--seeds", "1,2,3,4"]
+    seeds = ["--seeds", "1,2,3,4", "--logger", "tensorboard"]
     assert (
         main(bench_args("linear", "camelyon", synth_root, results, *seeds, *SLURM_CPU, "--slurm-cpus-per-job", "1"))
         == 0
@@ -336,3 +340,5 @@ def test_the_tasks_of_one_job_share_its_runs(slurm, watchdog, synth_root, tmp_pa
             for r in (results, tmp_path / "inline")
         )
         assert (a["status"], a["test_acc"], a["train_loss"]) == (b["status"], b["test_acc"], b["train_loss"])
+        assert a["config"]["logger"] == "tensorboard"  # the jobs logged through it, beside each result
+        assert list((results / f"runs/linear/camelyon/final-s{seed}.logs").glob("events.out.tfevents.*"))

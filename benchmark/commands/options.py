@@ -125,6 +125,7 @@ def one_task(spec: str, several: str = "pick one", suite: str = DEFAULT_SUITE) -
 
 def backbone_options(p: argparse.ArgumentParser) -> None:
     from benchmark.run.backbone import DEFAULT_BACKBONE, NORMALIZATIONS
+    from benchmark.run.loggers import LOGGERS
 
     g = p.add_argument_group("backbone and preprocessing")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm ViT name (default: %(default)s)")
@@ -154,6 +155,14 @@ def backbone_options(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         metavar="DIR",
         help="where decoded images are cached (default: $PEFT_BENCH_CACHE/arrays or ~/.cache/peft-bench/arrays)",
+    )
+    p.add_argument_group("training curves").add_argument(
+        "--logger",
+        choices=LOGGERS,
+        default="csv",
+        help="where each run's per-epoch metrics go, in <result>.logs/ beside its result file: csv (metrics.csv), "
+        "tensorboard (event files), wandb (an offline run unless $WANDB_MODE says otherwise), none "
+        "(default: %(default)s; recorded, but no part of a run's identity: a sweep resumes under another)",
     )
 
 
@@ -185,8 +194,10 @@ def training_options(p: argparse.ArgumentParser) -> None:
 
 def run_settings(args: argparse.Namespace):
     from benchmark.run.backbone import default_image_size
+    from benchmark.run.loggers import check_logger
     from benchmark.run.runner import Settings
 
+    check_logger(args.logger)  # a missing package stops the command before any training
     image_size = args.image_size or default_image_size(args.backbone)
     check_image_size(args.backbone, image_size)
     return Settings(
@@ -201,6 +212,7 @@ def run_settings(args: argparse.Namespace):
         eval_batch_size=args.eval_batch_size,
         compile=args.compile,
         data_on_device=args.data_on_device,
+        logger=args.logger,
     )
 
 

@@ -28,9 +28,9 @@ import functools
 import json
 from typing import Any
 
-# Settings fields that change a run's speed only (`runner.SPEED_ONLY`), and the fields of the run itself.
+# Settings fields that are no part of a run's identity (`runner.NOT_IDENTITY`), and the fields of the run itself.
 _NOT_CONFIGURATION = {"eval_batch_size", "compile", "data_on_device", "method", "task", "seed", "protocol", "mode"}
-_NOT_CONFIGURATION |= {"budget", "selection", "pruning", "decisions", "method_config"}
+_NOT_CONFIGURATION |= {"logger", "budget", "selection", "pruning", "decisions", "method_config"}
 _GRID_SELECTED = {"recipe.lr", "recipe.weight_decay", "recipe.lr_grid", "recipe.wd_grid"}
 
 

@@ -1,6 +1,10 @@
 """One LightningModule for every method: cross-entropy training of a `PeftModel`, top-1 evaluation.
 
 Batches arrive normalised (the DataModule normalises uint8 images on the device) or as cached features.
+
+Logged per epoch through `self.log` (to the Trainer's logger, if any: `benchmark.run.loggers`): `train/loss` (the
+epoch's mean, also on the progress bar) and `<eval split>/acc`; with a logger also `train/loss_step` (at the
+Trainer's step interval) and `<eval split>/loss`, which cost nothing without one.
 """
 
 from __future__ import annotations
@@ -57,12 +61,19 @@ class ClassificationModule(pl.LightningModule):
         self.diagnostics: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         self._loss_sum: Tensor | None = None
         self._seen = 0
+        self._eval_loss_sum: Tensor | None = None
+        self._eval_seen = 0
         # Fused optimiser kernels keep the whole update on the device (the default implementations read
         # their step counters on the host); None: fused on a GPU.
         self.fused_optimizer: bool | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.forward_head(x) if self.inputs == "features" else self.model(x)
+
+    @property
+    def _logging(self) -> bool:
+        """Whether the Trainer has a logger: then step losses and the evaluation loss are logged too."""
+        return bool(self.loggers)
 
     # -- training --------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -75,6 +86,10 @@ class ClassificationModule(pl.LightningModule):
         # Accumulated on the device: reading the loss every step would synchronise with the host.
         self._loss_sum += loss.detach() * y.shape[0]
         self._seen += y.shape[0]
+        # Only on the steps the Trainer writes to its logger (`self.log` costs as much as a small step computes;
+        # without gradient accumulation, the logger connector's step count is `global_step`).
+        if self._logging and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         extra = self.model.regularization()
         return loss if extra is None else loss + extra
 
@@ -98,13 +113,23 @@ class ClassificationModule(pl.LightningModule):
             raise NonFiniteLossError(f"non-finite {', '.join(bad)} in {phase}")
 
     # -- evaluation ------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._eval_loss_sum = torch.zeros((), device=self.device)
+        self._eval_seen = 0
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.eval_acc.update(self(x), y)
+        logits = self(x)
+        self.eval_acc.update(logits, y)
+        if self._logging:
+            self._eval_loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            self._eval_seen += y.shape[0]
 
     def on_test_epoch_end(self) -> None:
         self.eval_accuracy = 100.0 * self.eval_acc.compute().item()
         self.log(f"{self.eval_split}/acc", self.eval_accuracy)
+        if self._logging:
+            self.log(f"{self.eval_split}/loss", self._eval_loss_sum.item() / max(1, self._eval_seen))
         self.eval_acc.reset()
         self._record_diagnostics("eval")
 
@@ -124,4 +149,5 @@ class ClassificationModule(pl.LightningModule):
         else:
             optimizer = torch.optim.AdamW(groups, lr=r.lr, fused=fused or None)
         scheduler = LambdaLR(optimizer, lambda epoch: r.lr_at(epoch) / r.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # `name`: the key under which a LearningRateMonitor logs the learning rate (`lr`, or `lr/pg1`, ... per group).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "lr"}}

@@ -40,6 +40,7 @@ from benchmark.core.platform import peak_rss_mib
 from benchmark.data.arrays import SplitArrays, VTABDataModule, normalize
 from benchmark.data.cache import preprocessing, resize_side
 from benchmark.run.backbone import NORMALIZATIONS, meta_backbone
+from benchmark.run.loggers import LOGGERS, run_logging
 from benchmark.run.module import ClassificationModule
 from benchmark.run.results import SCHEMA_VERSION, provenance
 from benchmark.run.splits import SweepData, mode_splits
@@ -58,6 +59,8 @@ PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 DATA_ON_DEVICE = ("auto", "on", "off")
 # Settings that change a run's speed, not its outcome: recorded, but not compared when resuming.
 SPEED_ONLY = ("eval_batch_size", "compile", "data_on_device")
+# Settings recorded with each result that are no part of its identity: how fast it ran, and what was logged of it.
+NOT_IDENTITY = (*SPEED_ONLY, "logger")
 TUNING_SEED = 42
 # How much of a paper's protocol a `reproduce` sweep runs (`full`: all of it; `quick`: reduced, labelled).
 BUDGETS = ("full", "quick")
@@ -82,9 +85,12 @@ class Settings:
         data_on_device: `auto` keeps a task's uint8 images on the GPU when they fit in a quarter of its
             free memory (batches are then gathered there: no host-to-device copy per step); `on` always
             (also on a CPU, where it only changes how batches are gathered); `off` never.
+        logger: where the per-epoch metrics go besides the result (`benchmark.run.loggers`): `csv`,
+            `tensorboard`, `wandb` or `none`.
 
     `eval_batch_size`, `compile` and `data_on_device` change how fast a run goes, not what it computes,
-    so they are recorded with each result but are not part of its identity (`SPEED_ONLY`).
+    so they are recorded with each result but are not part of its identity (`SPEED_ONLY`); nor is `logger`,
+    which changes what is logged, not what is computed (`NOT_IDENTITY`).
 
     `budget`: `full`, or `quick` for a reduced reproduction (`reproduce --budget quick`); part of every
     run's identity, so runs planned under different budgets never stand in for one another.
@@ -102,6 +108,7 @@ class Settings:
     compile: bool = False
     data_on_device: str = "auto"
     budget: str = "full"
+    logger: str = "csv"
 
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
@@ -112,6 +119,8 @@ class Settings:
             raise UserError(f"unknown precision {self.precision!r}; pick one of {', '.join(PRECISIONS)}")
         if self.data_on_device not in DATA_ON_DEVICE:
             raise UserError(f"unknown data_on_device {self.data_on_device!r}; pick one of {', '.join(DATA_ON_DEVICE)}")
+        if self.logger not in LOGGERS:
+            raise UserError(f"unknown logger {self.logger!r}; pick one of {', '.join(LOGGERS)}")
 
 
 @dataclass
@@ -145,6 +154,7 @@ class RunSpec:
             "method_config": self.config.to_dict(),
             **asdict(self.settings),
         }
+        del out["logger"]  # recorded (`new_record`), but no part of the identity, which decisions also hash
         if out["budget"] == "full":
             del out["budget"]  # the default: results written before budgets existed keep their identity
         if self.selection is not None:
@@ -242,7 +252,7 @@ def new_record(spec: RunSpec, data: SweepData) -> dict[str, Any]:
         "val_acc": None,
         "params": None,
         "train_loss": [],
-        "config": spec.config_dict(),
+        "config": {**spec.config_dict(), "logger": spec.settings.logger},
         "selection": spec.selection,
         "pruning": spec.pruning,
         "feature_extraction_s": None,
@@ -263,8 +273,11 @@ def new_record(spec: RunSpec, data: SweepData) -> dict[str, Any]:
     }
 
 
-def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, progress: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; return its result record. Failures become `status: failed` records."""
+def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, progress: bool = False,
+            result: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train and evaluate one run; return its result record. Failures become `status: failed` records.
+
+    `result`: where the record will be written; its per-epoch metrics go beside it (`benchmark.run.loggers`)."""
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     train_split, eval_split = mode_splits(spec.task, spec.mode)
@@ -314,22 +327,25 @@ def execute(spec: RunSpec, backbone: VisionTransformer, data: SweepData, *, prog
             on_device=spec.settings.data_on_device if inputs == "images" else "off",
         )
         timer = _TrainTimer()
-        trainer = pl.Trainer(
-            max_epochs=recipe.epochs,
-            accelerator="auto",
-            devices=1,
-            precision=PRECISIONS[spec.settings.precision],
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
-            num_sanity_val_steps=0,
-            inference_mode=True,  # evaluation under torch.inference_mode
-            callbacks=[timer],
-            plugins=[LightningEnvironment()],  # one single-device process: never SLURM's, even inside a job
-        )
-        trainer.fit(module, datamodule=datamodule)
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        steps = len(train) // recipe.batch_size  # full batches per epoch
+        with run_logging(spec.settings.logger, result, hparams=record["config"], steps_per_epoch=steps) as logs:
+            trainer = pl.Trainer(
+                max_epochs=recipe.epochs,
+                accelerator="auto",
+                devices=1,
+                precision=PRECISIONS[spec.settings.precision],
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=progress,
+                num_sanity_val_steps=0,
+                inference_mode=True,  # evaluation under torch.inference_mode
+                plugins=[LightningEnvironment()],  # one single-device process: never SLURM's, even inside a job
+                logger=logs.logger,
+                log_every_n_steps=logs.log_every_n_steps,
+                callbacks=[*logs.callbacks, timer],  # the timer last: its epoch starts after the others' work
+            )
+            trainer.fit(module, datamodule=datamodule)
+            trainer.test(module, datamodule=datamodule, verbose=False)
         record["test_acc" if eval_split == "test" else "val_acc"] = module.eval_accuracy
         if spec.save_state is not None:
             spec.save_state.parent.mkdir(parents=True, exist_ok=True)

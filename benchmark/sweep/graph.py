@@ -141,7 +141,9 @@ class Sweep(PruningStage):
                 tqdm.write(f"{plan.path}: took over the run from {claim.reclaimed_from}", file=sys.stderr)
             spec = plan.spec
             self.bar.set_postfix_str(f"{spec.task.id} {plan.path.stem}")
-            record = execute(spec, self.backbones(spec.config), self.data, progress=self.run_progress)
+            record = execute(
+                spec, self.backbones(spec.config), self.data, progress=self.run_progress, result=plan.path
+            )
             if not claim.held():
                 raise UserError(
                     f"another process took over {plan.path} while it ran (its claim had gone stale); "

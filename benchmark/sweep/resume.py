@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.run.results import read_result
-from benchmark.run.runner import SPEED_ONLY, RunSpec, SweepData
+from benchmark.run.runner import NOT_IDENTITY, RunSpec, SweepData
 from benchmark.run.splits import mode_splits
 
 # The parts of a run's config that earlier stages decide.
@@ -29,7 +29,7 @@ def identity(config: dict[str, Any], *, deferred: bool, grid: bool) -> dict[str,
     that is how a sweep checks its runs before the decisions exist; once they do, every run is compared whole.
     """
     config = json.loads(json.dumps(config))
-    for key in SPEED_ONLY:
+    for key in NOT_IDENTITY:
         config.pop(key, None)
     if deferred:
         for key in DECIDED:
