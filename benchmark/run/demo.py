@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_fabric.plugins.environments import LightningEnvironment
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 from torch import Tensor
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmark.data.arrays import normalize
 from benchmark.run.backbone import DEMO_BACKBONE, DEMO_VIT_ARGS, NORMALIZATIONS
+from benchmark.run.runner import quiet_lightning
 from tasks.synth import finish_image, paint_shape, unit_grid
 
 HEADS = {"texture": 4, "shape": 3, "hue": 6}
@@ -106,6 +108,7 @@ def pretrain(out: Path, *, images: int = 20_000, epochs: int = 6, batch_size: in
              seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
     """Pretrain the demo backbone on the upstream task and write `out` (safetensors) and `out.json` (report)."""
     started = time.perf_counter()
+    quiet_lightning()  # a first `make demo` shows the progress bar and the one-line report, not Lightning's banners
     pl.seed_everything(seed, workers=True, verbose=False)
     x, y = upstream_data(images, seed)
     val_x, val_y = upstream_data(2_000, seed + 1)
@@ -114,7 +117,7 @@ def pretrain(out: Path, *, images: int = 20_000, epochs: int = 6, batch_size: in
     module = UpstreamModule(backbone, lr)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
-                         check_val_every_n_epoch=epochs)  # fmt: skip
+                         check_val_every_n_epoch=epochs, plugins=[LightningEnvironment()])  # fmt: skip
     train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
     val = DataLoader(TensorDataset(val_x, val_y), batch_size=512)
