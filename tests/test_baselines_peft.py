@@ -1,4 +1,4 @@
-"""LoRA, Adapter, AdaptFormer, BitFit, SSF, FacT and RepAdapter against their spec (baselines_peft.md), and
+"""LoRA, Adapter, AdaptFormer, BitFit, SSF, FacT and RepAdapter against their notes (docs/methods/), and
 merging: every registered method either folds into a plain timm ViT with the same logits or says it cannot."""
 
 from __future__ import annotations

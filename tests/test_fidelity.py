@@ -1,5 +1,5 @@
-"""The baselines start and train as the official runs behind their reference rows did (baselines_peft.md,
-"Corrections after running the official code"), and a result records the training semantics that produced it.
+"""The baselines start and train as the official runs behind their reference rows did (what running the official code
+showed: docs/methods/adapters.md and reparameterisation.md), and a result records the training semantics that produced it.
 
 - `lora`, `adapter`: NOAH's `VisionTransformer.__init__` re-initialises every Linear after the blocks are built;
 - `adapter_houlsby`: PETL_Vision's timm `init_weights` does the same, and its block applies drop-path twice on

@@ -1,5 +1,5 @@
 """LN-tune, DiffFit and the LoRA-initialised Pfeiffer adapter (`lora_adapter`) against their specs
-(more_methods.md, baselines_peft.md): ViT-B/16 counts, what trains, where DiffFit's γ acts, merging, the adapter's
+(docs/methods/reparameterisation.md, adapters.md): ViT-B/16 counts, what trains, where DiffFit's γ acts, merging, the adapter's
 placement and inits, refused options, and one `bench` run of the three."""
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 SPEC_VPT_BASE = [50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05]
 SPEC_FULL_BASE = [0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 5e-4, 1e-4]
 SPEC_WDS = [0.01, 0.001, 0.0001, 0.0]
-# vpt.md §4: the confirmed per-task batch sizes (128 for svhn and sun397, else 64).
+# docs/methods/prompts.md: the confirmed per-task batch sizes (128 for svhn and sun397, else 64).
 VPT_BATCH_128 = {"svhn", "sun397"}
-# e2vpt.md §6: pre-pruning prompt length P per task; §4: rewind pairs per P (|T| × |S|, |S| = 8).
+# docs/methods/prompts.md: pre-pruning prompt length P per task; rewind pairs per P (|T| × |S|, |S| = 8).
 E2VPT_P = {"cifar100": 5, "caltech101": 32, "flowers102": 1, "dsprites_loc": 5, "dsprites_ori": 5}
 E2VPT_PAIRS = {1: 8, 5: 40, 10: 72, 32: 72}
 

@@ -17,18 +17,17 @@ that produced them, from the project's notes (`docs/methods/prompts.md`, `docs/m
   published numbers were selected on the test set (best of ten test evaluations, one seed); the suite
   never does that, so `compare` marks the protocols as different and last-epoch numbers run lower.
 - The table baselines (`docs/methods/adapters.md`, `docs/methods/reparameterisation.md`), keyed by
-  name: `lora`, `adapter` (NOAH's fixed recipe,
-  §1.3), `fact_tt`, `fact_tk` (per-task rank and scale, fixed lr, §6) and `repadapter` (per-task scale, fixed
-  lr, §7) the `final` protocol with their recipes (published numbers test-selected, as Convpass's);
-  `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf`, `ln_tune`, `difffit`, `lora_adapter` PETL_Vision's val-tuned grid (§10: AdamW lr {1e-2, 1e-3}
+  name: `lora`, `adapter` (NOAH's fixed recipe), `fact_tt`, `fact_tk` (per-task rank and scale, fixed lr) and `repadapter` (per-task scale, fixed
+  lr) the `final` protocol with their recipes (published numbers test-selected, as Convpass's);
+  `adapter_houlsby`, `adaptformer`, `bitfit`, `ssf`, `ln_tune`, `difffit`, `lora_adapter` PETL_Vision's val-tuned grid (AdamW lr {1e-2, 1e-3}
   × weight decay {1e-4, 1e-3} at batch 64; its per-task search over method sizes is not rerun), the only
-  published protocol of theirs the spec pins down; the `peft` tuners have no published numbers (§9), so
+  published protocol of theirs the spec pins down; the `peft` tuners have no published numbers, so
   the same grid on val200 with the suite's seeds, and `compare` lists them as unreported.
 
 - VPT's own baselines: `partial_1` full fine-tuning's grid, `mlp_3` and `sidetune` the linear probe's (VPT ran
   them through the same tuning script). `sct`, `gps`, `spt_lora`, `spt_adapter` and `noah`: the `final` protocol
   with the fixed per-task recipes of their official scripts, after the method's own selection or search stage
-  (`more_methods.md`); their published numbers come from compilations whose selection is unknown.
+  (`docs/methods/selection.md`); their published numbers come from compilations whose selection is unknown.
 
 `--budget quick` keeps one seed (42) and a 2 × 1 grid (and, for E²VPT, 3 × 2 pruning levels); every
 result records the budget, so the leaderboard and `compare` label it. Known gap: VPT-shallow's prompt
@@ -98,40 +97,45 @@ class PaperProtocol:
     spec: str = ""
 
 
-# PETL_Vision's AdamW grid (`baselines_peft.md` §10): lr {1e-2, 1e-3} at batch 64 (per 256: {0.04, 0.004}) ×
+# PETL_Vision's AdamW grid (`docs/protocols.md`): lr {1e-2, 1e-3} at batch 64 (per 256: {0.04, 0.004}) ×
 # weight decay {1e-4, 1e-3}; the quick budget keeps both lrs and the smaller weight decay.
 PETL_BASE_LRS, PETL_WDS = (0.04, 0.004), (1e-4, 1e-3)
 PETL_VISION_GRID = PaperProtocol("grid", PETL_BASE_LRS, PETL_WDS, PETL_BASE_LRS, PETL_WDS[:1],
-                                 recipe={"optimizer": "adamw"}, spec="baselines_peft.md §10")  # fmt: skip
+                                 recipe={"optimizer": "adamw"}, spec="docs/protocols.md")  # fmt: skip
 # Methods without published numbers: the same grid on val200, the suite's seeds (the suite's choice).
-SUITE_GRID = dataclasses.replace(PETL_VISION_GRID, spec="baselines_peft.md §9 (no published numbers; suite grid)")
+SUITE_GRID = dataclasses.replace(
+    PETL_VISION_GRID, spec="docs/methods/peft_tuners.md: no published numbers; suite grid"
+)
 
 PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
-    "vpt_deep": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
-    "vpt_shallow": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
+    "vpt_deep": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="docs/methods/prompts.md"),
+    "vpt_shallow": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="docs/methods/prompts.md"),
     "e2vpt": PaperProtocol(
         "grid",
         VPT_BASE_LRS,
         VPT_WDS,
         *VPT_QUICK,
         quick_options={"max_token_levels": "3", "max_segment_levels": "2"},
-        spec="e2vpt.md §4",
+        spec="docs/methods/prompts.md",
     ),
-    "linear": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="baselines_and_protocols.md §6"),
-    "full": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="baselines_and_protocols.md §6"),
+    "linear": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="docs/methods/baselines.md"),
+    "full": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="docs/methods/baselines.md"),
     # VPT's own baselines: Partial-1 trains backbone weights (full's grid), Mlp-3 and Sidetune a head (linear's).
-    "partial_1": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="vpt.md §6"),
-    "mlp_3": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
-    "sidetune": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="vpt.md §6"),
+    "partial_1": PaperProtocol("grid", FULL_BASE_LRS, VPT_WDS, *FULL_QUICK, spec="docs/methods/baselines.md"),
+    "mlp_3": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="docs/methods/baselines.md"),
+    "sidetune": PaperProtocol("grid", VPT_BASE_LRS, VPT_WDS, *VPT_QUICK, spec="docs/methods/baselines.md"),
     # Fixed per-task recipes of the official scripts, each after its own selection or search stage.
-    **{m: PaperProtocol("final", spec="more_methods.md") for m in ("sct", "gps", "spt_lora", "spt_adapter", "noah")},
-    "convpass": PaperProtocol("final", spec="convpass.md §6"),
-    "convpass_attn": PaperProtocol("final", spec="convpass.md §6"),
-    "lora": PaperProtocol("final", spec="baselines_peft.md §1.3"),
-    "adapter": PaperProtocol("final", spec="baselines_peft.md §1.3"),
-    "fact_tt": PaperProtocol("final", spec="baselines_peft.md §6"),
-    "fact_tk": PaperProtocol("final", spec="baselines_peft.md §6"),
-    "repadapter": PaperProtocol("final", spec="baselines_peft.md §7"),
+    **{
+        m: PaperProtocol("final", spec="docs/methods/selection.md")
+        for m in ("sct", "gps", "spt_lora", "spt_adapter", "noah")
+    },
+    "convpass": PaperProtocol("final", spec="docs/methods/adapters.md"),
+    "convpass_attn": PaperProtocol("final", spec="docs/methods/adapters.md"),
+    "lora": PaperProtocol("final", spec="docs/methods/reparameterisation.md"),
+    "adapter": PaperProtocol("final", spec="docs/methods/adapters.md"),
+    "fact_tt": PaperProtocol("final", spec="docs/methods/reparameterisation.md"),
+    "fact_tk": PaperProtocol("final", spec="docs/methods/reparameterisation.md"),
+    "repadapter": PaperProtocol("final", spec="docs/methods/reparameterisation.md"),
     **{
         m: PETL_VISION_GRID
         for m in ("adapter_houlsby", "adaptformer", "bitfit", "ssf", "ln_tune", "difffit", "lora_adapter")
@@ -141,12 +145,12 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
         for m in ("peft", *(f"peft_{t}" for t in ("lora", "dora", "vera", "ia3", "boft", "oft", "loha", "lokr")))
     },
 }
-# FGVC's grids (`fgvc.md` §1.4), where they differ from VTAB-1k's; the quick budget keeps two base lrs of
+# FGVC's grids (`docs/data.md`), where they differ from VTAB-1k's; the quick budget keeps two base lrs of
 # each grid and one weight decay, as on VTAB-1k.
 VPT_FGVC_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1)
 LINEAR_FGVC_BASE_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
 FULL_FGVC_BASE_LRS = (5e-3, 1e-3, 5e-4, 1e-4)
-FGVC_SPEC = "fgvc.md §1.4"
+FGVC_SPEC = "docs/data.md"
 FGVC_PROTOCOLS: dict[str, PaperProtocol] = {
     **{m: dataclasses.replace(PAPER_PROTOCOLS[m], base_lrs=VPT_FGVC_BASE_LRS, spec=FGVC_SPEC)
        for m in ("vpt_shallow", "vpt_deep", "e2vpt")},
