@@ -80,6 +80,12 @@ def run_logging(
         yield RunLogging(
             logger, [LearningRateMonitor(logging_interval="epoch")], max(1, min(STEP_INTERVAL, steps_per_epoch))
         )
+    except BaseException as e:
+        # A signal stops the run unrecorded (`core.errors.Interrupted`, Ctrl-C): its partial curves go with it, so
+        # a stopped sweep leaves nothing half-written. A failing run (an Exception) keeps them beside its record.
+        if not isinstance(e, Exception):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         if name == "wandb":  # else the next run of a sweep would log into this one's wandb run
             import wandb
