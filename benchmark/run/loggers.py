@@ -71,6 +71,11 @@ def run_logging(
         yield RunLogging()
         return
     from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    # Every run is one single-device process, but Lightning's loggers write only where `rank_zero_only.rank` is 0,
+    # which it reads from SLURM_PROCID & co. at import: in a SLURM job's second task (node mode) nothing would land.
+    rank_zero_only.rank = 0
 
     folder = log_dir(result)
     folder.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary folder when its folder is missing
