@@ -89,7 +89,8 @@ DEMO_JOBS ?= $(shell n=$$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/
 # and its own wall time, the backbone's pretraining included when it ran.
 demo: $(STAMP) demo-clock $(DEMO_WEIGHTS)
 	$(PY) -m benchmark synth --out $(DEMO_DATA) --tasks $(DEMO_TASKS) --per-class 24 --image-size 32 --seed 0
-	$(PY) -m benchmark batch --jobs $(DEMO_JOBS) --results $(DEMO_RESULTS) \
+	@echo "$(PY) -m benchmark batch: $(words $(DEMO_GROUPS)) bench commands (DEMO_GROUPS), $(DEMO_JOBS) at a time; their times at the end"
+	@$(PY) -m benchmark batch --jobs $(DEMO_JOBS) --results $(DEMO_RESULTS) \
 		$(foreach g,$(DEMO_GROUPS),--command "$(DEMO_BENCH) $(DEMO_RUN_$(g)) --threads 1 --quiet")
 	$(PY) -m benchmark compare --results $(DEMO_RESULTS)
 	@echo "make demo: $$(( $$(date +%s) - $$(cat $(DEMO_CLOCK)) )) s wall, from its start (pretraining included when it ran)"
@@ -125,9 +126,10 @@ reproduce: $(STAMP)
 perf: $(STAMP)
 	$(PY) -m benchmark perf --sweep $(ARGS)
 
-# The README's picture of the demo's leaderboard.html, taken in headless Chromium (after `make demo`).
+# The README's picture of the demo's leaderboard.html, taken in headless Chromium (after `make demo`): the page's
+# top (header, plot and the first rows of the summary); the whole page with every method is over 5,000 pixels tall.
 screenshot: $(STAMP)
-	$(PY) -m benchmark.report.screenshot $(DEMO_RESULTS)/leaderboard.html docs/leaderboard.png
+	$(PY) -m benchmark.report.screenshot $(DEMO_RESULTS)/leaderboard.html docs/leaderboard.png --height 1800
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -28,3 +28,14 @@ def test_batch_runs_each_command_reports_times_and_the_worst_exit(tmp_path, caps
 def test_batch_refuses_to_nest(capsys):
     assert main(["batch", "--command", "batch --command methods"]) == 2
     assert "cannot run `batch` itself" in capsys.readouterr().err
+
+
+def test_batch_lists_the_arguments_every_command_shares_once(tmp_path, capsys):
+    out = tmp_path / "synth"
+    code = main(["batch", "--jobs", "1",
+                 "--command", f"synth --out {out} --tasks eurosat --per-class 2 --seed 0",
+                 "--command", f"synth --out {out} --tasks svhn --per-class 2 --seed 0"])  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"every command: synth --out {out} --tasks … --per-class 2 --seed 0, where … is as listed" in lines
+    assert [line.split()[1:] for line in lines if line.startswith("  ")] == [["ok", "eurosat"], ["ok", "svhn"]]

@@ -313,3 +313,21 @@ def test_crowded_plot_in_chromium(tmp_path):
     for family in CATEGORY_STYLE:
         pairs = [next(iter(v)) for m, v in look.items() if category(m) == family]
         assert len(set(pairs)) == len(pairs), family
+
+
+def test_screenshot_takes_the_whole_page_or_its_top(tmp_path, capsys):
+    from PIL import Image
+
+    from benchmark.report import screenshot as browser
+
+    if reason := browser.missing():
+        pytest.skip(f"browser test skipped: {reason}")
+    write_records(tmp_path)
+    write_leaderboard(tmp_path)
+    page = tmp_path / "leaderboard.html"
+    assert browser.main([str(page), str(tmp_path / "whole.png"), "--width", "900"]) == 0
+    assert browser.main([str(page), str(tmp_path / "top.png"), "--width", "900", "--height", "400"]) == 0
+    whole, top = Image.open(tmp_path / "whole.png"), Image.open(tmp_path / "top.png")
+    assert whole.width == top.width == 900 and top.height == 400 < whole.height
+    assert browser.main([str(tmp_path / "nothing.html"), str(tmp_path / "no.png")]) == 2
+    assert "no page at" in capsys.readouterr().err and not (tmp_path / "no.png").exists()

@@ -3,7 +3,8 @@
 Each command runs exactly as it would on its own (`benchmark.cli.main` on its arguments), in one of `--jobs` worker
 processes that each import the libraries once and then take the next command from the queue, in the order given
 (longest first keeps the queues even). Started with `spawn`, so no worker inherits the parent's torch threads.
-At the end it prints each command's wall time, the runs' time per method of `--results` when given, and its own.
+At the end it prints each command's wall time (the arguments every command shares once, then what sets each apart),
+the runs' time per method of `--results` when given, and its own.
 A failing command does not stop the others; the exit status is the worst one.
 """
 
@@ -54,6 +55,21 @@ def method_times(results: Path) -> dict[str, tuple[int, float]]:
     return {m: (int(n), s) for m, (n, s) in totals.items()}
 
 
+def shared_arguments(commands: list[list[str]]) -> tuple[int, int]:
+    """How many leading and trailing arguments every command shares (0, 0 for a single command), so that the
+    listing of times can print them once and each command by what sets it apart."""
+    if len(commands) < 2:
+        return 0, 0
+    shortest = min(len(c) for c in commands)
+    head = 0
+    while head < shortest and len({c[head] for c in commands}) == 1:
+        head += 1
+    tail = 0
+    while tail < shortest - head and len({c[-1 - tail] for c in commands}) == 1:
+        tail += 1
+    return head, tail
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     commands = [shlex.split(c) for c in args.command]
     if any(c and c[0] == "batch" for c in commands):
@@ -71,10 +87,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 print(f"batch: `{args.command[i]}` died ({type(e).__name__}: {e})", file=sys.stderr)
                 done[i] = (1, float("nan"))
     wall = time.perf_counter() - t0
+    head, tail = shared_arguments(commands)
+    if head or tail:
+        first = commands[0]
+        shared = " ".join(
+            part for part in (shlex.join(first[:head]), "…", shlex.join(first[len(first) - tail :])) if part
+        )
+        print(f"\nevery command: {shared}, where … is as listed")
     print("\ncommand times (s):")
-    for i, text in enumerate(args.command):
+    for i, argv in enumerate(commands):
         code, seconds = done[i]
-        print(f"  {seconds:7.1f}  {'ok' if code == 0 else f'exit {code}'}  {text}")
+        own = (shlex.join(argv[head : len(argv) - tail]) or "(nothing more)") if head or tail else args.command[i]
+        print(f"  {seconds:7.1f}  {'ok' if code == 0 else f'exit {code}'}  {own}")
     if args.results is not None and (times := method_times(Path(args.results))):
         print("run time per method (s, summed over its runs):")
         for method, (runs, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1]):

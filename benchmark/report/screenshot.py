@@ -52,8 +52,8 @@ def chromium(width: int = 1400, height: int = 1000) -> Any:
     return webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
 
 
-def screenshot(page: Path, png: Path, width: int = 1400, hover: bool = True) -> None:
-    """A PNG of the whole of `page` (opened from disk) at `width` CSS pixels.
+def screenshot(page: Path, png: Path, width: int = 1400, hover: bool = True, height: int | None = None) -> None:
+    """A PNG of `page` (opened from disk) at `width` CSS pixels: the whole page, or its top `height` pixels.
 
     With `hover`, the pointer rests on the plot's point of the first row, so the picture shows a tooltip.
     """
@@ -66,8 +66,12 @@ def screenshot(page: Path, png: Path, width: int = 1400, hover: bool = True) -> 
     driver = chromium(width)
     try:
         driver.get(page.as_uri())
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(width, height + 120)  # the window's frame is not part of the viewport
+        whole = driver.execute_script("return document.documentElement.scrollHeight")
+        wanted = min(whole, height or whole)
+        driver.set_window_size(width, wanted)
+        # The window's frame is not part of the viewport, and its size differs between Chromium's versions.
+        frame = driver.execute_script("return window.outerHeight - window.innerHeight")
+        driver.set_window_size(width, wanted + frame)
         points = driver.find_elements(By.CSS_SELECTOR, ".pt.ours")
         if hover and points:
             ActionChains(driver).move_to_element(points[0]).perform()
@@ -81,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("page", type=Path)
     parser.add_argument("png", type=Path)
     parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("--height", type=int, metavar="PX",
+                        help="only the page's top PX pixels (default: the whole page)")  # fmt: skip
     parser.add_argument("--no-hover", action="store_true", help="no tooltip in the picture")
     args = parser.parse_args(argv)
+    if args.height is not None and args.height < 1:
+        parser.error(f"argument --height: must be a positive number of pixels, got {args.height}")
     try:
-        screenshot(args.page, args.png, args.width, hover=not args.no_hover)
+        screenshot(args.page, args.png, args.width, hover=not args.no_hover, height=args.height)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
