@@ -331,3 +331,13 @@ def test_screenshot_takes_the_whole_page_or_its_top(tmp_path, capsys):
     assert whole.width == top.width == 900 and top.height == 400 < whole.height
     assert browser.main([str(tmp_path / "nothing.html"), str(tmp_path / "no.png")]) == 2
     assert "no page at" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
+
+
+@pytest.mark.parametrize("option", ["--height", "--width"])
+def test_screenshot_refuses_a_size_that_is_not_a_positive_integer(tmp_path, capsys, option):
+    from benchmark.report import screenshot as browser
+
+    with pytest.raises(SystemExit) as exit_:
+        browser.main([str(tmp_path / "leaderboard.html"), str(tmp_path / "top.png"), option, "0"])
+    assert exit_.value.code == 2 and not (tmp_path / "top.png").exists()
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"argument {option}: must be a positive integer, got 0")

@@ -81,16 +81,16 @@ def screenshot(page: Path, png: Path, width: int = 1400, hover: bool = True, hei
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmark.commands.options import positive_int  # the commands' own check, here only when run as one
+
     parser = argparse.ArgumentParser(description="Screenshot a leaderboard.html in headless Chromium.")
     parser.add_argument("page", type=Path)
     parser.add_argument("png", type=Path)
-    parser.add_argument("--width", type=int, default=1400)
-    parser.add_argument("--height", type=int, metavar="PX",
+    parser.add_argument("--width", type=positive_int, default=1400, metavar="PX")
+    parser.add_argument("--height", type=positive_int, metavar="PX",
                         help="only the page's top PX pixels (default: the whole page)")  # fmt: skip
     parser.add_argument("--no-hover", action="store_true", help="no tooltip in the picture")
     args = parser.parse_args(argv)
-    if args.height is not None and args.height < 1:
-        parser.error(f"argument --height: must be a positive number of pixels, got {args.height}")
     try:
         screenshot(args.page, args.png, args.width, hover=not args.no_hover, height=args.height)
     except UserError as e:
