@@ -73,13 +73,10 @@ def timed_config(config: MethodConfig, backbone: Backbone, task: Task) -> tuple[
     # `perf` times random weights (speed does not depend on them), so an option that loads pretrained weights the
     # suite cannot download (Sidetune's AlexNet) is set to its random init: same shapes, same cost.
     random = {k: v for k, v in RANDOM_WEIGHTS.items() if hasattr(cfg, k) and getattr(cfg, k) != v}
+    note = None
     if random:
         cfg = dataclasses.replace(cfg, **random)
-    note = (
-        f"random {', '.join(f'{k}={v}' for k, v in random.items())} (speed does not depend on weights)"
-        if random
-        else None
-    )
+        note = f"random {', '.join(f'{k}={v}' for k, v in random.items())} (speed does not depend on weights)"
     try:
         cfg.check_backbone(backbone)
         return cfg, note
