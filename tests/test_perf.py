@@ -285,3 +285,16 @@ def test_speed_only_settings_are_recorded_but_not_part_of_a_runs_identity():
     assert identity(asdict(fast), deferred=False, grid=False) == identity(asdict(base), deferred=False, grid=False)
     slow = replace(base, precision="bf16")  # numerics are part of it
     assert identity(asdict(slow), deferred=False, grid=False) != identity(asdict(base), deferred=False, grid=False)
+
+
+def test_perf_times_a_method_that_loads_pretrained_weights_on_random_ones():
+    """Speed does not depend on the weights: Sidetune's ImageNet AlexNet (not downloadable here) is timed at random
+    init, its other settings kept, and the row's note says so; a method without such an option is timed as given."""
+    from benchmark.perf.build import timed_config
+
+    sidetune = get_method("sidetune")(side_weights="imagenet", side_image_size=64)
+    cfg, note = timed_config(sidetune, tiny_vit(), get_task("eurosat"))
+    assert (cfg.side_weights, cfg.side_image_size) == ("none", 64)
+    assert note == "random side_weights=none (speed does not depend on weights)"
+    lora, note = timed_config(get_method("lora")(), tiny_vit(), get_task("eurosat"))
+    assert note is None and lora == get_method("lora")()
